@@ -1,0 +1,219 @@
+"""Short backbone names -> (open_clip model, default weights, family adapter), and the one factory.
+
+Adding a model is adding a row with :func:`register_backbone`; adding a family is adding an
+adapter class and a :func:`register_family` rule. Weights are looked up in local caches only,
+unless downloads are allowed explicitly: offline, a missing checkpoint fails at once with a
+message instead of hanging on network retries.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+
+from cdfsl.backbones.base import Backbone
+from cdfsl.errors import WeightsError
+
+_CONFIG_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(_CONFIG_DIR)
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+ALLOW_DOWNLOAD_ENV = "CDFSL_ALLOW_DOWNLOAD"
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One registered backbone.
+
+    ``model`` is an open_clip model name (or ``local-dir:PATH``); ``pretrained`` the default
+    weights: an open_clip tag, a local file, or None for random initialisation.
+    """
+
+    name: str
+    model: str
+    pretrained: str | None
+    description: str = ""
+
+
+_BACKBONES: dict[str, BackboneEntry] = {}
+_FAMILIES: list[tuple[Callable[[str], bool], type[Backbone]]] = []
+
+
+def register_backbone(entry: BackboneEntry) -> BackboneEntry:
+    """Add a short name to the registry; re-registering a name is an error."""
+    if entry.name in _BACKBONES:
+        raise ValueError(f"backbone {entry.name!r} is already registered")
+    _BACKBONES[entry.name] = entry
+    return entry
+
+
+def register_family(matches: Callable[[str], bool], adapter: type[Backbone]) -> None:
+    """Route open_clip model names for which ``matches(name)`` holds to ``adapter``.
+
+    Rules are tried newest first, so a specific family registered after the generic CLIP rule wins.
+    """
+    _FAMILIES.insert(0, (matches, adapter))
+
+
+def list_backbones() -> list[BackboneEntry]:
+    return list(_BACKBONES.values())
+
+
+def resolve_entry(name: str) -> BackboneEntry:
+    """A registry row for ``name``: a short name, or any open_clip model name as-is."""
+    if name in _BACKBONES:
+        return _BACKBONES[name]
+    if name.startswith("local-dir:") or name in open_clip.list_models():
+        return BackboneEntry(name=name, model=name, pretrained=None)
+    known = ", ".join(sorted(_BACKBONES))
+    raise WeightsError(
+        f"unknown backbone {name!r}: use a registered name ({known}) or an open_clip model "
+        "name (open_clip.list_models())"
+    )
+
+
+def _adapter_for(model_name: str) -> type[Backbone]:
+    for matches, adapter in _FAMILIES:
+        if matches(model_name):
+            return adapter
+    raise WeightsError(f"no backbone family adapter accepts open_clip model {model_name!r}")
+
+
+@dataclass(frozen=True)
+class _Weights:
+    checkpoint: str | None
+    tag_cfg: dict
+
+
+def _cached_checkpoint(tag_cfg: dict, cache_dir: str | None) -> str | None:
+    """The local file holding a tag's weights, looking in caches only (no network)."""
+    if "file" in tag_cfg and os.path.isfile(tag_cfg["file"]):
+        return tag_cfg["file"]
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        # open_clip's convention: "org/repo/" (trailing slash) means the default file names.
+        repo_id, filename = os.path.split(hub)
+        names = (
+            [filename]
+            if filename
+            else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        )
+        for fname in names:
+            found = try_to_load_from_cache(repo_id, fname, cache_dir=cache_dir)
+            if isinstance(found, str):
+                return found
+    url = tag_cfg.get("url", "")
+    if url:
+        root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "clip"
+        candidate = root / os.path.basename(url)
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def _downloads_allowed(allow_download: bool | None) -> bool:
+    if allow_download is not None:
+        return allow_download
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "") not in ("", "0", "false", "False")
+
+
+def resolve_weights(
+    entry: BackboneEntry,
+    pretrained: str | None,
+    cache_dir: str | None = None,
+    allow_download: bool | None = None,
+) -> _Weights:
+    """Map ``pretrained`` ("default", a tag, a file, or None) to a local checkpoint file."""
+    if pretrained == "default":
+        pretrained = entry.pretrained
+    default_tag_cfg = (
+        open_clip.get_pretrained_cfg(entry.model, entry.pretrained) if entry.pretrained else {}
+    )
+    if pretrained is None or entry.model.startswith("local-dir:"):
+        return _Weights(None, {})
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        # A local copy of the default weights keeps the default tag's preprocessing.
+        return _Weights(str(path), default_tag_cfg)
+    if os.sep in pretrained or path.suffix in _CHECKPOINT_SUFFIXES:
+        raise WeightsError(
+            f"checkpoint file {pretrained!r} for backbone {entry.name!r} does not exist; "
+            "pass the path of an open_clip state dict (.pt/.bin/.safetensors)"
+        )
+    tag_cfg = open_clip.get_pretrained_cfg(entry.model, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(entry.model) or ["none"]
+        raise WeightsError(
+            f"open_clip has no tag {pretrained!r} for {entry.model!r} (known: {', '.join(tags)}); "
+            "pass a known tag or a local checkpoint file"
+        )
+    cached = _cached_checkpoint(tag_cfg, cache_dir)
+    if cached is not None:
+        return _Weights(cached, tag_cfg)
+    if not _downloads_allowed(allow_download):
+        raise WeightsError(
+            f"weights for {entry.model!r} tag {pretrained!r} are not in the local cache; pass "
+            f"pretrained=/path/to/checkpoint (an open_clip state dict), or set "
+            f"{ALLOW_DOWNLOAD_ENV}=1 on a machine with network access to download them once"
+        )
+    try:
+        return _Weights(open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir), tag_cfg)
+    except Exception as err:  # network and hub errors come in many types
+        raise WeightsError(
+            f"download of {entry.model!r} tag {pretrained!r} failed ({type(err).__name__}); "
+            "pass pretrained=/path/to/checkpoint instead"
+        ) from err
+
+
+def create_backbone(
+    name: str,
+    pretrained: str | None = "default",
+    device: str | torch.device = "cpu",
+    cache_dir: str | None = None,
+    allow_download: bool | None = None,
+) -> Backbone:
+    """Build a backbone by short name or open_clip model name.
+
+    ``pretrained``: "default" (the registry's weights for ``name``), an open_clip tag, a local
+    checkpoint file, or None for random initialisation (as in open_clip).
+    """
+    entry = resolve_entry(name)
+    weights = resolve_weights(entry, pretrained, cache_dir, allow_download)
+    kwargs: dict = {}
+    if weights.tag_cfg:
+        kwargs["force_quick_gelu"] = bool(weights.tag_cfg.get("quick_gelu", False))
+        kwargs["force_preprocess_cfg"] = {
+            k: weights.tag_cfg[k] for k in _PREPROCESS_KEYS if k in weights.tag_cfg
+        }
+    try:
+        model = open_clip.create_model(
+            entry.model, pretrained=weights.checkpoint, device=device, **kwargs
+        )
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise WeightsError(
+            f"could not build backbone {name!r} from {entry.model!r}: {err}"
+        ) from err
+    tokenizer = open_clip.get_tokenizer(entry.model)
+    backbone = _adapter_for(entry.model).from_open_clip(entry.name, model, tokenizer)
+    return backbone.to(device)
+
+
+def weights_available(entry: BackboneEntry, cache_dir: str | None = None) -> bool:
+    """Whether ``entry``'s default weights can be loaded without network access."""
+    if entry.model.startswith("local-dir:"):
+        return Path(entry.model.removeprefix("local-dir:")).is_dir()
+    if entry.pretrained is None:
+        return True
+    try:
+        resolve_weights(entry, "default", cache_dir, allow_download=False)
+    except WeightsError:
+        return False
+    return True
