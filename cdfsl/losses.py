@@ -1,0 +1,195 @@
+"""Mind's loss terms and schedule as pure functions of tensors.
+
+Notation follows the spec (``shared/specs/mind.md``, "Losses"): ``F`` (M, D) the L2-normalised
+features of the augmented support images of one step, ``y`` (M,) their labels, ``T`` (N, D) the
+normalised text features of the N classes, ``S`` (N·K, D) the normalised clean support features.
+The method weights and composes the terms; nothing here holds state or does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as functional
+from torch import Tensor
+
+from cdfsl.errors import CdfslError
+
+__all__ = [
+    "DIVERGENCES",
+    "MindStep",
+    "draw_random_prototypes",
+    "fusion_target",
+    "mind_schedule",
+    "relation_alignment",
+    "suppressed_visual_cross_entropy",
+    "text_relation",
+    "visual_relation",
+    "vlm_cross_entropy",
+]
+
+
+def vlm_cross_entropy(
+    image_feats: Tensor, text_feats: Tensor, labels: Tensor, logit_scale: float | Tensor
+) -> Tensor:
+    """L_vlm = CE(s · F Tᵀ, y), mean over images.
+
+    image_feats: (M, D) L2-normalised; text_feats: (N, D) L2-normalised; labels: (M,) int64 in
+    [0, N); logit_scale: s, scalar. Returns a scalar.
+    """
+    logits = logit_scale * image_feats @ text_feats.T
+    return functional.cross_entropy(logits, labels)
+
+
+def draw_random_prototypes(
+    num_images: int, num_classes: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Indices of the images that serve as the prototypes of SVL's class slots.
+
+    One index per class slot, drawn uniformly with replacement from [0, num_images) with
+    ``torch.randint(..., generator=generator)``, so slots ignore class membership and may repeat.
+    Returns (num_classes,) int64 on the generator's device (CPU when generator is None).
+    """
+    if num_images < 1 or num_classes < 1:
+        raise CdfslError(
+            f"draw_random_prototypes: num_images={num_images}, num_classes={num_classes}; "
+            "expected both >= 1 (pass a non-empty batch and the episode's class count)"
+        )
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(num_images, (num_classes,), generator=generator, device=device)
+
+
+def suppressed_visual_cross_entropy(
+    image_feats: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    logit_scale: float | Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """L_svl = CE(s · F Wᵀ, y) with random image prototypes W.
+
+    W (N, D) row c = image_feats[draw_random_prototypes(M, N, generator)[c]]: drawn from all M rows,
+    not from class c. W is not detached, so the gradient reaches image_feats through both factors.
+    image_feats: (M, D) L2-normalised; labels: (M,) int64 in [0, N); num_classes: N;
+    logit_scale: s, scalar. Returns a scalar.
+    """
+    index = draw_random_prototypes(image_feats.shape[0], num_classes, generator)
+    # A CPU generator may drive features on an accelerator: draw there, index here.
+    prototypes = image_feats[index.to(image_feats.device)]
+    logits = logit_scale * image_feats @ prototypes.T
+    return functional.cross_entropy(logits, labels)
+
+
+def visual_relation(image_feats: Tensor, support_feats: Tensor) -> Tensor:
+    """A_v = F Sᵀ, raw cosines.
+
+    image_feats: (M, D) L2-normalised; support_feats: (S, D) L2-normalised. Returns (M, S).
+    """
+    return image_feats @ support_feats.T
+
+
+def text_relation(text_feats: Tensor, row_labels: Tensor, col_labels: Tensor) -> Tensor:
+    """A_t[i, j] = t_{row_labels[i]} · t_{col_labels[j]}, raw cosines.
+
+    text_feats: (N, D) L2-normalised; row_labels: (M,) int64; col_labels: (S,) int64.
+    Returns (M, S).
+    """
+    return text_feats[row_labels] @ text_feats[col_labels].T
+
+
+def fusion_target(
+    prev_visual_relation: Tensor, text_relation: Tensor, fusion_weight: float
+) -> Tensor:
+    """A_fuse = w · A_v_prev.detach() + (1 - w) · A_t.
+
+    prev_visual_relation: (M, S), the previous step's A_v (detached here); text_relation: (M, S);
+    fusion_weight: w. Returns (M, S).
+    """
+    return fusion_weight * prev_visual_relation.detach() + (1.0 - fusion_weight) * text_relation
+
+
+def _log_target_kl(visual_relation: Tensor, fusion_target: Tensor) -> Tensor:
+    # Written out, not nn.KLDivLoss: torch warns that reduction="mean" will change meaning in a
+    # later release, and the reference code's numbers depend on today's element-wise mean.
+    return (fusion_target.exp() * (fusion_target - visual_relation)).mean()
+
+
+def _row_softmax_kl(visual_relation: Tensor, fusion_target: Tensor) -> Tensor:
+    log_p = functional.log_softmax(visual_relation, dim=1)
+    log_q = functional.log_softmax(fusion_target, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+
+DIVERGENCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "log_target_kl": _log_target_kl,
+    "row_softmax_kl": _row_softmax_kl,
+}
+"""Divergences for ``relation_alignment``, name -> fn(A_v, A_fuse) -> scalar.
+
+- ``"log_target_kl"`` (default, the reference code): ``nn.KLDivLoss(reduction="mean",
+  log_target=True)(input=A_v, target=A_fuse)``, i.e. mean over all M·S elements of
+  exp(A_fuse) · (A_fuse - A_v). It treats the raw cosines as log-probabilities without normalising
+  them; read as probabilities it is the direction KL(A_fuse ‖ A_v).
+- ``"row_softmax_kl"``: the paper's D_KL(A_v ‖ A_fuse) between row-wise softmax distributions,
+  P_i = softmax(A_v[i]), Q_i = softmax(A_fuse[i]); sum_j P_ij log(P_ij / Q_ij), mean over rows.
+  Expectation is under the visual distribution P.
+"""
+
+
+def relation_alignment(
+    visual_relation: Tensor, fusion_target: Tensor, divergence: str = "log_target_kl"
+) -> Tensor:
+    """L_ra: divergence between A_v and A_fuse, chosen by name from ``DIVERGENCES``.
+
+    visual_relation: A_v (M, S) raw cosines; fusion_target: A_fuse (M, S). The default
+    ``"log_target_kl"`` treats the raw cosines as log-probabilities, as the reference code does:
+    mean over all elements of exp(A_fuse) · (A_fuse - A_v). Returns a scalar.
+    """
+    fn = DIVERGENCES.get(divergence)
+    if fn is None:
+        raise CdfslError(
+            f"relation_alignment: unknown divergence {divergence!r}; "
+            f"expected one of {sorted(DIVERGENCES)}"
+        )
+    if visual_relation.shape != fusion_target.shape:
+        raise CdfslError(
+            f"relation_alignment: visual_relation {tuple(visual_relation.shape)} and "
+            f"fusion_target {tuple(fusion_target.shape)} differ; build both over the same "
+            "(image, support) index pairs"
+        )
+    return fn(visual_relation, fusion_target)
+
+
+@dataclass(frozen=True)
+class MindStep:
+    """Which terms step k uses: SVL, RA, and RA's fusion weight w_k (0.0 when RA is off)."""
+
+    svl: bool
+    ra: bool
+    fusion_weight: float
+
+
+def mind_schedule(step: int, total_steps: int) -> MindStep:
+    """The terms of step k of T (0-based), per the spec's schedule.
+
+    With R = 3·floor(T/5): step 0 uses SVL only (no previous A_v yet); steps 1 .. R-1 use SVL and
+    RA with w_k = 1 - k / floor(0.6·T); steps >= R use L_vlm only. fusion_weight is 0.0 whenever RA
+    is off. Edge cases: T < 5 gives R = 0, so step 0 keeps SVL and RA never runs; RA on implies
+    1 <= k < R <= floor(0.6·T), so the denominator is >= 1 and w_k is in (0, 1) (floor(0.6·T) = 0,
+    i.e. T = 1, never reaches the formula). Floors use integer arithmetic (T // 5, 3·T // 5).
+    Raises CdfslError if T < 1 or step is outside [0, T).
+    """
+    if total_steps < 1:
+        raise CdfslError(f"mind_schedule: total_steps={total_steps}; expected >= 1")
+    if not 0 <= step < total_steps:
+        raise CdfslError(
+            f"mind_schedule: step={step} outside [0, {total_steps}); steps are 0-based and < T"
+        )
+    ra_end = 3 * (total_steps // 5)
+    if step == 0:
+        return MindStep(svl=True, ra=False, fusion_weight=0.0)
+    if step < ra_end:
+        return MindStep(svl=True, ra=True, fusion_weight=1.0 - step / ((3 * total_steps) // 5))
+    return MindStep(svl=False, ra=False, fusion_weight=0.0)
