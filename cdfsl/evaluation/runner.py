@@ -1,0 +1,259 @@
+"""Episodic evaluation: episode -> reset adapters -> fit on support -> score queries -> row."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from cdfsl.data.base import LabelledImages
+from cdfsl.data.episodes import EpisodeSampler, load_episode
+from cdfsl.errors import CdfslError
+from cdfsl.evaluation.stats import mean_ci95
+from cdfsl.evaluation.store import ResultStore, write_json_atomic
+from cdfsl.methods.base import FewShotMethod
+
+_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+@dataclass
+class EpisodeProtocol:
+    """N-way K-shot episodes with Q queries per class; episode i depends only on (seed, i)."""
+
+    n_way: int = 5
+    k_shot: int = 1
+    n_query: int = 15
+    episodes: int = 800
+    seed: int = 0
+
+
+@dataclass
+class FitConfig:
+    """How long and where each episode trains.
+
+    ``steps`` fixes the step count; otherwise it is ``steps_per_shot · k_shot`` (the paper's
+    T = 250·K). ``precision`` is a Lightning precision string; the queries are predicted under
+    the same autocast.
+    """
+
+    steps_per_shot: int = 250
+    steps: int | None = None
+    precision: str = "bf16-mixed"
+    accelerator: str = "auto"
+
+    def total_steps(self, k_shot: int) -> int:
+        steps = self.steps if self.steps is not None else self.steps_per_shot * k_shot
+        if steps < 1:
+            raise CdfslError(f"steps must be >= 1, got {steps}; set --fit.steps or steps_per_shot")
+        return steps
+
+    def device(self) -> torch.device:
+        if self.accelerator in ("auto", "gpu", "cuda"):
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            if self.accelerator != "auto":
+                raise CdfslError(f"accelerator {self.accelerator!r} requested but CUDA is absent")
+        return torch.device("cpu")
+
+
+def episode_seed(seed: int, index: int) -> int:
+    """A 31-bit seed for episode ``index``, a pure function of (seed, index)."""
+    return int(np.random.SeedSequence([seed, index, 1]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class _RepeatedBatch(IterableDataset):
+    """The whole support set as one batch, ``steps`` times: one optimiser step per batch."""
+
+    def __init__(self, images: Tensor, labels: Tensor, steps: int) -> None:
+        self.images, self.labels, self.steps = images, labels, steps
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for _ in range(self.steps):
+            yield self.images, self.labels
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def fit_episode(
+    method: FewShotMethod, images: Tensor, labels: Tensor, steps: int, fit: FitConfig,
+    callbacks: list[L.Callback] | None = None,
+) -> None:  # fmt: skip
+    """Train ``method`` for ``steps`` steps on one support set with a fresh Trainer."""
+    device = fit.device()
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=fit.precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    loader = DataLoader(_RepeatedBatch(images, labels, steps), batch_size=None)
+    with _quiet_lightning():
+        trainer.fit(method, loader)
+    if trainer.interrupted or trainer.global_step != steps:
+        # Lightning turns Ctrl-C into a graceful stop; a half-trained episode must not be scored.
+        raise KeyboardInterrupt
+
+
+@torch.no_grad()
+def predict_logits(
+    method: FewShotMethod, images: Tensor, fit: FitConfig, batch_size: int = 256
+) -> Tensor:
+    """``images: (Q, 3, H, W)`` in [0, 1] -> ``(Q, N)`` logits, eval mode, ``fit``'s autocast."""
+    device = fit.device()
+    method.to(device).eval()
+    dtype = _AUTOCAST.get(fit.precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    out = []
+    with autocast:
+        for start in range(0, len(images), batch_size):
+            out.append(method(images[start : start + batch_size].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+class EpisodicEvaluator:
+    """Run (or resume) an episodic evaluation into ``output_dir``.
+
+    Writes ``results.jsonl`` (one row per finished episode), ``run.json`` (the configuration,
+    checked on resume) and ``summary.json``. Nothing is ever selected on query labels: the
+    queries are predicted once, after training, and only then scored.
+    """
+
+    def __init__(
+        self,
+        method: FewShotMethod,
+        dataset: LabelledImages,
+        protocol: EpisodeProtocol,
+        output_dir: str | Path,
+        fit: FitConfig | None = None,
+        config: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.method = method
+        self.dataset = dataset
+        self.protocol = protocol
+        self.fit = fit or FitConfig()
+        self.output_dir = Path(output_dir)
+        self.store = ResultStore(self.output_dir / "results.jsonl")
+        self.config = {
+            "method": type(method).__name__,
+            "protocol": asdict(protocol),
+            "fit": asdict(self.fit),
+            **(config or {}),
+        }
+        self.progress = progress
+        self.sampler = EpisodeSampler(
+            dataset.targets, protocol.n_way, protocol.k_shot, protocol.n_query,
+            protocol.episodes, protocol.seed,
+        )  # fmt: skip
+
+    def _check_run_config(self) -> None:
+        path = self.output_dir / "run.json"
+        if path.exists():
+            import json
+
+            previous = json.loads(path.read_text())
+            if previous != json.loads(json.dumps(self.config, sort_keys=True)):
+                changed = sorted(
+                    k for k in set(previous) | set(self.config)
+                    if json.dumps(previous.get(k), sort_keys=True)
+                    != json.dumps(self.config.get(k), sort_keys=True)
+                )  # fmt: skip
+                raise CdfslError(
+                    f"{self.output_dir} holds results of a different configuration (changed: "
+                    f"{', '.join(changed)}); pass a new --output directory or delete this one"
+                )
+        else:
+            write_json_atomic(path, self.config)
+
+    def run_episode(self, index: int) -> dict[str, Any]:
+        """Fit and score episode ``index``; returns its result row."""
+        start = time.perf_counter()
+        indices = self.sampler.episode(index)
+        episode = load_episode(self.dataset, indices, self.method.backbone.preprocess.to_tensor())
+        seed = episode_seed(self.protocol.seed, index)
+        method = self.method
+        method.reset(seed)
+        method.to(self.fit.device())
+        method.set_classes(episode.class_names)
+        steps = 0
+        if method.trainable:
+            steps = self.fit.total_steps(self.protocol.k_shot)
+            fit_episode(method, episode.support_images, episode.support_labels, steps, self.fit)
+        logits = predict_logits(method, episode.query_images, self.fit)
+        accuracy = float((logits.argmax(dim=1) == episode.query_labels).float().mean())
+        return {
+            "episode": index,
+            "seed": seed,
+            "classes": episode.class_names,
+            "support_ids": list(episode.support_ids),
+            "query_ids": list(episode.query_ids),
+            "accuracy": accuracy,
+            "steps": steps,
+            "seconds": round(time.perf_counter() - start, 4),
+            "terms": dict(method.last_terms) if method.trainable else {},
+        }
+
+    def run(self) -> dict[str, Any]:
+        """Evaluate every unfinished episode, then write and return the summary."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._check_run_config()
+        done = self.store.completed()
+        todo = [i for i in range(self.protocol.episodes) if i not in done]
+        accs = [row["accuracy"] for row in self.store.rows()]
+        bar = tqdm(
+            total=self.protocol.episodes, initial=len(done), disable=not self.progress,
+            desc=f"{self.config['method']} {self.protocol.n_way}w{self.protocol.k_shot}s",
+            unit="ep",
+        )  # fmt: skip
+        with bar:
+            for index in todo:
+                row = self.run_episode(index)
+                self.store.append(row)
+                accs.append(row["accuracy"])
+                bar.update(1)
+                bar.set_postfix(acc=f"{100 * np.mean(accs):.2f}")
+        return self.summarize()
+
+    def summarize(self) -> dict[str, Any]:
+        rows = self.store.rows()
+        stats = mean_ci95([row["accuracy"] for row in rows])
+        summary = {
+            **self.config,
+            "accuracy": stats["mean"],
+            "ci95": stats["ci95"],
+            "std": stats["std"],
+            "episodes_done": stats["episodes"],
+            "seconds_per_episode": float(np.mean([r["seconds"] for r in rows])) if rows else None,
+        }
+        write_json_atomic(self.output_dir / "summary.json", summary)
+        return summary

@@ -1,0 +1,65 @@
+"""Append-only JSONL result rows that survive a kill: whole lines or nothing, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cdfsl.errors import CdfslError
+
+
+class ResultStore:
+    """One JSON object per line in ``path``; each row carries an ``"episode"`` index.
+
+    Each row is written with a single ``write`` of the whole line and fsync'd, so a kill leaves
+    at most a partial last line, which :meth:`rows` cuts off before the run resumes.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """All complete rows; a torn trailing line (no newline) is truncated from the file."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(end)
+        rows = []
+        for number, line in enumerate(data[:end].splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise CdfslError(
+                    f"{self.path}:{number} is not valid JSON ({err.msg}); remove that line or "
+                    "start a new --output directory"
+                ) from err
+        return rows
+
+    def completed(self) -> set[int]:
+        return {int(row["episode"]) for row in self.rows()}
+
+    def append(self, row: dict[str, Any]) -> None:
+        line = (json.dumps(row, sort_keys=True) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON through a temporary file and a rename: readers never see half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
