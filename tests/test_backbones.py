@@ -63,7 +63,7 @@ def test_missing_weights_offline_fail_without_touching_the_network(monkeypatch, 
 def test_bad_tag_and_missing_file_are_named():
     with pytest.raises(WeightsError, match=r"no tag 'nope'.*known: openai"):
         create_backbone("clip-vit-b16", pretrained="nope")
-    with pytest.raises(WeightsError, match=r"missing\\.pt.*does not exist"):
+    with pytest.raises(WeightsError, match=r"missing\.pt.*does not exist"):
         create_backbone("tiny-clip", pretrained="/no/such/missing.pt")
     with pytest.raises(WeightsError, match="unknown backbone 'not-a-model'"):
         create_backbone("not-a-model")
