@@ -1,0 +1,178 @@
+"""Views: configuration parsing, output layout, per-image randomness, reproducibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cdfsl.data import DEFAULT_VIEWS, ViewAugmenter, ViewSpec, clean_view_index, parse_views
+from cdfsl.errors import DataError
+
+
+def _images(batch: int = 4, size: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_default_views_are_the_spec_five() -> None:
+    assert [(v.name, v.rotation, v.jitter, v.hflip) for v in DEFAULT_VIEWS] == [
+        ("clean", 0.0, 0.0, False),
+        ("rotate_jitter_flip", 45.0, 0.4, True),
+        ("rotate", 45.0, 0.0, False),
+        ("jitter", 0.0, 0.4, False),
+        ("flip", 0.0, 0.0, True),
+    ]
+    assert clean_view_index(DEFAULT_VIEWS) == 0
+
+
+def test_views_parse_from_plain_dicts() -> None:
+    items = [{"name": "flip", "hflip": True}, {"name": "clean"}, {"name": "r", "rotation": 30}]
+    views = parse_views(items)
+    assert views == (ViewSpec("flip", hflip=True), ViewSpec("clean"), ViewSpec("r", rotation=30.0))
+    assert isinstance(views[2].rotation, float)
+    assert ViewSpec(**items[0]) == views[0]
+    assert clean_view_index(views) == 1
+    assert clean_view_index(views[:1]) is None
+    assert ViewAugmenter(items).views == views
+
+
+@pytest.mark.parametrize(
+    ("items", "fragment"),
+    [
+        ([], "empty"),
+        ([{"name": "a", "rotaton": 45}], "unknown key(s) ['rotaton']"),
+        ([{"rotation": 45}], "no 'name'"),
+        ([{"name": "a"}, {"name": "a", "hflip": True}], "repeat the name(s) ['a']"),
+        ([{"name": "a", "rotation": -1}], "rotation=-1"),
+        ([{"name": "a", "rotation": 270}], "at most 180"),
+        ([{"name": "a", "jitter": "0.4"}], "jitter='0.4'"),
+        ([{"name": "a", "hflip": "yes"}], "hflip='yes'"),
+        (["clean"], "expected a mapping"),
+    ],
+)
+def test_bad_views_are_data_errors(items: list, fragment: str) -> None:
+    with pytest.raises(DataError) as err:
+        parse_views(items)
+    assert fragment in str(err.value)
+
+
+def test_output_shape_order_and_view_ids() -> None:
+    images = _images(batch=3)
+    views = [ViewSpec("clean"), ViewSpec("flip", hflip=True), ViewSpec("clean2")]
+    out, view_ids = ViewAugmenter(views)(images, torch.Generator().manual_seed(0))
+
+    assert out.shape == (9, 3, 12, 12)
+    assert out.dtype == images.dtype
+    assert view_ids.dtype == torch.long
+    assert view_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # Row v·B + b is view v of image b: both clean views reproduce the batch in order.
+    assert torch.equal(out[0:3], images)
+    assert torch.equal(out[6:9], images)
+
+
+def test_clean_view_is_bit_identical_and_all_views_stay_in_range() -> None:
+    images = _images(batch=6)
+    images[0] = 1.0  # saturated pixels must not leave [0, 1] under brightness > 1
+    out, _ = ViewAugmenter()(images, torch.Generator().manual_seed(1))
+
+    assert torch.equal(out[:6], images)
+    assert out.min() >= 0.0
+    assert out.max() <= 1.0
+    assert not torch.equal(out[6:12], images)  # rotate + jitter + flip changed something
+
+
+@pytest.mark.parametrize("view", [ViewSpec("r", rotation=45), ViewSpec("j", jitter=0.4)])
+def test_each_image_gets_its_own_parameters(view: ViewSpec) -> None:
+    image = _images(batch=1)
+    batch = image.expand(8, -1, -1, -1).contiguous()
+    out, _ = ViewAugmenter([view])(batch, torch.Generator().manual_seed(0))
+    assert len({tuple(row.flatten().tolist()) for row in out}) == 8
+
+
+def test_same_seed_same_output_different_seed_different_output() -> None:
+    images = _images(batch=5)
+    augment = ViewAugmenter()
+
+    first, _ = augment(images, torch.Generator().manual_seed(7))
+    again, _ = augment(images, torch.Generator().manual_seed(7))
+    other, _ = augment(images, torch.Generator().manual_seed(8))
+
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_global_rng_is_used_without_a_generator() -> None:
+    images = _images(batch=2)
+    augment = ViewAugmenter([ViewSpec("r", rotation=30)])
+    torch.manual_seed(3)
+    first, _ = augment(images)
+    torch.manual_seed(3)
+    again, _ = augment(images)
+    assert torch.equal(first, again)
+
+
+def test_flip_view_is_exactly_the_image_or_its_mirror() -> None:
+    images = _images(batch=16)
+    out, _ = ViewAugmenter([ViewSpec("flip", hflip=True)])(images, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images, strict=True)]
+    kept = [torch.equal(o, i) for o, i in zip(out, images, strict=True)]
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))
+    assert any(flipped)
+    assert any(kept)
+
+
+@pytest.mark.parametrize("shape", [(9, 9), (8, 14)])
+def test_rotation_matches_torchvision_rotate_per_image(shape: tuple[int, int]) -> None:
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvf
+
+    from cdfsl.data.views import _rotate
+
+    images = torch.rand(3, 3, *shape, generator=torch.Generator().manual_seed(0))
+    angles = torch.tensor([90.0, 30.0, -17.0])
+    ours = _rotate(images, angles)
+    for image, angle, rotated in zip(images, angles.tolist(), ours, strict=True):
+        theirs = tvf.rotate(image, angle, interpolation=InterpolationMode.BILINEAR)
+        torch.testing.assert_close(rotated, theirs, atol=1e-5, rtol=0)
+
+
+def test_jitter_matches_torchvision_for_fixed_factors() -> None:
+    from torchvision.transforms.v2 import functional as tvf
+
+    from cdfsl.data.views import _blend, _grayscale
+
+    image = _images(batch=1)
+    factor = torch.tensor([1.3])
+    ours = _blend(image, 0.0, factor)
+    ours = _blend(ours, _grayscale(ours).mean(dim=(1, 2, 3), keepdim=True), factor)
+    ours = _blend(ours, _grayscale(ours), factor)
+    theirs = tvf.adjust_saturation(tvf.adjust_contrast(tvf.adjust_brightness(image, 1.3), 1.3), 1.3)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_half_precision_input_keeps_its_dtype() -> None:
+    images = _images(batch=2).to(torch.bfloat16)
+    out, _ = ViewAugmenter()(images, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out[:2], images)
+
+
+def test_rejects_non_image_batches() -> None:
+    with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\)"):
+        ViewAugmenter()(torch.rand(3, 12, 12))
+
+
+def test_augmenter_reports_its_views() -> None:
+    augment = ViewAugmenter()
+    assert len(augment) == 5
+    assert augment.clean_view == 0
+    assert ViewAugmenter([ViewSpec("flip", hflip=True)]).clean_view is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batch_gets_the_same_parameters_as_cpu() -> None:
+    images = _images(batch=4)
+    cpu, cpu_ids = ViewAugmenter()(images, torch.Generator().manual_seed(5))
+    gpu, gpu_ids = ViewAugmenter()(images.cuda(), torch.Generator().manual_seed(5))
+    assert gpu.device.type == gpu_ids.device.type == "cuda"
+    assert torch.equal(gpu_ids.cpu(), cpu_ids)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
