@@ -32,6 +32,7 @@ def test_views_parse_from_plain_dicts() -> None:
     assert ViewSpec(**items[0]) == views[0]
     assert clean_view_index(views) == 1
     assert clean_view_index(views[:1]) is None
+    assert clean_view_index(items) == 1
     assert ViewAugmenter(items).views == views
 
 

@@ -114,9 +114,10 @@ def parse_views(views: Sequence[ViewSpec | Mapping[str, object]]) -> tuple[ViewS
     return tuple(parsed)
 
 
-def clean_view_index(views: Sequence[ViewSpec]) -> int | None:
+def clean_view_index(views: Sequence[ViewSpec | Mapping[str, object]]) -> int | None:
     """Position of the first view that changes nothing, or None if every view augments."""
-    return next((i for i, view in enumerate(views) if view.is_clean), None)
+    specs = [v if isinstance(v, ViewSpec) else ViewSpec(**v) for v in views]  # type: ignore[arg-type]
+    return next((i for i, view in enumerate(specs) if view.is_clean), None)
 
 
 def _uniform(
