@@ -152,7 +152,9 @@ _COMMANDS = {"eval": run_eval, "fit": run_fit, "backbones": run_backbones}
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     cfg = parser.parse_args(argv)
+    # The support set is one in-memory batch; Lightning's data-loader advice does not apply.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
     try:
         _COMMANDS[cfg.command](cfg[cfg.command])
     except CdfslError as err:

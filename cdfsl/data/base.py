@@ -1,4 +1,4 @@
-"""The protocol every labelled image source implements, so one sampler and one evaluator serve all."""
+"""The protocol every labelled image source implements: one sampler and evaluator serve all."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class LabelledImages(Protocol):
     def __len__(self) -> int: ...
 
     def load(self, index: int) -> Image.Image:
-        """Image ``index`` as an RGB PIL image; raises ``DataError`` naming the file if unreadable."""
+        """Image ``index`` as RGB PIL image; raises ``DataError`` naming the file if unreadable."""
         ...
 
     def sample_id(self, index: int) -> str: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -82,13 +83,11 @@ class _RepeatedBatch(IterableDataset):
         for _ in range(self.steps):
             yield self.images, self.labels
 
-    def __len__(self) -> int:
-        return self.steps
-
 
 @contextmanager
 def _quiet_lightning() -> Iterator[None]:
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("lightning")]
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", *names)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
@@ -105,19 +104,22 @@ def fit_episode(
 ) -> None:  # fmt: skip
     """Train ``method`` for ``steps`` steps on one support set with a fresh Trainer."""
     device = fit.device()
-    trainer = L.Trainer(
-        accelerator=device.type,
-        devices=1,
-        precision=fit.precision,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
     loader = DataLoader(_RepeatedBatch(images, labels, steps), batch_size=None)
+    # Lightning keeps the mode it finds; a model left in eval() by scoring would train without
+    # LoRA dropout.
+    method.train()
     with _quiet_lightning():
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            precision=fit.precision,
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
         trainer.fit(method, loader)
     if trainer.interrupted or trainer.global_step != steps:
         # Lightning turns Ctrl-C into a graceful stop; a half-trained episode must not be scored.
@@ -176,24 +178,28 @@ class EpisodicEvaluator:
             protocol.episodes, protocol.seed,
         )  # fmt: skip
 
+    def _fingerprint(self) -> dict[str, Any]:
+        """The configuration a resumed run must share; the episode count may grow or shrink."""
+        config = json.loads(json.dumps(self.config, sort_keys=True))
+        config["protocol"].pop("episodes")
+        return config
+
     def _check_run_config(self) -> None:
         path = self.output_dir / "run.json"
+        current = self._fingerprint()
         if path.exists():
-            import json
-
             previous = json.loads(path.read_text())
-            if previous != json.loads(json.dumps(self.config, sort_keys=True)):
-                changed = sorted(
-                    k for k in set(previous) | set(self.config)
-                    if json.dumps(previous.get(k), sort_keys=True)
-                    != json.dumps(self.config.get(k), sort_keys=True)
-                )  # fmt: skip
+            changed = sorted(
+                key for key in set(previous) | set(current)
+                if previous.get(key) != current.get(key)
+            )  # fmt: skip
+            if changed:
                 raise CdfslError(
                     f"{self.output_dir} holds results of a different configuration (changed: "
                     f"{', '.join(changed)}); pass a new --output directory or delete this one"
                 )
         else:
-            write_json_atomic(path, self.config)
+            write_json_atomic(path, current)
 
     def run_episode(self, index: int) -> dict[str, Any]:
         """Fit and score episode ``index``; returns its result row."""

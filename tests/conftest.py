@@ -1,0 +1,11 @@
+from pathlib import Path
+
+import pytest
+from imagegen import make_image_folder
+
+
+@pytest.fixture(scope="session")
+def four_class_folder(tmp_path_factory) -> Path:
+    """Four classes of 12 small images each: enough for 3-way 1-shot 5-query episodes."""
+    root = tmp_path_factory.mktemp("folder")
+    return make_image_folder(root, {"red_fox": 12, "blue_jay": 12, "gray_wolf": 12, "Oak": 12})

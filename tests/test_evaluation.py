@@ -1,0 +1,109 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdfsl.data.folder import ImageFolder
+from cdfsl.errors import CdfslError
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig, ResultStore, mean_ci95
+from cdfsl.lora import LoRAConfig
+from cdfsl.methods import Mind, ZeroShot
+
+ROOT = Path(__file__).resolve().parents[1]
+FIT = FitConfig(steps=3, precision="32-true", accelerator="cpu")
+
+
+def mind() -> Mind:
+    torch.manual_seed(0)  # the random-init backbone draws from the global RNG
+    return Mind(backbone="tiny-clip", pretrained=None, lora=LoRAConfig(rank=4))
+
+
+def evaluate(folder, out, episodes=3, method=None, **kw) -> EpisodicEvaluator:
+    protocol = EpisodeProtocol(
+        n_way=3, k_shot=1, n_query=5, episodes=episodes, seed=kw.pop("seed", 0)
+    )
+    return EpisodicEvaluator(
+        method or mind(), ImageFolder(folder), protocol, out, FIT, progress=False, **kw
+    )
+
+
+def test_rows_summary_and_determinism(four_class_folder, tmp_path):
+    summary = evaluate(four_class_folder, tmp_path / "a").run()
+    rows = ResultStore(tmp_path / "a" / "results.jsonl").rows()
+    assert [r["episode"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        assert len(row["classes"]) == 3 and len(row["support_ids"]) == 3
+        assert len(row["query_ids"]) == 15 and not set(row["support_ids"]) & set(row["query_ids"])
+        assert row["steps"] == 3 and {"loss", "vlm"} <= set(row["terms"])
+        assert 0.0 <= row["accuracy"] <= 1.0
+    stats = mean_ci95([r["accuracy"] for r in rows])
+    assert summary["accuracy"] == pytest.approx(stats["mean"])
+    assert summary["ci95"] == pytest.approx(stats["ci95"])
+    assert summary["episodes_done"] == 3
+    # Same seed, same episodes and the same predictions, in a fresh output directory.
+    evaluate(four_class_folder, tmp_path / "b").run()
+    again = ResultStore(tmp_path / "b" / "results.jsonl").rows()
+    for first, second in zip(rows, again, strict=True):
+        for key in ("classes", "support_ids", "query_ids", "accuracy", "seed"):
+            assert first[key] == second[key]
+
+
+def test_other_seed_gives_other_episodes(four_class_folder, tmp_path):
+    evaluate(four_class_folder, tmp_path / "a", method=ZeroShot("tiny-clip", None)).run()
+    evaluate(four_class_folder, tmp_path / "b", method=ZeroShot("tiny-clip", None), seed=1).run()
+    a = ResultStore(tmp_path / "a" / "results.jsonl").rows()
+    b = ResultStore(tmp_path / "b" / "results.jsonl").rows()
+    assert [r["support_ids"] for r in a] != [r["support_ids"] for r in b]
+
+
+def test_resume_runs_only_missing_episodes(four_class_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    evaluate(four_class_folder, out, episodes=2).run()
+    with open(out / "results.jsonl", "ab") as handle:
+        handle.write(b'{"episode": 2, "accur')  # torn by a kill
+    evaluator = evaluate(four_class_folder, out, episodes=4)
+    calls: list[int] = []
+    original = evaluator.run_episode
+    monkeypatch.setattr(evaluator, "run_episode", lambda i: calls.append(i) or original(i))
+    summary = evaluator.run()
+    assert calls == [2, 3]
+    assert [r["episode"] for r in ResultStore(out / "results.jsonl").rows()] == [0, 1, 2, 3]
+    assert summary["episodes_done"] == 4
+
+
+def test_changed_configuration_refuses_to_mix_results(four_class_folder, tmp_path):
+    out = tmp_path / "run"
+    evaluate(four_class_folder, out, episodes=1).run()
+    with pytest.raises(CdfslError, match=r"different configuration.*protocol"):
+        evaluate(four_class_folder, out, episodes=1, seed=5).run()
+
+
+def test_killed_run_resumes_with_every_episode_exactly_once(four_class_folder, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable, "-m", "cdfsl.cli", "eval", "--config", str(ROOT / "recipes/tiny/mind.yaml"),
+        "--data.root", str(four_class_folder), "--output", str(out), "--episodes", "6",
+        "--steps", "8", "--progress", "false",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.exists() and results.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = ResultStore(results).completed()
+    assert 2 <= len(finished) < 6
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    episodes = [r["episode"] for r in ResultStore(results).rows()]
+    assert sorted(episodes) == list(range(6))

@@ -1,0 +1,124 @@
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from cdfsl.errors import CdfslError
+from cdfsl.lora import LoRAConfig
+from cdfsl.losses import vlm_cross_entropy
+from cdfsl.methods import LoRAFineTune, Mind, ZeroShot
+
+NAMES = ["red fox", "blue jay", "gray wolf"]
+LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.0)
+
+
+def support(n_per_class: int = 2, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(len(NAMES) * n_per_class, 3, size, size, generator=gen)
+    labels = torch.arange(len(NAMES)).repeat_interleave(n_per_class)
+    return images, labels
+
+
+def trainer(steps: int) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+
+
+def test_logits_are_scaled_cosines_to_the_prompts():
+    method = ZeroShot(backbone="tiny-clip", pretrained=None, class_names=NAMES)
+    images, _ = support()
+    with torch.no_grad():
+        feats = method.image_features(images)
+        text = method.backbone.text_features([f"a photo of a {n}." for n in NAMES])
+        expected = method.backbone.logit_scale * feats @ text.t()
+        assert torch.allclose(method(images), expected, atol=1e-5)
+
+
+def test_only_adapters_are_trainable_and_receive_gradients():
+    method = LoRAFineTune(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n.lower() for n in trainable)
+    images, labels = support()
+    method.on_train_start()
+    # Start adapters away from B = 0 so every adapter weight gets a non-zero gradient.
+    for p in method.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    feats = method.image_features(images)
+    loss = vlm_cross_entropy(feats, method.text_feats, labels, method.scale)
+    loss.backward()
+    for name, p in method.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_drop_in_fit_with_a_users_own_loader_changes_the_adapters():
+    images, labels = support()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
+    method = Mind(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    before = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
+    trainer(4).fit(method, loader)
+    after = dict(method.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert {"loss", "vlm", "modality_gap", "intra_inter_gap", "image_text_margin"} <= set(
+        method.last_terms
+    )
+
+
+def test_mind_follows_its_schedule_and_sums_its_weighted_terms(monkeypatch):
+    """T = 10: step 0 has SVL without RA, steps 1..5 both, from step 6 on only L_vlm."""
+    images, labels = support()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
+    method = Mind(
+        backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA,
+        svl_weight=0.25, ra_weight=2.0,
+    )  # fmt: skip
+    seen: list[dict[str, torch.Tensor]] = []
+    original = method.loss_terms
+
+    def record(*args):
+        terms = original(*args)
+        seen.append({k: v.detach() for k, v in terms.items()})
+        return terms
+
+    monkeypatch.setattr(method, "loss_terms", record)
+    trainer(10).fit(method, loader)
+    assert len(seen) == 10
+    assert "svl" in seen[0] and "ra" not in seen[0]
+    assert all({"svl", "ra"} <= set(s) for s in seen[1:6])
+    assert all(not ({"svl", "ra"} & set(s)) for s in seen[6:])
+    for terms in seen:
+        expected = terms["vlm"] + 0.25 * terms.get("svl", 0.0) + 2.0 * terms.get("ra", 0.0)
+        assert torch.allclose(terms["loss"], expected)
+    # w_k = 1 - k / floor(0.6 T) on the RA steps
+    assert [round(float(s["fusion_weight"]), 6) for s in seen[1:6]] == [
+        round(1 - k / 6, 6) for k in range(1, 6)
+    ]
+
+
+def test_zero_shot_refuses_to_train_and_classes_are_required():
+    method = ZeroShot(backbone="tiny-clip", pretrained=None)
+    assert not method.trainable
+    with pytest.raises(CdfslError, match="no classes set"):
+        method(torch.rand(1, 3, 32, 32))
+    with pytest.raises(CdfslError, match="at least 2 class names"):
+        method.set_classes(["only one"])
+
+
+def test_reset_restores_the_initial_predictions():
+    images, labels = support()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
+    method = LoRAFineTune(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    method.reset(3)
+    method.eval()
+    with torch.no_grad():
+        initial = method(images)
+    trainer(3).fit(method, loader)
+    method.reset(3)
+    method.eval()
+    with torch.no_grad():
+        assert torch.equal(method(images), initial)
