@@ -154,7 +154,7 @@ def _error(targets: list[int], **overrides: object) -> str:
 
 def test_error_way_larger_than_classes() -> None:
     message = _error([0, 1, 2, 3, 4] * 10, n_way=7)
-    assert message.startswith("way 7 but the dataset has 5 classes; lower --data.n_way")
+    assert message.startswith("way 7 but the dataset has 5 classes; lower --way")
 
 
 def test_error_too_few_classes_with_enough_images() -> None:
@@ -163,7 +163,7 @@ def test_error_too_few_classes_with_enough_images() -> None:
     assert "need 5 images in each of 3 classes" in message
     assert "only 2 of 4 classes" in message
     assert "'b' (3), 'c' (4)" in message
-    assert "--data.k_shot" in message
+    assert "--shot" in message
     assert "class 1 (3), class 2 (4)" in _error(targets, n_way=3)
 
 

@@ -69,17 +69,21 @@ class _UniformDraws:
         return [int(population[p]) for p in picked]
 
 
+# The `cdfsl eval` flag that sets each sampler argument, for the fix in error messages.
+_FLAGS = {"n_way": "--way", "k_shot": "--shot", "n_query": "--query", "num_episodes": "--episodes"}
+
+
 def _positive(name: str, value: int) -> int:
     if isinstance(value, bool):
-        raise DataError(f"{name}={value}; expected a positive integer; fix --data.{name}")
+        raise DataError(f"{name}={value}; expected a positive integer; fix {_FLAGS[name]}")
     try:
         value = operator.index(value)
     except TypeError:
         raise DataError(
-            f"{name}={value!r}; expected a positive integer; fix --data.{name}"
+            f"{name}={value!r}; expected a positive integer; fix {_FLAGS[name]}"
         ) from None
     if value < 1:
-        raise DataError(f"{name}={value}; expected a positive integer; fix --data.{name}")
+        raise DataError(f"{name}={value}; expected a positive integer; fix {_FLAGS[name]}")
     return value
 
 
@@ -108,7 +112,7 @@ class EpisodeSampler:
         self.n_query = _positive("n_query", n_query)
         self.num_episodes = _positive("num_episodes", num_episodes)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise DataError(f"seed={seed!r}; expected an integer >= 0; fix --data.seed")
+            raise DataError(f"seed={seed!r}; expected an integer >= 0; fix --seed")
         self.seed = int(seed)
 
         labels = np.asarray(targets)
@@ -130,7 +134,7 @@ class EpisodeSampler:
 
         if self.n_way > len(classes):
             raise DataError(
-                f"way {self.n_way} but the dataset has {len(classes)} classes; lower --data.n_way "
+                f"way {self.n_way} but the dataset has {len(classes)} classes; lower --way "
                 f"to at most {len(classes)}"
             )
         needed = self.k_shot + self.n_query
@@ -150,7 +154,7 @@ class EpisodeSampler:
                 f"{self.n_way}-way {self.k_shot}-shot episodes with {self.n_query} queries need "
                 f"{needed} images in each of {self.n_way} classes, but only "
                 f"{len(self.eligible_classes)} of {len(classes)} classes have that many; short: "
-                f"{shown}{more}; lower --data.k_shot, --data.n_query or --data.n_way, or add images"
+                f"{shown}{more}; lower --shot, --query or --way, or add images"
             )
 
     def __len__(self) -> int:
