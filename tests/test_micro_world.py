@@ -1,0 +1,143 @@
+"""The micro world (seeded procedural domains) and the micro CLIP pretrained on it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cdfsl.data.base import LabelledImages
+from cdfsl.data.micro_world import (
+    HELD_OUT,
+    IMAGE_SIZE,
+    PLURALS,
+    MicroWorld,
+    SourceCaptions,
+    get_domain,
+    is_held_out,
+    list_domains,
+    source_vocabulary,
+)
+from cdfsl.errors import CdfslError
+
+TARGETS = ["crop-like", "eurosat-like", "isic-like", "chestx-like"]
+
+
+def _digest(world: MicroWorld, indices: range) -> str:
+    h = hashlib.sha256()
+    for i in indices:
+        h.update(world.array(i).tobytes())
+    return h.hexdigest()
+
+
+def test_registry_lists_source_then_targets_near_to_far():
+    assert list_domains() == ["source", *TARGETS]
+
+
+def test_unknown_domain_names_the_known_ones():
+    with pytest.raises(CdfslError, match="eurosat-like") as err:
+        MicroWorld("eurosat")
+    assert "'eurosat'" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_images_per_class_is_a_user_error():
+    with pytest.raises(CdfslError, match="images_per_class"):
+        MicroWorld("source", images_per_class=0)
+
+
+@pytest.mark.parametrize("domain", list_domains())
+def test_domain_is_labelled_images_with_enough_classes(domain):
+    world = MicroWorld(domain, images_per_class=20, seed=3)
+    assert isinstance(world, LabelledImages)
+    n = len(world.class_names)
+    assert n >= 5 and len(set(world.class_names)) == n
+    assert len(world) == 20 * n
+    assert np.bincount(world.targets).tolist() == [20] * n  # enough for 5-shot 15-query
+    image = world.load(n + 2)
+    assert image.mode == "RGB" and image.size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert world.sample_id(n + 2) == f"{domain}/{world.class_names[2]}/{n + 2}"
+    with pytest.raises(IndexError):
+        world.load(len(world))
+
+
+@pytest.mark.parametrize("domain", list_domains())
+def test_class_names_are_made_of_pretraining_words(domain):
+    vocabulary = source_vocabulary()
+    for name in get_domain(domain).class_names:
+        assert set(name.split()) <= vocabulary, name
+
+
+def test_images_are_pure_functions_of_domain_seed_index():
+    for domain in list_domains():
+        a = MicroWorld(domain, images_per_class=4, seed=7)
+        b = MicroWorld(domain, images_per_class=30, seed=7)  # length does not change images
+        for i in (0, 5, 17):
+            assert np.array_equal(a.array(i), b.array(i))
+        assert not np.array_equal(a.array(0), MicroWorld(domain, 4, seed=8).array(0))
+
+
+def test_images_are_identical_in_a_fresh_process():
+    here = {d: _digest(MicroWorld(d, images_per_class=2, seed=11), range(6)) for d in TARGETS}
+    stream = SourceCaptions(seed=5)
+    here["stream"] = hashlib.sha256(
+        b"".join(stream.array(i)[0].tobytes() + stream.array(i)[1].encode() for i in range(4))
+    ).hexdigest()
+    code = (
+        "import hashlib, json\n"
+        "from cdfsl.data.micro_world import MicroWorld, SourceCaptions\n"
+        "out = {}\n"
+        f"for d in {TARGETS!r}:\n"
+        "    w = MicroWorld(d, images_per_class=2, seed=11); h = hashlib.sha256()\n"
+        "    [h.update(w.array(i).tobytes()) for i in range(6)]\n"
+        "    out[d] = h.hexdigest()\n"
+        "s = SourceCaptions(seed=5)\n"
+        "out['stream'] = hashlib.sha256(b''.join(s.array(i)[0].tobytes() + "
+        "s.array(i)[1].encode() for i in range(4))).hexdigest()\n"
+        "print(json.dumps(out))\n"
+    )
+    there = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert json.loads(there.stdout) == here
+
+
+def test_every_target_has_a_held_out_composition_and_scenes_match_classes():
+    for domain in TARGETS:
+        world = MicroWorld(domain, images_per_class=3)
+        held = set()
+        for i in range(len(world)):
+            scene = world.scene(i)
+            fixed = world.spec.classes[world.targets[i]].fixed
+            assert all(getattr(scene, k) == v for k, v in fixed.items())
+            if is_held_out(scene):
+                held.add(world.class_names[world.targets[i]])
+        assert held, f"{domain} has no held-out class"
+
+
+def test_held_out_compositions_never_appear_in_source_scenes_or_captions():
+    stream = SourceCaptions(seed=0)
+    vocabulary = source_vocabulary()
+    for i in range(3000):
+        scene, caption, _ = stream.scene_and_caption(i)
+        assert not is_held_out(scene)
+        words = set(caption.rstrip(".").split())
+        assert words <= vocabulary
+        for pair in HELD_OUT:
+            spelled = [{v, PLURALS[v]} if a == "shape" else {v} for a, v in pair]
+            assert not all(words & forms for forms in spelled), caption
+    # the labelled source domain (zero-shot evaluation) respects the same rule
+    source = MicroWorld("source", images_per_class=20)
+    assert not any(is_held_out(source.scene(i)) for i in range(len(source)))
+
+
+def test_xray_like_domain_carries_no_colour():
+    world = MicroWorld("chestx-like", images_per_class=3)
+    for i in range(len(world)):
+        image = world.array(i)
+        assert np.array_equal(image[..., 0], image[..., 1])
+        assert np.array_equal(image[..., 0], image[..., 2])
