@@ -27,6 +27,12 @@ def _add_run_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--output", type=str, default="runs/cdfsl", help="results directory")
     parser.add_argument("--progress", type=bool, default=True)
+    # Episode keys live in the same recipes; `fit` trains on the whole folder and ignores them.
+    parser.add_argument("--way", type=int, default=5)
+    parser.add_argument("--shot", type=int, default=1)
+    parser.add_argument("--query", type=int, default=15)
+    parser.add_argument("--episodes", type=int, default=800)
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> ArgumentParser:
@@ -35,16 +41,10 @@ def build_parser() -> ArgumentParser:
 
     evaluate = ArgumentParser(description="Episodic N-way K-shot evaluation (resumable).")
     _add_run_arguments(evaluate)
-    evaluate.add_argument("--way", type=int, default=5)
-    evaluate.add_argument("--shot", type=int, default=1)
-    evaluate.add_argument("--query", type=int, default=15)
-    evaluate.add_argument("--episodes", type=int, default=800)
-    evaluate.add_argument("--seed", type=int, default=0)
     commands.add_subcommand("eval", evaluate, help="episodic evaluation")
 
     fit = ArgumentParser(description="Fine-tune on a labelled folder and save the adapters.")
     _add_run_arguments(fit)
-    fit.add_argument("--seed", type=int, default=0)
     commands.add_subcommand("fit", fit, help="fine-tune on a small labelled folder")
 
     listing = ArgumentParser(description="List registered backbones.")

@@ -1,7 +1,12 @@
+import logging
 from pathlib import Path
 
 import pytest
 from imagegen import make_image_folder
+
+# Libraries log through the root logger, whose first use would otherwise attach a handler to
+# whatever stream pytest is capturing at that moment, and later tests would write to it closed.
+logging.root.addHandler(logging.NullHandler())
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,10 @@ message instead of hanging on network retries.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +175,23 @@ def resolve_weights(
         ) from err
 
 
+@contextmanager
+def _random_init_quiet(active: bool) -> Iterator[None]:
+    """Drop open_clip's "initialized randomly" warning where random init was asked for."""
+    if not active:
+        yield
+        return
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    logging.root.addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.root.removeFilter(drop)
+
+
 def create_backbone(
     name: str,
     pretrained: str | None = "default",
@@ -194,9 +213,10 @@ def create_backbone(
             k: weights.tag_cfg[k] for k in _PREPROCESS_KEYS if k in weights.tag_cfg
         }
     try:
-        model = open_clip.create_model(
-            entry.model, pretrained=weights.checkpoint, device=device, **kwargs
-        )
+        with _random_init_quiet(weights.checkpoint is None):
+            model = open_clip.create_model(
+                entry.model, pretrained=weights.checkpoint, device=device, **kwargs
+            )
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise WeightsError(
             f"could not build backbone {name!r} from {entry.model!r}: {err}"

@@ -1,0 +1,114 @@
+import json
+from pathlib import Path
+
+import pytest
+from imagegen import make_image_folder
+
+from cdfsl.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes/tiny/mind.yaml")
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").rglob("*.yaml")), ids=str)
+def test_every_recipe_parses_and_takes_overrides(recipe):
+    cfg = build_parser().parse_args(
+        ["eval", "--config", str(recipe), "--way", "3", "--shot", "2", "--steps", "7"]
+    )
+    assert (cfg.eval.way, cfg.eval.shot, cfg.eval.steps) == (3, 2, 7)
+    assert cfg.eval.method.class_path.startswith("cdfsl.methods.")
+
+
+def test_spec_recipes_carry_the_papers_settings():
+    cfg = build_parser().parse_args(
+        ["eval", "--config", str(ROOT / "recipes/clip-vit-b16/mind-5shot.yaml")]
+    )
+    args = cfg.eval.method.init_args
+    assert args.backbone == "clip-vit-b16"
+    assert (args.lora.rank, args.lora.alpha, args.lora.dropout) == (16, 8.0, 0.25)
+    assert (args.lr, args.weight_decay, args.svl_weight, args.ra_weight) == (2e-4, 1e-2, 0.1, 3.0)
+    assert len(args.views) == 5
+    assert (cfg.eval.way, cfg.eval.shot, cfg.eval.query, cfg.eval.episodes) == (5, 5, 15, 400)
+    assert cfg.eval.steps_per_shot == 250
+
+
+def test_eval_on_any_folder_writes_rows_and_summary(capsys, tmp_path):
+    folder = make_image_folder(tmp_path / "data", {"Cat": 7, "Dog": 7, "Bird": 7}, size=20)
+    (folder / "Cat" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="notes.txt"):
+        code, stdout, _ = run(
+            capsys, "eval", "--config", TINY, "--data.root", str(folder), "--output", str(out),
+            "--episodes", "2", "--steps", "2", "--progress", "false",
+        )  # fmt: skip
+    assert code == 0
+    assert "| Mind | tiny-clip | data | 3 | 1 | 5 | 2 |" in stdout
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in rows] == [0, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["episodes_done"] == 2 and "ci95" in summary
+
+
+@pytest.mark.parametrize(
+    ("classes", "extra", "expected"),
+    [
+        ({"a": 7, "b": 7}, [], "way 3 but the dataset has 2 classes; lower --way"),
+        ({"a": 7, "b": 7, "c": 3}, [], "--shot, --query or --way"),
+        (None, [], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(
+    capsys, tmp_path, classes, extra, expected
+):
+    root = tmp_path / "data"
+    if classes is not None:
+        make_image_folder(root, classes)
+    out = tmp_path / "out"
+    code, _, err = run(
+        capsys, "eval", "--config", TINY, "--data.root", str(root), "--output", str(out), *extra
+    )
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cdfsl: error:") and expected in lines[0]
+    assert not out.exists()
+
+
+def test_corrupt_image_is_named(capsys, tmp_path):
+    root = make_image_folder(tmp_path / "data", {"a": 6, "b": 6, "c": 6})
+    for image in (root / "a").iterdir():
+        image.write_bytes(b"not really an image")
+    code, _, err = run(
+        capsys, "eval", "--config", TINY, "--data.root", str(root), "--output", str(tmp_path / "o"),
+        "--way", "3", "--progress", "false",
+    )  # fmt: skip
+    assert code == 2 and "a/a_" in err and err.count("\n") == 1
+
+
+def test_fit_saves_adapters_that_load_back(capsys, tmp_path):
+    root = make_image_folder(tmp_path / "data", {"a": 2, "b": 2})
+    out = tmp_path / "fit"
+    code, _, _ = run(
+        capsys, "fit", "--config", TINY, "--data.root", str(root), "--output", str(out),
+        "--steps", "2",
+    )  # fmt: skip
+    assert code == 0
+    assert json.loads((out / "classes.json").read_text()) == ["a", "b"]
+    from cdfsl.lora import LoRAConfig, load_lora
+    from cdfsl.methods import Mind
+
+    method = Mind(backbone="tiny-clip", pretrained=None, lora=LoRAConfig(rank=4, alpha=8.0))
+    load_lora(method.backbone.lora_root(), out / "adapter.safetensors")
+
+
+def test_backbones_lists_the_registry(capsys):
+    code, out, _ = run(capsys, "backbones")
+    assert code == 0
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert lines["tiny-clip"][-1] == "yes" and lines["tiny-clip"][-2] == "32"
+    assert lines["clip-vit-b16"][-2] == "224"
