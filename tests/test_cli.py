@@ -18,7 +18,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").rglob("*.yaml")), ids=str)
 def test_every_recipe_parses_and_takes_overrides(recipe):
-    cfg = build_parser().parse_args(
+    cfg = build_parser()[0].parse_args(
         ["eval", "--config", str(recipe), "--way", "3", "--shot", "2", "--steps", "7"]
     )
     assert (cfg.eval.way, cfg.eval.shot, cfg.eval.steps) == (3, 2, 7)
@@ -26,7 +26,7 @@ def test_every_recipe_parses_and_takes_overrides(recipe):
 
 
 def test_spec_recipes_carry_the_papers_settings():
-    cfg = build_parser().parse_args(
+    cfg = build_parser()[0].parse_args(
         ["eval", "--config", str(ROOT / "recipes/clip-vit-b16/mind-5shot.yaml")]
     )
     args = cfg.eval.method.init_args

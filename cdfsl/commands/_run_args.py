@@ -1,0 +1,59 @@
+"""Arguments shared by the commands that train a method on a dataset from a YAML recipe."""
+
+from __future__ import annotations
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from cdfsl.data.base import LabelledImages
+from cdfsl.data.sources import DataConfig, build_dataset
+from cdfsl.evaluation.runner import FitConfig
+from cdfsl.methods.base import FewShotMethod
+
+
+def add_run_arguments(parser: ArgumentParser) -> None:
+    """Recipe keys: method, data, episode protocol, training length, precision, output."""
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe")
+    parser.add_subclass_arguments(FewShotMethod, "method", required=True)
+    parser.add_class_arguments(DataConfig, "data")
+    parser.add_argument("--way", type=int, default=5)
+    parser.add_argument("--shot", type=int, default=1)
+    parser.add_argument("--query", type=int, default=15)
+    parser.add_argument("--episodes", type=int, default=800)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps_per_shot", type=int, default=250, help="T = steps_per_shot·K")
+    parser.add_argument("--steps", type=int | None, default=None, help="fixed T, overrides K")
+    parser.add_argument("--precision", type=str, default="bf16-mixed")
+    parser.add_argument("--accelerator", type=str, default="auto")
+    parser.add_argument("--output", type=str, default="runs/cdfsl", help="results directory")
+    parser.add_argument("--progress", type=bool, default=True)
+
+
+def fit_config(cfg: Namespace) -> FitConfig:
+    return FitConfig(cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator)
+
+
+def dataset(cfg: Namespace) -> tuple[DataConfig, LabelledImages]:
+    data = DataConfig(**vars(cfg.data))
+    return data, build_dataset(data)
+
+
+def method(cfg: Namespace) -> FewShotMethod:
+    """Instantiate ``cfg.method`` (``class_path`` + ``init_args``)."""
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(FewShotMethod, "method")
+    return parser.instantiate_classes(Namespace(method=cfg.method)).method
+
+
+def plain(obj):
+    """Namespaces and dataclasses from jsonargparse as JSON-ready values."""
+    if isinstance(obj, Namespace):
+        return {k: plain(v) for k, v in vars(obj).items()}
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)
+    return obj
