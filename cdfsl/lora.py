@@ -7,7 +7,10 @@ plain ``nn.Linear``); each targeted slice carries a ``LoRAAdapter`` that adds
 ``Parameter`` objects (and so the original state-dict keys):
 
 * ``LoRAMultiheadAttention`` replaces ``nn.MultiheadAttention`` (open_clip's residual blocks);
-* ``LoRALinear`` replaces an ``nn.Linear`` (e.g. timm's fused ``qkv``; its handler comes later).
+* ``LoRALinear`` replaces an ``nn.Linear``: timm's fused ``qkv`` (``Attention`` in SigLIP towers,
+  ``AttentionRope`` in PE-Core towers; q, k, v row slices) or separate ``q_proj``/``k_proj``/
+  ``v_proj`` (``AttentionRope``/``EvaAttention`` with ``qkv_fused=False``, e.g. EVA02; one full
+  slice each). The timm module itself stays, with its projection children swapped.
 
 ``inject_lora`` walks a module tree and asks a registry of layout handlers, keyed by exact module
 type, for the replacement of each match; a new layout registers a handler with ``register_layout``.
@@ -18,6 +21,7 @@ With ``num_adapters = E > 1`` every adapter holds ``E`` independent sets (``A: (
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -27,6 +31,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
+from timm.layers import AttentionRope as TimmAttentionRope
+from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
 from cdfsl.errors import CdfslError
@@ -480,6 +487,58 @@ def register_layout(module_type: type[nn.Module]) -> Callable[[LayoutHandler], L
 def _multihead_attention(module: nn.Module, config: LoRAConfig) -> nn.Module:
     assert isinstance(module, nn.MultiheadAttention)
     return LoRAMultiheadAttention(module, config)
+
+
+def _with_children(module: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
+    """A shallow copy of ``module`` with the named ``children`` swapped in; ``module`` is untouched.
+
+    The copy shares every Parameter and buffer (so state-dict keys and values stay), but owns its
+    child table: ``inject_lora`` swaps it in only once every handler has succeeded.
+    """
+    twin = copy.copy(module)
+    for key, value in module.__dict__.items():
+        if isinstance(value, (dict, set)):  # _modules, _parameters, _buffers, hook tables
+            twin.__dict__[key] = copy.copy(value)
+    for name, child in children.items():
+        setattr(twin, name, child)
+    return twin
+
+
+def _timm_qkv(module: nn.Module, config: LoRAConfig) -> nn.Module:
+    """timm attention: LoRA on the fused ``qkv`` Linear, or on ``q_proj``/``k_proj``/``v_proj``.
+
+    Inputs are ``(B, N, C)``, so samples lie on dim 0 (the ``LoRALinear`` default).
+    """
+    qkv = getattr(module, "qkv", None)
+    if isinstance(qkv, nn.Linear):
+        # EvaAttention with q/v biases calls F.linear(x, self.qkv.weight, bias) itself, which
+        # would skip the adapters silently; only its qkv_bias_separate mode calls self.qkv(x).
+        if getattr(module, "q_bias", None) is not None and not module.qkv_bias_separate:
+            raise CdfslError(
+                f"{type(module).__name__} with separate q/v biases and a fused qkv Linear bypasses "
+                "qkv.forward: expected qkv_bias_separate=True or qkv_fused=False; build the timm "
+                "model with one of them or register a layout handler for it"
+            )
+        rows = qkv.out_features // 3
+        return _with_children(module, {"qkv": LoRALinear(qkv, qkv_slices(rows), config)})
+    projections = {part: getattr(module, f"{part}_proj", None) for part in config.targets}
+    missing = [f"{part}_proj" for part, proj in projections.items() if type(proj) is not nn.Linear]
+    if missing:
+        raise CdfslError(
+            f"{type(module).__name__} has no nn.Linear {', '.join(missing)} and no fused qkv: "
+            "expected timm's fused or separate q/k/v projections; register a layout handler"
+        )
+    return _with_children(
+        module,
+        {
+            f"{part}_proj": LoRALinear(proj, {part: (0, proj.out_features)}, config)
+            for part, proj in projections.items()
+        },
+    )
+
+
+for _timm_type in (TimmAttention, TimmAttentionRope, EvaAttention):
+    register_layout(_timm_type)(_timm_qkv)
 
 
 # ----------------------------------------------------------------------------- public functions

@@ -1,6 +1,8 @@
 """Backbones: one interface, one adapter per model family, one registry of short names."""
 
 from cdfsl.backbones import clip as _clip  # noqa: F401  (registers the CLIP family and rows)
+from cdfsl.backbones import pe_core as _pe_core  # noqa: F401  (PE-Core family and rows)
+from cdfsl.backbones import siglip as _siglip  # noqa: F401  (SigLIP, SigLIP2 family and rows)
 from cdfsl.backbones.base import Backbone, Preprocess
 from cdfsl.backbones.registry import (
     BackboneEntry,
@@ -10,8 +12,10 @@ from cdfsl.backbones.registry import (
     register_family,
     weights_available,
 )
+from cdfsl.backbones.tokenizers import TOKENIZER_DIR_ENV
 
 __all__ = [
+    "TOKENIZER_DIR_ENV",
     "Backbone",
     "BackboneEntry",
     "Preprocess",

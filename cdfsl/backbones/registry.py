@@ -1,9 +1,10 @@
 """Short backbone names -> (open_clip model, default weights, family adapter), and the one factory.
 
 Adding a model is adding a row with :func:`register_backbone`; adding a family is adding an
-adapter class and a :func:`register_family` rule. Weights are looked up in local caches only,
-unless downloads are allowed explicitly: offline, a missing checkpoint fails at once with a
-message instead of hanging on network retries.
+adapter class and a :func:`register_family` rule. Weights (and the Hugging Face tokenizer files
+some families need, see :mod:`cdfsl.backbones.tokenizers`) are looked up in local caches only,
+unless downloads are allowed explicitly: offline, a missing file fails at once with a message
+instead of hanging on network retries.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import open_clip
 import torch
 
 from cdfsl.backbones.base import Backbone
+from cdfsl.backbones.tokenizers import TokenizerSource, build_tokenizer, resolve_tokenizer
 from cdfsl.errors import WeightsError
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(_CONFIG_DIR)
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
+# The weight file names of open_clip's hub repos, looked for in a pretrained=DIR copy of one.
+_HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 ALLOW_DOWNLOAD_ENV = "CDFSL_ALLOW_DOWNLOAD"
 
@@ -91,6 +95,7 @@ def _adapter_for(model_name: str) -> type[Backbone]:
 class _Weights:
     checkpoint: str | None
     tag_cfg: dict
+    directory: str | None = None  # the local folder the checkpoint came from (tokenizer files)
 
 
 def _cached_checkpoint(tag_cfg: dict, cache_dir: str | None) -> str | None:
@@ -133,7 +138,11 @@ def resolve_weights(
     cache_dir: str | None = None,
     allow_download: bool | None = None,
 ) -> _Weights:
-    """Map ``pretrained`` ("default", a tag, a file, or None) to a local checkpoint file."""
+    """Map ``pretrained`` ("default", a tag, a file, a directory, or None) to a local file.
+
+    A directory is a local copy of an open_clip hub repo: its ``open_clip_model.safetensors`` (or
+    ``open_clip_pytorch_model.bin``) is loaded with the default tag's preprocessing.
+    """
     if pretrained == "default":
         pretrained = entry.pretrained
     default_tag_cfg = (
@@ -142,9 +151,18 @@ def resolve_weights(
     if pretrained is None or entry.model.startswith("local-dir:"):
         return _Weights(None, {})
     path = Path(pretrained).expanduser()
+    if path.is_dir():
+        found = [path / name for name in _HUB_WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise WeightsError(
+                f"directory {pretrained!r} for backbone {entry.name!r} has no "
+                f"{' or '.join(_HUB_WEIGHT_FILES)}; pass the checkpoint file itself, or a copy "
+                "of the model's open_clip hub repo"
+            )
+        return _Weights(str(found[0]), default_tag_cfg, str(path))
     if path.is_file():
         # A local copy of the default weights keeps the default tag's preprocessing.
-        return _Weights(str(path), default_tag_cfg)
+        return _Weights(str(path), default_tag_cfg, str(path.parent))
     if os.sep in pretrained or path.suffix in _CHECKPOINT_SUFFIXES:
         raise WeightsError(
             f"checkpoint file {pretrained!r} for backbone {entry.name!r} does not exist; "
@@ -198,14 +216,21 @@ def create_backbone(
     device: str | torch.device = "cpu",
     cache_dir: str | None = None,
     allow_download: bool | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> Backbone:
     """Build a backbone by short name or open_clip model name.
 
     ``pretrained``: "default" (the registry's weights for ``name``), an open_clip tag, a local
-    checkpoint file, or None for random initialisation (as in open_clip).
+    checkpoint file, a local copy of the model's open_clip hub repo (a directory), or None for
+    random initialisation (as in open_clip). ``tokenizer``: a directory with the Hugging Face
+    tokenizer files of families that need them (SigLIP, SigLIP2); see
+    :mod:`cdfsl.backbones.tokenizers` for the other places they are looked for. Every file is
+    found before anything is built, so a missing one fails at once.
     """
     entry = resolve_entry(name)
-    weights = resolve_weights(entry, pretrained, cache_dir, allow_download)
+    weights, tokenizer_source = _resolve_files(
+        entry, pretrained, cache_dir, _downloads_allowed(allow_download), tokenizer
+    )
     kwargs: dict = {}
     if weights.tag_cfg:
         kwargs["force_quick_gelu"] = bool(weights.tag_cfg.get("quick_gelu", False))
@@ -221,19 +246,42 @@ def create_backbone(
         raise WeightsError(
             f"could not build backbone {name!r} from {entry.model!r}: {err}"
         ) from err
-    tokenizer = open_clip.get_tokenizer(entry.model)
-    backbone = _adapter_for(entry.model).from_open_clip(entry.name, model, tokenizer)
+    tokenize = build_tokenizer(entry.model, tokenizer_source)
+    backbone = _adapter_for(entry.model).from_open_clip(entry.name, model, tokenize)
     return backbone.to(device)
 
 
+def _resolve_files(
+    entry: BackboneEntry,
+    pretrained: str | None,
+    cache_dir: str | None,
+    allow_download: bool,
+    tokenizer: str | os.PathLike[str] | None,
+) -> tuple[_Weights, TokenizerSource]:
+    """Weights and tokenizer source; a missing weight file and tokenizer are named together."""
+    problems: list[str] = []
+    weights = _Weights(None, {})
+    try:
+        weights = resolve_weights(entry, pretrained, cache_dir, allow_download)
+    except WeightsError as err:
+        problems.append(str(err))
+    try:
+        source = resolve_tokenizer(
+            entry.name, entry.model, tokenizer, weights.directory, cache_dir, allow_download
+        )
+    except WeightsError as err:
+        problems.append(str(err))
+    if problems:
+        raise WeightsError("; also, ".join(problems))
+    return weights, source
+
+
 def weights_available(entry: BackboneEntry, cache_dir: str | None = None) -> bool:
-    """Whether ``entry``'s default weights can be loaded without network access."""
+    """Whether ``entry``'s default weights and tokenizer load without network access."""
     if entry.model.startswith("local-dir:"):
         return Path(entry.model.removeprefix("local-dir:")).is_dir()
-    if entry.pretrained is None:
-        return True
     try:
-        resolve_weights(entry, "default", cache_dir, allow_download=False)
+        _resolve_files(entry, "default", cache_dir, allow_download=False, tokenizer=None)
     except WeightsError:
         return False
     return True
