@@ -41,7 +41,7 @@ def method(cfg: Namespace) -> FewShotMethod:
     """Instantiate ``cfg.method`` (``class_path`` + ``init_args``)."""
     parser = ArgumentParser()
     parser.add_subclass_arguments(FewShotMethod, "method")
-    return parser.instantiate_classes(Namespace(method=cfg.method)).method
+    return parser.instantiate(Namespace(method=cfg.method)).method
 
 
 def plain(obj):

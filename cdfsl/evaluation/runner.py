@@ -201,8 +201,8 @@ class EpisodicEvaluator:
         else:
             write_json_atomic(path, current)
 
-    def run_episode(self, index: int) -> dict[str, Any]:
-        """Fit and score episode ``index``; returns its result row."""
+    def run_episode(self, index: int, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+        """Fit and score episode ``index``; returns its result row (not stored)."""
         start = time.perf_counter()
         indices = self.sampler.episode(index)
         episode = load_episode(self.dataset, indices, self.method.backbone.preprocess.to_tensor())
@@ -214,7 +214,9 @@ class EpisodicEvaluator:
         steps = 0
         if method.trainable:
             steps = self.fit.total_steps(self.protocol.k_shot)
-            fit_episode(method, episode.support_images, episode.support_labels, steps, self.fit)
+            fit_episode(
+                method, episode.support_images, episode.support_labels, steps, self.fit, callbacks
+            )
         logits = predict_logits(method, episode.query_images, self.fit)
         accuracy = float((logits.argmax(dim=1) == episode.query_labels).float().mean())
         return {

@@ -1,0 +1,80 @@
+"""PNG figures of evaluation results (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_by_domain(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Grouped bars of mean accuracy ± CI95 per domain and method, one panel per shot.
+
+    ``rows``: dicts with ``domain``, ``method``, ``shot``, ``accuracy`` and ``ci95`` (fractions).
+    """
+    plt = _pyplot()
+    shots = sorted({r["shot"] for r in rows})
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(shots), figsize=(5 * len(shots), 3.6), squeeze=False)
+    width = 0.8 / len(methods)
+    for ax, shot in zip(axes[0], shots, strict=True):
+        for m, method in enumerate(methods):
+            cells = {r["domain"]: r for r in rows if r["shot"] == shot and r["method"] == method}
+            xs = [d + (m - (len(methods) - 1) / 2) * width for d in range(len(domains))]
+            means = [100 * cells[d]["accuracy"] if d in cells else 0.0 for d in domains]
+            errs = [100 * cells[d]["ci95"] if d in cells else 0.0 for d in domains]
+            ax.bar(xs, means, width, yerr=errs, capsize=2, label=method)
+        ax.set_xticks(range(len(domains)), domains, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{shot}-shot")
+        ax.set_ylim(0, 100)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(
+    histories: dict[str, list[dict[str, float]]], path: str | Path, title: str = ""
+) -> Path:
+    """One panel per logged quantity (loss terms, alignment metrics), one line per method."""
+    plt = _pyplot()
+    keys = sorted({k for steps in histories.values() for row in steps for k in row} - {"step"})
+    cols = 4
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        for method, steps in histories.items():
+            points = [(row["step"], row[key]) for row in steps if key in row]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, label=method, lw=1.2, marker="." if len(xs) < 20 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    # One legend for the figure: not every method logs every quantity.
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
