@@ -7,7 +7,8 @@ SigLIP and SigLIP2 name a Hugging Face tokenizer instead (``text_cfg.hf_tokenize
 looked for, first hit wins, in:
 
 1. ``tokenizer=DIR`` given to :func:`cdfsl.backbones.create_backbone`;
-2. the ``pretrained=DIR`` directory, when the weights come from a local copy of the hub repo;
+2. the ``pretrained=DIR`` directory (a local copy of the hub repo), or the folder of a
+   ``pretrained=FILE`` checkpoint;
 3. ``$CDFSL_TOKENIZER_DIR/<hub id>/`` (e.g. ``$CDFSL_TOKENIZER_DIR/timm/ViT-B-16-SigLIP/``), one
    root for every family, which recipes and the CLI can use without code;
 4. the Hugging Face cache (``huggingface_hub.try_to_load_from_cache``: files only, no request).
@@ -90,18 +91,24 @@ def resolve_tokenizer(
     needs Hugging Face tokenizer files that none of the places in the module docstring hold.
     """
     hub_id = hf_tokenizer_name(model)
+    if tokenizer is not None and hub_id is None:
+        raise WeightsError(
+            f"tokenizer={str(tokenizer)!r} for backbone {backbone!r}, whose open_clip config names "
+            "no Hugging Face tokenizer: expected tokenizer= only for such families (SigLIP, "
+            "SigLIP2); drop it"
+        )
     if tokenizer is not None:
         if not holds_tokenizer(tokenizer):
             raise WeightsError(
                 f"tokenizer={str(tokenizer)!r} for backbone {backbone!r} is not a directory with "
                 f"{_CONFIG_FILE} and one of {', '.join(_VOCAB_FILES)}; pass the directory holding "
-                f"the files of {hub_id or 'the tokenizer'!r}"
+                f"the files of {hub_id!r}"
             )
         location: str | None = str(tokenizer)
     elif hub_id is None:
         return TokenizerSource(None, None)
     else:
-        location = _local_tokenizer_dir(hub_id, pretrained_dir, cache_dir)
+        location = find_tokenizer_dir(hub_id, pretrained_dir, cache_dir)
     if location is None and not allow_download:
         raise WeightsError(
             f"backbone {backbone!r} needs the Hugging Face tokenizer {hub_id!r} "
@@ -112,15 +119,20 @@ def resolve_tokenizer(
         )
     if importlib.util.find_spec("transformers") is None:
         raise WeightsError(
-            f"backbone {backbone!r} reads its tokenizer {hub_id or str(tokenizer)!r} with the "
+            f"backbone {backbone!r} reads its tokenizer {hub_id!r} with the "
             "transformers package, which is not installed; run `pip install transformers`"
         )
     return TokenizerSource(hub_id, location or hub_id)
 
 
-def _local_tokenizer_dir(
-    hub_id: str, pretrained_dir: str | None, cache_dir: str | None
+def find_tokenizer_dir(
+    hub_id: str, pretrained_dir: str | None = None, cache_dir: str | None = None
 ) -> str | None:
+    """A local directory with the files of Hugging Face tokenizer ``hub_id``, or None.
+
+    Looks in ``pretrained_dir``, then ``$CDFSL_TOKENIZER_DIR/<hub_id>/``, then the Hugging Face
+    cache (``cache_dir``, or the default one); never sends a request.
+    """
     if pretrained_dir is not None and holds_tokenizer(pretrained_dir):
         return pretrained_dir
     root = os.environ.get(TOKENIZER_DIR_ENV, "")
