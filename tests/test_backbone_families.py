@@ -340,3 +340,35 @@ def test_backbones_command_lists_the_families(offline, capsys) -> None:
         assert rows[name][-2:] == ["32", "yes"]
     for name, (model, _, size) in REAL_ROWS.items():
         assert rows[name][1] == model and rows[name][-2:] == [str(size), "no"]
+
+
+def test_local_hf_tokenizer_is_read_with_the_models_settings(offline, monkeypatch) -> None:
+    # Runs where transformers is installed: a hand-made tokenizer in place of SigLIP's files.
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = offline / "tokenizers" / SIGLIP_TOKENIZER
+    folder.mkdir(parents=True)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "photo": 4, "of": 5, "cat": 6}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setenv(TOKENIZER_DIR_ENV, str(offline / "tokenizers"))
+    # In place of the fixture's refusal: the tiny SigLIP, built by open_clip's own factory.
+    monkeypatch.setattr(
+        open_clip,
+        "create_model",
+        lambda name, pretrained=None, **kw: open_clip.factory.create_model(
+            "cdfsl-tiny-siglip", pretrained=None, **kw
+        ),
+    )
+    checkpoint = offline / "siglip.safetensors"
+    checkpoint.write_bytes(b"")
+    backbone = create_backbone("siglip-vit-b16", pretrained=str(checkpoint))
+    ids = backbone.tokenize(["A photo of a Cat.", "a dog"])
+    context = open_clip.get_model_config("ViT-B-16-SigLIP")["text_cfg"]["context_length"]
+    assert ids.shape == (2, context)
+    assert ids[0, :6].tolist() == [3, 4, 5, 3, 6, 0]  # "canonicalize": lower case, no punctuation
+    assert ids[1, :3].tolist() == [3, 2, 0]

@@ -1,4 +1,8 @@
-"""``cdfsl backbones``: the registry, each entry's input size and whether its weights are local."""
+"""``cdfsl backbones``: the registry, each entry's input size and whether its files are local.
+
+"local" means the default weights, and the tokenizer files of families that need them (SigLIP,
+SigLIP2), load without network access.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,14 @@ def run(cfg: Namespace) -> None:
 
     from cdfsl.backbones import list_backbones, weights_available
 
-    print(f"{'name':<16} {'open_clip model':<20} {'weights':<10} {'input':<8} local")
-    for entry in list_backbones():
+    entries = list_backbones()
+    # Columns as wide as their longest value, so long family names (SigLIP2 SO400M) stay aligned.
+    name_w = max(len("name"), *(len(e.name) for e in entries))
+    model_w = max(len("open_clip model"), *(len(e.model) for e in entries))
+    print(f"{'name':<{name_w}} {'open_clip model':<{model_w}} {'weights':<10} {'input':<8} local")
+    for entry in entries:
         model_cfg = open_clip.get_model_config(entry.model) or {}
         size = model_cfg.get("vision_cfg", {}).get("image_size", "?")
         local = "yes" if weights_available(entry) else "no"
-        print(
-            f"{entry.name:<16} {entry.model:<20} {entry.pretrained or '-':<10} {size!s:<8} {local}"
-        )
+        weights = entry.pretrained or "-"
+        print(f"{entry.name:<{name_w}} {entry.model:<{model_w}} {weights:<10} {size!s:<8} {local}")
