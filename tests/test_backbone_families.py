@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -292,6 +293,17 @@ def test_siglip_with_weights_but_no_tokenizer_names_only_the_tokenizer(offline) 
         create_backbone("tiny-pe-core", pretrained=None, tokenizer=offline)
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is not None, reason="needs transformers missing"
+)
+def test_no_weight_download_starts_when_the_tokenizer_cannot_load(offline, monkeypatch) -> None:
+    monkeypatch.setenv("CDFSL_ALLOW_DOWNLOAD", "1")
+    with pytest.raises(WeightsError) as err:
+        create_backbone("siglip-vit-b16", cache_dir=str(offline / "hf"))
+    assert "pip install transformers" in str(err.value)
+    assert "failed" not in str(err.value)  # no download began (the fixture would refuse it)
+
+
 def write_tokenizer(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer_config.json").write_text("{}")
@@ -320,8 +332,6 @@ def test_tokenizer_files_are_found_in_each_documented_place(offline, monkeypatch
 
 
 def test_found_tokenizer_needs_transformers(offline, monkeypatch) -> None:
-    import importlib.util
-
     folder = write_tokenizer(offline / "tok")
     if importlib.util.find_spec("transformers") is None:
         with pytest.raises(WeightsError, match="pip install transformers"):

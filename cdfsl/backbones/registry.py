@@ -95,7 +95,6 @@ def _adapter_for(model_name: str) -> type[Backbone]:
 class _Weights:
     checkpoint: str | None
     tag_cfg: dict
-    directory: str | None = None  # the local folder the checkpoint came from (tokenizer files)
 
 
 def _cached_checkpoint(tag_cfg: dict, cache_dir: str | None) -> str | None:
@@ -159,10 +158,10 @@ def resolve_weights(
                 f"{' or '.join(_HUB_WEIGHT_FILES)}; pass the checkpoint file itself, or a copy "
                 "of the model's open_clip hub repo"
             )
-        return _Weights(str(found[0]), default_tag_cfg, str(path))
+        return _Weights(str(found[0]), default_tag_cfg)
     if path.is_file():
         # A local copy of the default weights keeps the default tag's preprocessing.
-        return _Weights(str(path), default_tag_cfg, str(path.parent))
+        return _Weights(str(path), default_tag_cfg)
     if os.sep in pretrained or path.suffix in _CHECKPOINT_SUFFIXES:
         raise WeightsError(
             f"checkpoint file {pretrained!r} for backbone {entry.name!r} does not exist; "
@@ -259,21 +258,41 @@ def _resolve_files(
     tokenizer: str | os.PathLike[str] | None,
 ) -> tuple[_Weights, TokenizerSource]:
     """Weights and tokenizer source; a missing weight file and tokenizer are named together."""
-    problems: list[str] = []
-    weights = _Weights(None, {})
-    try:
-        weights = resolve_weights(entry, pretrained, cache_dir, allow_download)
-    except WeightsError as err:
-        problems.append(str(err))
+    tokenizer_problem = None
     try:
         source = resolve_tokenizer(
-            entry.name, entry.model, tokenizer, weights.directory, cache_dir, allow_download
-        )
+            entry.name, entry.model, tokenizer, _pretrained_dir(entry, pretrained), cache_dir,
+            allow_download,
+        )  # fmt: skip
+    except WeightsError as err:
+        tokenizer_problem = str(err)
+    problems: list[str] = []
+    try:
+        # The tokenizer is checked first so that a doomed load never downloads gigabytes.
+        allow = allow_download and tokenizer_problem is None
+        weights = resolve_weights(entry, pretrained, cache_dir, allow)
     except WeightsError as err:
         problems.append(str(err))
+    if tokenizer_problem is not None:
+        problems.append(tokenizer_problem)
     if problems:
         raise WeightsError("; also, ".join(problems))
     return weights, source
+
+
+def _pretrained_dir(entry: BackboneEntry, pretrained: str | None) -> str | None:
+    """The local folder ``pretrained`` names (a directory, or a checkpoint file's folder).
+
+    A downloaded hub repo keeps its tokenizer files beside the weights. None for tags and None.
+    """
+    if pretrained == "default":
+        pretrained = entry.pretrained
+    if pretrained is None:
+        return None
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return str(path)
+    return str(path.parent) if path.is_file() else None
 
 
 def weights_available(entry: BackboneEntry, cache_dir: str | None = None) -> bool:
