@@ -119,8 +119,8 @@ def resolve_tokenizer(
         )
     if importlib.util.find_spec("transformers") is None:
         raise WeightsError(
-            f"backbone {backbone!r} reads its tokenizer {hub_id!r} with the "
-            "transformers package, which is not installed; run `pip install transformers`"
+            f"backbone {backbone!r} reads its tokenizer {hub_id!r} with the transformers "
+            "package, which is not installed; run `pip install transformers` (or 'cdfsl[siglip]')"
         )
     return TokenizerSource(hub_id, location or hub_id)
 
