@@ -35,16 +35,20 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _check_block(
-    features: Tensor, labels: Tensor, num_classes: int, known_classes: int, in_dim: int | None
-) -> None:
-    """Shapes and label range of an update; errors name the argument and the fix."""
+def _check_features(features: Tensor, in_dim: int | None) -> None:
     if features.ndim != 2 or (in_dim is not None and features.shape[1] != in_dim):
         want = f"(N, {in_dim})" if in_dim is not None else "(N, D)"
         raise CdfslError(
             f"features of shape {tuple(features.shape)}: expected {want}; pass one feature "
-            "row per sample, as the backbone that built the adapter produces them"
+            "row per sample, from the backbone the adapter learned with"
         )
+
+
+def _check_block(
+    features: Tensor, labels: Tensor, num_classes: int, known_classes: int, in_dim: int | None
+) -> None:
+    """Shapes and label range of an update; errors name the argument and the fix."""
+    _check_features(features, in_dim)
     if labels.shape != (features.shape[0],):
         raise CdfslError(
             f"labels of shape {tuple(labels.shape)}: expected ({features.shape[0]},), one class "
@@ -158,7 +162,7 @@ class PrimalAdapter:
     @torch.no_grad()
     def scores(self, features: Tensor) -> Tensor:
         """``features: (B, in_dim)`` -> ``phi(x) W``: ``(B, num_classes)`` in the adapter dtype."""
-        _check_block(features, torch.zeros(len(features)), 0, 0, self.in_dim)
+        _check_features(features, self.in_dim)
         out = [
             self.hidden_features(features[start : start + self.block_size]) @ self.weights
             for start in range(0, features.shape[0], self.block_size)
@@ -307,7 +311,7 @@ class DualAdapter:
     def scores(self, features: Tensor) -> Tensor:
         """``features: (B, D)`` -> ``k(x, memory) alpha``: ``(B, num_classes)``, adapter dtype."""
         in_dim = self.memory.shape[1] if self.num_stored else None
-        _check_block(features, torch.zeros(len(features)), 0, 0, in_dim)
+        _check_features(features, in_dim)
         x = features.to(self.device, self.dtype)
         if not self.num_stored:
             return x.new_zeros(x.shape[0], 0)
