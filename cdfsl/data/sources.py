@@ -1,15 +1,32 @@
-"""Named dataset sources: ``source`` name -> a builder of ``LabelledImages``, one per layout."""
+"""Named dataset sources: ``source`` name -> a builder of ``LabelledImages``, one per layout.
+
+Besides ``folder`` (one sub-folder per class), the layouts of ``cdfsl.data.cdfsl_targets``
+(the BSCD-FSL targets), ``cdfsl.data.fsl`` (the eleven CoOp datasets) and
+``cdfsl.data.domainbed`` are registered under their names on first use. A source that is a
+``Layout`` also validates a folder without building (``validate_source``: what
+``cdfsl data check`` prints) and lists every split (``build_splits``); ``build_dataset`` runs
+the same checks and raises ``DataError`` before any training starts.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cdfsl.data.base import LabelledImages
+from cdfsl.data.layout import DataReport
 from cdfsl.errors import DataError
 
 _SOURCES: dict[str, Callable[..., LabelledImages]] = {}
+
+# Modules whose ``LAYOUTS`` are registered on first use: importing them here at start-up would
+# cost every command the time, and they need nothing from this module.
+_LAYOUT_MODULES = ("cdfsl.data.cdfsl_targets", "cdfsl.data.fsl", "cdfsl.data.domainbed")
+_layouts_registered = False
 
 
 def register_source(name: str) -> Callable[[Callable[..., LabelledImages]], Callable]:
@@ -24,8 +41,36 @@ def register_source(name: str) -> Callable[[Callable[..., LabelledImages]], Call
     return add
 
 
+def _sources() -> dict[str, Callable[..., LabelledImages]]:
+    global _layouts_registered
+    if not _layouts_registered:
+        _layouts_registered = True
+        for module in _LAYOUT_MODULES:
+            for layout in importlib.import_module(module).LAYOUTS:
+                register_source(layout.name)(layout)
+    return _SOURCES
+
+
 def list_sources() -> list[str]:
-    return sorted(_SOURCES)
+    return sorted(_sources())
+
+
+def get_source(name: str) -> Callable[..., LabelledImages]:
+    """The builder (or ``Layout``) registered as ``name``; unknown names list the known ones."""
+    sources = _sources()
+    if name not in sources:
+        raise DataError(
+            f"unknown dataset source {name!r}; expected one of {', '.join(sorted(sources))}; "
+            "fix --data.source (cdfsl data list describes them)"
+        )
+    return sources[name]
+
+
+def describe_source(name: str) -> str:
+    """One line on what folder the source ``name`` expects."""
+    source = get_source(name)
+    text = getattr(source, "description", None) or (source.__doc__ or "").strip()
+    return text.splitlines()[0] if text else ""
 
 
 @dataclass
@@ -33,10 +78,12 @@ class DataConfig:
     """Where the images come from.
 
     Args:
-        source: a registered layout (``folder``: one sub-folder per class).
+        source: a registered layout (``folder``: one sub-folder per class; ``cdfsl data list``
+            names them all).
         root: the dataset directory.
         class_names: optional file of readable class names (see the source's docs).
-        options: extra keyword arguments of the source.
+        options: extra keyword arguments of the source, e.g. ``{"split": "train"}`` or
+            ``{"target_domain": "sketch"}``.
     """
 
     source: str = "folder"
@@ -46,18 +93,50 @@ class DataConfig:
 
 
 def build_dataset(config: DataConfig) -> LabelledImages:
-    """The dataset ``config`` describes; unknown sources name the known ones."""
-    if config.source not in _SOURCES:
-        raise DataError(
-            f"unknown dataset source {config.source!r}; known: {', '.join(list_sources())}"
-        )
-    return _SOURCES[config.source](
+    """The dataset ``config`` describes, checked; unknown sources name the known ones."""
+    return get_source(config.source)(
         root=config.root, class_names=config.class_names, **config.options
     )
 
 
+def build_splits(config: DataConfig) -> dict[str, LabelledImages]:
+    """Every split (``train``, ``val``, ``test``, ...) of the dataset ``config`` describes."""
+    source = get_source(config.source)
+    splits = getattr(source, "splits", None)
+    if splits is None:
+        layouts = [n for n, s in sorted(_sources().items()) if hasattr(s, "splits")]
+        raise DataError(
+            f"dataset source {config.source!r} has no splits; expected a source with train and "
+            f"test splits such as {', '.join(layouts[:6])}, ...; fix --data.source"
+        )
+    return splits(root=config.root, class_names=config.class_names, **config.options)
+
+
+def validate_source(config: DataConfig) -> DataReport:
+    """What is wrong with the folder ``config`` describes, and its images per class and split.
+
+    Sources without a ``validate`` are built; the error they raise becomes the report's problem.
+    """
+    source = get_source(config.source)
+    validate = getattr(source, "validate", None)
+    if validate is not None:
+        return validate(root=config.root, class_names=config.class_names, **config.options)
+    report = DataReport(config.source, Path(config.root or "."))
+    try:
+        dataset = build_dataset(config)
+    except DataError as err:
+        report.add("", str(err), "", "")
+        return report
+    report.classes = list(getattr(dataset, "classes", dataset.class_names))
+    report.class_names = list(dataset.class_names)
+    counts = Counter(dataset.targets)
+    report.counts["all"] = [counts[c] for c in range(len(dataset.class_names))]
+    return report
+
+
 @register_source("folder")
 def _image_folder(root: str | None, class_names: str | None = None) -> LabelledImages:
+    """root/<class>/<image>: one sub-folder of images per class."""
     from cdfsl.data.folder import ImageFolder
 
     if root is None:
