@@ -1,0 +1,222 @@
+"""RAIL adapters against direct float64 solves, and the fusion rule on hand-computed cases.
+
+Measured on these problems (float64 direct solve as reference, relative Frobenius error of W):
+float64 recursive primal ~1e-12 (H=256), float32 recursive primal ~1e-3 (H=256, condition
+number of Phi^T Phi + lambda I ~3e4); the tolerances below leave a margin over those figures.
+"""
+
+import itertools
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from cdfsl.errors import CdfslError
+from cdfsl.methods.rail import DualAdapter, PrimalAdapter, fuse, rbf_kernel
+
+D, C, H = 24, 9, 256
+
+
+def _problem(n: int = 240, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm float64 features around C class centres, and their labels."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(C, D, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, C, (n,), generator=g)
+    noise = 0.6 * torch.randn(n, D, generator=g, dtype=torch.float64) / D**0.5
+    return F.normalize(centres[labels] + noise, dim=1), labels
+
+
+def _ridge(phi: torch.Tensor, labels: torch.Tensor, num_classes: int, reg: float) -> torch.Tensor:
+    """The joint ridge solution (Phi^T Phi + reg I)^-1 Phi^T Y, solved directly in float64."""
+    gram = phi.T @ phi + reg * torch.eye(phi.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(gram, phi.T @ F.one_hot(labels, num_classes).double())
+
+
+def _feed(adapter, x, y, cuts, num_classes_at):
+    """Update block by block: rows cuts[i]:cuts[i+1], label space as num_classes_at says."""
+    for lo, hi in itertools.pairwise(cuts):
+        adapter.update(x[lo:hi], y[lo:hi], num_classes_at(y[:hi]))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+# -- primal ----------------------------------------------------------------------------------
+def test_hidden_layer_is_relu_of_a_seeded_gaussian_projection():
+    a, b = PrimalAdapter(D, H, seed=3), PrimalAdapter(D, H, seed=3)
+    x, _ = _problem(5)
+    assert a.projection.shape == (D, H) and torch.equal(a.projection, b.projection)
+    assert not torch.equal(a.projection, PrimalAdapter(D, H, seed=4).projection)
+    assert torch.equal(a.hidden_features(x), torch.clamp(x @ a.projection, min=0))
+    # float32 and float64 adapters of one seed share the same random layer
+    f32 = PrimalAdapter(D, H, seed=3, dtype="float32")
+    assert torch.equal(f32.projection.double(), a.projection)
+
+
+@pytest.mark.parametrize(
+    ("order", "cuts", "block_size"),
+    [
+        ("as-is", [0, 240], 1024),  # one call, one block
+        ("as-is", [0, 40, 41, 130, 240], 1024),  # uneven calls, a single-row call
+        ("as-is", [0, 240], 7),  # one call streamed in blocks of 7
+        ("reversed", [0, 100, 240], 33),
+        ("shuffled", [0, 60, 120, 180, 240], 16),
+    ],
+)
+def test_recursive_primal_equals_joint_ridge(order, cuts, block_size):
+    x, y = _problem()
+    perm = {
+        "as-is": torch.arange(240),
+        "reversed": torch.arange(239, -1, -1),
+        "shuffled": torch.randperm(240, generator=torch.Generator().manual_seed(1)),
+    }[order]
+    x, y = x[perm], y[perm]
+    adapter = PrimalAdapter(D, H, reg=0.1, seed=0, block_size=block_size)
+    # The label space grows as classes appear, so W is padded between updates.
+    _feed(adapter, x, y, cuts, lambda seen: int(seen.max()) + 1)
+    phi = torch.relu(x @ adapter.projection)
+    joint = _ridge(phi, y, C, 0.1)
+    assert adapter.num_classes == C
+    assert _rel(adapter.weights, joint) < 1e-9
+    gram = phi.T @ phi + 0.1 * torch.eye(H, dtype=torch.float64)
+    assert _rel(adapter.inverse, torch.linalg.inv(gram)) < 1e-9
+    assert torch.allclose(adapter.scores(x), phi @ joint, atol=1e-9)
+
+
+def test_primal_pads_classes_learned_later_and_matches_joint_solution_at_each_step():
+    x, y = _problem()
+    first = y < 4  # step 1 knows classes 0..3 only, step 2 brings 4..8
+    adapter = PrimalAdapter(D, H, seed=0, block_size=50)
+    adapter.update(x[first], y[first], 4)
+    phi = torch.relu(x @ adapter.projection)
+    assert _rel(adapter.weights, _ridge(phi[first], y[first], 4, 0.1)) < 1e-9
+    adapter.update(x[~first], y[~first], C)
+    # Rows of step 1 carry zero targets for classes 4..8: the joint problem over all rows.
+    x_all, y_all = torch.cat([x[first], x[~first]]), torch.cat([y[first], y[~first]])
+    phi_all = torch.relu(x_all @ adapter.projection)
+    assert _rel(adapter.weights, _ridge(phi_all, y_all, C, 0.1)) < 1e-9
+
+
+def test_float32_primal_holds_the_identity_to_the_stated_tolerance():
+    x, y = _problem(600)
+    a32 = PrimalAdapter(D, H, seed=0, dtype=torch.float32, block_size=100)
+    a32.update(x.float(), y, C)
+    phi = torch.relu(x @ a32.projection.double())
+    joint = _ridge(phi, y, C, 0.1)
+    assert a32.weights.dtype == torch.float32
+    assert _rel(a32.weights, joint) < 5e-3  # measured ~1e-3 (see module docstring)
+    scores = a32.scores(x.float()).double()
+    assert (scores - phi @ joint).abs().max() < 2e-3
+    assert torch.equal(scores.argmax(1), (phi @ joint).argmax(1))
+
+
+def test_primal_state_dict_continues_exactly():
+    x, y = _problem()
+    a = PrimalAdapter(D, 64, seed=2, block_size=40)
+    a.update(x[:100], y[:100], C)
+    b = PrimalAdapter.from_state_dict(a.state_dict())
+    a.update(x[100:], y[100:], C)
+    b.update(x[100:], y[100:], C)
+    assert torch.equal(a.weights, b.weights) and torch.equal(a.inverse, b.inverse)
+    assert a.state_bytes() == (D * 64 + 64 * 64 + 64 * C) * 8
+
+
+def test_primal_errors_name_the_input():
+    x, y = _problem(10)
+    adapter = PrimalAdapter(D, 16)
+    with pytest.raises(CdfslError, match=r"features of shape \(10, 23\)"):
+        adapter.update(x[:, :-1], y, C)
+    with pytest.raises(CdfslError, match="labels in"):
+        adapter.update(x, y, 2)
+    adapter.update(x, y, C)
+    with pytest.raises(CdfslError, match="num_classes=3: expected >= 9"):
+        adapter.update(x, y % 3, 3)
+    with pytest.raises(CdfslError, match="reg"):
+        PrimalAdapter(D, 16, reg=0.0)
+
+
+# -- dual ------------------------------------------------------------------------------------
+def _fresh_kernel_solve(x, y, num_classes, gamma, reg):
+    """alpha and (K + reg I)^-1 from scratch, the kernel from torch.cdist."""
+    kernel = torch.exp(-gamma * torch.cdist(x, x) ** 2)
+    a = kernel + reg * torch.eye(len(x), dtype=torch.float64)
+    return torch.linalg.solve(a, F.one_hot(y, num_classes).double()), torch.linalg.inv(a)
+
+
+def test_rbf_kernel_matches_its_definition():
+    x, _ = _problem(7)
+    z, _ = _problem(5, seed=1)
+    expected = torch.exp(-0.3 * ((x[:, None, :] - z[None, :, :]) ** 2).sum(-1))
+    assert torch.allclose(rbf_kernel(x, z, 0.3), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("cuts", "block_size"),
+    [([0, 240], 1024), ([0, 240], 1), ([0, 17, 18, 150, 240], 1024), ([0, 90, 240], 25)],
+)
+def test_incremental_dual_equals_fresh_kernel_solve(cuts, block_size):
+    x, y = _problem()
+    adapter = DualAdapter(gamma=0.1, reg=1e-3, block_size=block_size)
+    _feed(adapter, x, y, cuts, lambda seen: int(seen.max()) + 1)
+    alpha, inverse = _fresh_kernel_solve(x, y, C, 0.1, 1e-3)
+    assert adapter.num_stored == 240 and torch.equal(adapter.memory, x)
+    assert _rel(adapter.inverse, inverse) < 1e-8
+    assert _rel(adapter.alpha, alpha) < 1e-8
+    queries, _ = _problem(30, seed=5)
+    expected = torch.exp(-0.1 * torch.cdist(queries, x) ** 2) @ alpha
+    assert torch.allclose(adapter.scores(queries), expected, atol=1e-8 * expected.abs().max())
+
+
+def test_dual_growing_label_space_and_state_round_trip():
+    x, y = _problem()
+    first = y < 5
+    adapter = DualAdapter(gamma=0.5, reg=1e-2, block_size=64)
+    assert adapter.scores(x[:3]).shape == (3, 0)
+    adapter.update(x[first], y[first], 5)
+    copy = DualAdapter.from_state_dict(adapter.state_dict())
+    for a in (adapter, copy):
+        a.update(x[~first], y[~first], C)
+    order = torch.cat([x[first], x[~first]]), torch.cat([y[first], y[~first]])
+    alpha, _ = _fresh_kernel_solve(*order, C, 0.5, 1e-2)
+    assert _rel(adapter.alpha, alpha) < 1e-8
+    assert torch.equal(adapter.alpha, copy.alpha) and torch.equal(adapter.inverse, copy.inverse)
+    n = adapter.num_stored
+    assert adapter.state_bytes() == (n * D + n * n + n * C) * 8
+
+
+# -- fusion ----------------------------------------------------------------------------------
+def test_fuse_mixes_adapter_scores_when_zero_shot_picks_a_seen_class():
+    p = torch.tensor([[0.6, 0.3, 0.1]])
+    seen = torch.tensor([True, False, False])
+    scores = torch.tensor([[0.1, 0.9, 0.9]])  # unseen columns are ignored
+    # 0.2·p + 0.8·[0.1, 0, 0]
+    assert torch.allclose(fuse(p, scores, seen, beta=0.8), torch.tensor([[0.2, 0.06, 0.02]]))
+
+
+def test_fuse_keeps_zero_shot_when_it_picks_an_unseen_class():
+    p = torch.tensor([[0.2, 0.7, 0.1]])
+    seen = torch.tensor([True, False, False])
+    assert torch.equal(fuse(p, torch.tensor([[9.0, 0.0, 0.0]]), seen), p)
+
+
+def test_fuse_can_move_the_prediction_between_seen_classes_only():
+    p = torch.tensor([[0.5, 0.4, 0.1], [0.1, 0.1, 0.8]])
+    seen = torch.tensor([True, True, False])
+    scores = torch.tensor([[0.0, 1.0, 5.0], [1.0, 0.0, 0.0]])
+    fused = fuse(p, scores, seen, beta=0.8)
+    assert torch.allclose(fused[0], torch.tensor([0.1, 0.88, 0.02]))
+    assert torch.equal(fused[1], p[1])  # row 2 takes its argmax (class 2) as unseen
+    assert fused.argmax(1).tolist() == [1, 2]
+    assert torch.equal(fuse(p, scores, seen, beta=0.0), p)
+    assert torch.allclose(fuse(p, scores, seen, beta=1.0)[0], torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_fuse_errors_name_the_input():
+    p = torch.full((2, 3), 1 / 3)
+    with pytest.raises(CdfslError, match="pad adapter scores"):
+        fuse(p, torch.zeros(2, 2), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(CdfslError, match="seen_class_mask"):
+        fuse(p, torch.zeros(2, 3), torch.ones(2, dtype=torch.bool))
+    with pytest.raises(CdfslError, match="beta"):
+        fuse(p, torch.zeros(2, 3), torch.ones(3, dtype=torch.bool), beta=1.5)
