@@ -115,10 +115,13 @@ class XTailConfig:
 
     ``shots``: training images per class drawn from each train split (seeded by ``seed`` and
     the domain's position); None uses the whole split. ``beta``: RAIL-Fusion's adapter weight.
+    ``data_root``: the ``root`` of every split given by a registered source without one (the
+    folder that holds all the datasets).
     ``device``: "auto" (CUDA when present), "cpu" or "cuda" for features and adapters.
     """
 
     domains: list[DomainConfig] = field(default_factory=list)
+    data_root: str | None = None
     backbone: str = "micro-clip"
     pretrained: str | None = "default"
     template: str = "a photo of a {}."
@@ -227,8 +230,11 @@ def plot_matrices(matrices: Mapping[str, Sequence[Sequence[float]]], domains: Se
 
 
 # -- data ------------------------------------------------------------------------------------
-def build_split(spec: Mapping[str, Any]) -> LabelledImages:
-    """A dataset split from a recipe mapping: ``class_path`` + ``init_args``, or a DataConfig."""
+def build_split(spec: Mapping[str, Any], data_root: str | None = None) -> LabelledImages:
+    """A dataset split from a recipe mapping: ``class_path`` + ``init_args``, or a DataConfig.
+
+    ``data_root`` stands in for the ``root`` of a DataConfig mapping that has none.
+    """
     spec = dict(spec)
     if "class_path" in spec:
         path = str(spec.pop("class_path"))
@@ -253,7 +259,10 @@ def build_split(spec: Mapping[str, Any]) -> LabelledImages:
             f"split keys {sorted(set(spec) - allowed)} unknown: expected {sorted(allowed)} of a "
             "registered source, or class_path + init_args"
         )
-    return build_dataset(DataConfig(**spec))
+    data = DataConfig(**spec)
+    if data.root is None:
+        data.root = data_root
+    return build_dataset(data)
 
 
 def few_shot_indices(targets: Sequence[int], shots: int | None, seed: int) -> list[int]:
@@ -565,7 +574,8 @@ class XTailRun:
         self.domains: list[Domain] = []
         offset = 0
         for position, dcfg in enumerate(cfg.domains):
-            full_train, test = build_split(dcfg.train), build_split(dcfg.test)
+            full_train = build_split(dcfg.train, cfg.data_root)
+            test = build_split(dcfg.test, cfg.data_root)
             if list(full_train.class_names) != list(test.class_names):
                 raise CdfslError(
                     f"domain {dcfg.name!r}: train and test splits have different class names; "
