@@ -16,13 +16,27 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").rglob("*.yaml")), ids=str)
-def test_every_recipe_parses_and_takes_overrides(recipe):
-    cfg = build_parser()[0].parse_args(
-        ["eval", "--config", str(recipe), "--way", "3", "--shot", "2", "--steps", "7"]
-    )
-    assert (cfg.eval.way, cfg.eval.shot, cfg.eval.steps) == (3, 2, 7)
-    assert cfg.eval.method.class_path.startswith("cdfsl.methods.")
+# Recipes that are not `cdfsl eval` recipes, by path prefix under recipes/, and their command.
+OTHER_COMMANDS = {"micro/demo": "demo", "rail/": "rail", "rd_mldg/": "reason"}
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def command_of(recipe: Path) -> str:
+    rel = recipe.relative_to(ROOT / "recipes").as_posix()
+    return next((cmd for prefix, cmd in OTHER_COMMANDS.items() if rel.startswith(prefix)), "eval")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_recipe_parses_with_its_command(recipe):
+    command = command_of(recipe)
+    parser, modules = build_parser()
+    if command not in modules:
+        pytest.skip(f"cdfsl {command} is not part of this checkout yet")
+    args = ["--way", "3", "--shot", "2", "--steps", "7"] if command == "eval" else []
+    cfg = parser.parse_args([command, "--config", str(recipe), *args])
+    if command == "eval":
+        assert (cfg.eval.way, cfg.eval.shot, cfg.eval.steps) == (3, 2, 7)
+        assert cfg.eval.method.class_path.startswith("cdfsl.methods.")
 
 
 def test_spec_recipes_carry_the_papers_settings():
