@@ -17,12 +17,17 @@ def configure(parser: ArgumentParser) -> None:
 
 
 def run(cfg: Namespace) -> None:
+    from cdfsl.data.layout import check_episode_supply, prompt_template
     from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, summary_table
 
     protocol = EpisodeProtocol(cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed)
+    # build_dataset has validated the folder; classes too small for the episodes are named
+    # here, before the backbone loads.
     data, dataset = _run_args.dataset(cfg)
+    check_episode_supply(dataset, cfg.way, cfg.shot, cfg.query)
+    cfg.method.init_args.template = prompt_template(cfg.method.init_args.template, dataset)
     method = _run_args.method(cfg)
-    label = Path(data.root).name if data.root else data.source
+    label = Path(data.root).name if data.root and data.source == "folder" else data.source
     evaluator = EpisodicEvaluator(
         method, dataset, protocol, cfg.output, _run_args.fit_config(cfg),
         config={

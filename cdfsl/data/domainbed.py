@@ -139,7 +139,7 @@ class DomainFolders(Layout):
                 entries.extend((f"{domain}/{name}/{image}", label) for image in images)
             splits[domain] = entries
         names = [readable_class_name(c) for c in classes]
-        locations = [f"class folder {c!r} of the domains under {folder}" for c in classes]
+        locations = [str(folder / "*" / c) for c in classes]
         return Listing(folder, classes, names, splits, locations)
 
     def arrange(

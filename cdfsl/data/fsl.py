@@ -223,8 +223,7 @@ class SplitFileLayout(Layout):
             present = set(walk_files(image_root)[0])
             listed = (p for s in SPLITS for p, _ in splits[s])
             report_absent(report, split_path, str(image_root), listed, present)
-        locations = [f"{split_path} class {k!r}" for k in keys]
-        return Listing(image_root, keys, names, splits, locations)
+        return Listing(image_root, keys, names, splits, [str(split_path)] * len(keys))
 
 
 FGVC_DIRS = ("fgvc-aircraft-2013b/data", "fgvc_aircraft")
@@ -282,7 +281,7 @@ class FGVCAircraft(Layout):
             splits[split] = entries
             if present is not None:
                 report_absent(report, path, str(image_root), (p for p, _ in entries), present)
-        locations = [f"{folder}/images_variant_*.txt variant {v!r}" for v in variants]
+        locations = [str(folder / "images_variant_{train,val,test}.txt")] * len(variants)
         return Listing(image_root, variants, list(variants), splits, locations)
 
 
@@ -340,7 +339,7 @@ class ImageNet(Layout):
                 if w in folders
                 for image in walk_files(split_dir / w)[0]
             ]
-        locations = [str(image_root / "train" / w) for w in wnids]
+        locations = [str(image_root / "{train,val}" / w) for w in wnids]
         return Listing(image_root, wnids, names, splits, locations)
 
 

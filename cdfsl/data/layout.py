@@ -248,7 +248,7 @@ class Listing:
     image_root: the folder the image paths are relative to; classes: the layout's class keys
     (folder, CSV column, wnid), class-index order; class_names: readable names, same order;
     splits: split name -> (image path relative to image_root, class index) pairs;
-    locations: where each class's images are listed, for messages.
+    locations: the folder or file that lists each class's images, for messages.
     """
 
     image_root: Path
@@ -547,10 +547,14 @@ def check_episode_supply(
     short = [c for c in range(len(names)) if counts[c] < needed]
     if not short:
         return []
-    described = [f"{_class_location(dataset, c)} ({counts[c]})" for c in short]
-    listed = "; ".join(described[:_SHOWN]) + (
-        f" and {len(short) - _SHOWN} more" if len(short) > _SHOWN else ""
-    )
+    # Classes listed in one file (a CSV, a split file) are named together after it.
+    places: dict[str, list[str]] = {}
+    for c in short:
+        places.setdefault(_class_location(dataset, c), []).append(f"{names[c]!r} ({counts[c]})")
+    groups = list(places.items())
+    listed = "; ".join(f"{shown(classes, quote=False)} in {where}" for where, classes in groups[:2])
+    if len(groups) > 2:
+        listed += f" and {sum(len(classes) for _, classes in groups[2:])} more"
     if len(names) - len(short) < n_way:
         raise DataError(
             f"{n_way}-way {k_shot}-shot episodes with {n_query} queries need {needed} images in "

@@ -2,7 +2,7 @@
 
 Besides ``folder`` (one sub-folder per class), the layouts of ``cdfsl.data.cdfsl_targets``
 (the BSCD-FSL targets), ``cdfsl.data.fsl`` (the eleven CoOp datasets) and
-``cdfsl.data.domainbed`` are registered under their names on first use. A source that is a
+``cdfsl.data.domainbed`` are registered under their names. A source that is a
 ``Layout`` also validates a folder without building (``validate_source``: what
 ``cdfsl data check`` prints) and lists every split (``build_splits``); ``build_dataset`` runs
 the same checks and raises ``DataError`` before any training starts.
@@ -10,23 +10,18 @@ the same checks and raises ``DataError`` before any training starts.
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdfsl.data import cdfsl_targets, domainbed, fsl
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.layout import DataReport
 from cdfsl.errors import DataError
 
 _SOURCES: dict[str, Callable[..., LabelledImages]] = {}
-
-# Modules whose ``LAYOUTS`` are registered on first use: importing them here at start-up would
-# cost every command the time, and they need nothing from this module.
-_LAYOUT_MODULES = ("cdfsl.data.cdfsl_targets", "cdfsl.data.fsl", "cdfsl.data.domainbed")
-_layouts_registered = False
 
 
 def register_source(name: str) -> Callable[[Callable[..., LabelledImages]], Callable]:
@@ -41,29 +36,22 @@ def register_source(name: str) -> Callable[[Callable[..., LabelledImages]], Call
     return add
 
 
-def _sources() -> dict[str, Callable[..., LabelledImages]]:
-    global _layouts_registered
-    if not _layouts_registered:
-        _layouts_registered = True
-        for module in _LAYOUT_MODULES:
-            for layout in importlib.import_module(module).LAYOUTS:
-                register_source(layout.name)(layout)
-    return _SOURCES
+for _layout in (*cdfsl_targets.LAYOUTS, *fsl.LAYOUTS, *domainbed.LAYOUTS):
+    register_source(_layout.name)(_layout)
 
 
 def list_sources() -> list[str]:
-    return sorted(_sources())
+    return sorted(_SOURCES)
 
 
 def get_source(name: str) -> Callable[..., LabelledImages]:
     """The builder (or ``Layout``) registered as ``name``; unknown names list the known ones."""
-    sources = _sources()
-    if name not in sources:
+    if name not in _SOURCES:
         raise DataError(
-            f"unknown dataset source {name!r}; expected one of {', '.join(sorted(sources))}; "
+            f"unknown dataset source {name!r}; expected one of {', '.join(list_sources())}; "
             "fix --data.source (cdfsl data list describes them)"
         )
-    return sources[name]
+    return _SOURCES[name]
 
 
 def describe_source(name: str) -> str:
@@ -104,7 +92,7 @@ def build_splits(config: DataConfig) -> dict[str, LabelledImages]:
     source = get_source(config.source)
     splits = getattr(source, "splits", None)
     if splits is None:
-        layouts = [n for n, s in sorted(_sources().items()) if hasattr(s, "splits")]
+        layouts = [n for n, s in sorted(_SOURCES.items()) if hasattr(s, "splits")]
         raise DataError(
             f"dataset source {config.source!r} has no splits; expected a source with train and "
             f"test splits such as {', '.join(layouts[:6])}, ...; fix --data.source"

@@ -1,5 +1,6 @@
 """Episodic evaluation, resumable result rows and statistics over episodes."""
 
+from cdfsl.evaluation.allway import AllWayEvaluator, AllWayProtocol, allway_table, draw_per_class
 from cdfsl.evaluation.report import summary_table
 from cdfsl.evaluation.runner import (
     EpisodeProtocol,
@@ -13,11 +14,15 @@ from cdfsl.evaluation.stats import EpisodeAccuracy, mean_ci95
 from cdfsl.evaluation.store import ResultStore, write_json_atomic
 
 __all__ = [
+    "AllWayEvaluator",
+    "AllWayProtocol",
     "EpisodeAccuracy",
     "EpisodeProtocol",
     "EpisodicEvaluator",
     "FitConfig",
     "ResultStore",
+    "allway_table",
+    "draw_per_class",
     "episode_seed",
     "fit_episode",
     "mean_ci95",
