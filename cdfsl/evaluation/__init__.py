@@ -12,6 +12,7 @@ from cdfsl.evaluation.runner import (
 )
 from cdfsl.evaluation.stats import EpisodeAccuracy, mean_ci95
 from cdfsl.evaluation.store import ResultStore, write_json_atomic
+from cdfsl.evaluation.xtail import XTailConfig, XTailRun, xtail_metrics
 
 __all__ = [
     "AllWayEvaluator",
@@ -21,6 +22,8 @@ __all__ = [
     "EpisodicEvaluator",
     "FitConfig",
     "ResultStore",
+    "XTailConfig",
+    "XTailRun",
     "allway_table",
     "draw_per_class",
     "episode_seed",
@@ -29,4 +32,5 @@ __all__ = [
     "predict_logits",
     "summary_table",
     "write_json_atomic",
+    "xtail_metrics",
 ]
