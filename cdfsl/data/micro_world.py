@@ -173,6 +173,9 @@ def _cls(name: str, **fixed: str | None) -> ClassSpec:
 
 
 _SOURCE_STREAM_UID = 1000
+_SOURCE_BLOCK_UID = 1006
+SOURCE_BLOCK = 8
+"""Consecutive source-stream items sharing colour and background (see ``SourceCaptions``)."""
 
 _DOMAINS: dict[str, DomainSpec] = {
     spec.name: spec
@@ -337,10 +340,16 @@ def _sample_free_scene(rng: np.random.Generator) -> Scene:
     return Scene(shape, colour, count, size, position, texture, _choice(rng, list(BACKGROUNDS)))
 
 
-def sample_source_scene(rng: np.random.Generator) -> Scene:
-    """A random source scene that shows none of the ``HELD_OUT`` compositions."""
+def sample_source_scene(
+    rng: np.random.Generator, colour: str | None = None, background: str | None = None
+) -> Scene:
+    """A random source scene (optionally of a given colour and background) outside ``HELD_OUT``."""
     while True:
         scene = _sample_free_scene(rng)
+        if colour is not None:
+            scene = replace(scene, colour=colour)
+        if background is not None:
+            scene = replace(scene, background=background)
         if not is_held_out(scene):
             return scene
 
@@ -585,6 +594,7 @@ def render_scene(
     scene: Scene, style: str, rng: np.random.Generator, size: int = IMAGE_SIZE
 ) -> np.ndarray:
     """Draw ``scene`` in ``style``; returns uint8 (size, size, 3)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     img = _background(scene.background, size, rng)
     objects = _layout(scene, rng, grid=style == "aerial")
     cover = _mask(scene.shape, objects, size)[..., None]
@@ -596,9 +606,15 @@ def render_scene(
     contrast = np.float32(0.95 if colour.mean() < 0.5 else 0.08)
     fill = colour * (1 - 0.65 * pattern) + contrast * 0.65 * pattern
     shading = 1.0 + 0.08 * _smooth_noise(rng, size, 3)[..., None]
-    if style == "cartoon":  # near shift: flat posterised colours with dark outlines
-        dilated = Image.fromarray(_to_uint8(cover[..., 0])).filter(ImageFilter.MaxFilter(3))
+    if style == "cartoon":  # near shift: pale posterised fills, thick outlines, leaf blotches
+        for _ in range(int(rng.integers(2, 7))):  # disease-like blotches under the objects
+            bx, by = rng.uniform(0, 1, 2)
+            br = rng.uniform(0.03, 0.07)
+            spot = np.clip((br - np.hypot(xx - bx, yy - by)) * size, 0, 1)[..., None]
+            img = img * (1 - 0.7 * spot) + np.float32((0.62, 0.52, 0.16)) * 0.7 * spot
+        dilated = Image.fromarray(_to_uint8(cover[..., 0])).filter(ImageFilter.MaxFilter(5))
         ring = np.clip(np.asarray(dilated, np.float32)[..., None] / 255.0 - cover, 0, 1)
+        fill = fill + (np.float32(1.0) - fill) * rng.uniform(0.15, 0.35)  # watercolour paleness
         img = img * (1 - cover) + fill * cover
         img = img * (1 - ring) + np.float32(0.05) * ring
         img = np.round(np.clip(img, 0, 1) * 4) / 4  # posterise to 5 levels per channel
@@ -612,7 +628,6 @@ def render_scene(
         a = rng.uniform(0.15, 0.3)
         img = _blur(img * (1 - a) + haze * a, 0.5)
     elif style == "dermoscopy":
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
         hair = Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(hair)
         for _ in range(int(rng.integers(1, 5))):
@@ -715,6 +730,11 @@ class SourceCaptions:
     Item ``i`` is a pure function of ``(seed, i)`` and uses a different seed key from the
     labelled ``source`` domain, so zero-shot evaluation on ``MicroWorld("source")`` sees
     held-out images. ``length`` only bounds indexing; the stream is as long as you ask.
+
+    Items come in blocks of ``SOURCE_BLOCK`` that share colour and background: in a batch of
+    consecutive items, each pair then has same-colour, same-background negatives that only
+    shape, count, position, size and texture tell apart. With i.i.d. items a short run learned
+    colour and background and left shape, count and position at chance.
     """
 
     def __init__(
@@ -731,8 +751,10 @@ class SourceCaptions:
         """Scene, caption and the generator (positioned for rendering) of item ``index``."""
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a stream of length {self.length}")
+        block = np.random.default_rng([_SOURCE_BLOCK_UID, self.seed, index // SOURCE_BLOCK])
+        colour, background = _choice(block, list(COLOURS)), _choice(block, list(BACKGROUNDS))
         rng = np.random.default_rng([_SOURCE_STREAM_UID, self.seed, index])
-        scene = sample_source_scene(rng)
+        scene = sample_source_scene(rng, colour, background)
         return scene, caption_for(scene, rng), rng
 
     def array(self, index: int) -> tuple[np.ndarray, str]:
