@@ -141,3 +141,80 @@ def test_xray_like_domain_carries_no_colour():
         image = world.array(i)
         assert np.array_equal(image[..., 0], image[..., 1])
         assert np.array_equal(image[..., 0], image[..., 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# The micro CLIP
+
+TINY_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 16, "width": 32, "layers": 1,
+                   "head_width": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}  # fmt: skip
+
+
+def test_captions_fit_the_context_and_compact_vocabulary_keeps_eot_last():
+    import open_clip
+    import torch
+
+    from cdfsl.pretrain_micro import MICRO_CLIP_CFG, CompactVocabulary
+
+    context = MICRO_CLIP_CFG["text_cfg"]["context_length"]
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context)
+    stream = SourceCaptions(seed=1)
+    captions = [stream.scene_and_caption(i)[1] for i in range(500)]
+    names = [n for d in list_domains() for n in get_domain(d).class_names]
+    captions += [f"a photo of a {n}." for n in names]
+    assert max(len(tokenizer.encode(c)) for c in captions) + 2 <= context  # never truncated
+    tokens = tokenizer(captions)
+    vocabulary = CompactVocabulary(tokenizer)
+    compact = vocabulary.remap(tokens)
+    assert torch.equal(vocabulary.ids[compact], tokens)
+    assert torch.equal(compact.argmax(dim=1), tokens.argmax(dim=1))  # eot pooling unchanged
+    with pytest.raises(ValueError, match="vocabulary"):
+        vocabulary.remap(tokenizer(["a photo of a zebra."]))
+
+
+def test_contrastive_loss_is_low_when_pairs_align_and_high_when_shuffled():
+    import torch
+    import torch.nn.functional as F
+
+    from cdfsl.pretrain_micro import contrastive_loss
+
+    feats = F.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(100.0)
+    assert contrastive_loss(feats, feats, scale) < 0.05
+    assert contrastive_loss(feats, feats.roll(1, 0), scale) > 1.0
+    uniform = contrastive_loss(feats, feats, torch.tensor(0.0))
+    assert torch.isclose(uniform, torch.log(torch.tensor(6.0)))
+
+
+def test_pretrain_micro_smoke_run_writes_a_loadable_local_dir(tmp_path):
+    import open_clip
+    import torch
+
+    from cdfsl.pretrain_micro import pretrain_micro
+
+    out = tmp_path / "micro"
+    summary = pretrain_micro(
+        out, steps=2, batch_size=8, model_cfg=TINY_CFG, eval_images_per_class=2, num_workers=0
+    )
+    for name in ("open_clip_config.json", "open_clip_model.safetensors", "MODEL_CARD.md",
+                 "zero_shot.json", "loss_curve.csv"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert set(json.loads((out / "zero_shot.json").read_text())["domains"]) == set(list_domains())
+    assert len(summary["zero_shot"]["domains"]) == 5
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    image = preprocess(MicroWorld("source", 1).load(0)).unsqueeze(0)
+    with torch.no_grad():
+        logits, _ = model.get_logits(image, tokenizer(["a photo of a red circle."]))
+    assert logits.shape == (1, 1) and torch.isfinite(logits).all()
+
+
+def test_pretrain_micro_rejects_a_batch_without_negatives(tmp_path):
+    from cdfsl.pretrain_micro import pretrain_micro
+
+    with pytest.raises(CdfslError, match="batch_size"):
+        pretrain_micro(tmp_path, steps=1, batch_size=1)
