@@ -3,7 +3,8 @@
 ==============  ===============================================================================
 source          layout under ``--data.root``
 ==============  ===============================================================================
-eurosat         ``2750/<class>/*.jpg`` (or the class folders directly): the 10 RGB classes
+eurosat         ``2750/<class>/*.jpg`` (or ``EuroSAT_RGB/``, or the class folders directly):
+                the 10 RGB classes
 crop-disease    ``train/<class>/*.jpg`` (or ``dataset/train/``, or the class folders directly):
                 the 38 PlantVillage classes, e.g. ``Apple___Apple_scab``
 isic2018        ``ISIC2018_Task3_Training_Input/ISIC_*.jpg`` and
@@ -280,7 +281,7 @@ LAYOUTS: tuple[Layout, ...] = (
     ClassFolderTarget(
         "eurosat",
         "EuroSAT RGB: 2750/<class>/*.jpg with the 10 land-cover classes",
-        ("2750", "EuroSAT/2750", ""),
+        ("2750", "EuroSAT/2750", "EuroSAT_RGB", ""),  # EuroSAT_RGB: the Zenodo release
         "eurosat.json",
     ),
     ClassFolderTarget(
