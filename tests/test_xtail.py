@@ -139,7 +139,7 @@ def test_rail_on_unseen_domains_is_never_below_zero_shot(full_run):
 
 def test_primal_rail_after_the_sequence_is_the_joint_solution(full_run):
     _, runner, _ = full_run
-    state = torch.load(runner.output / "primal" / "state.pt", weights_only=False)
+    state = torch.load(runner.output / "primal" / "state.pt", weights_only=True)
     learned = PrimalAdapter.from_state_dict(state["state"])
     feats = torch.cat([d.train_feats.features for d in runner.domains])
     labels = torch.cat([d.train_feats.labels + d.offset for d in runner.domains])

@@ -21,6 +21,7 @@ finished step), ``matrix.json`` and ``matrix.png``; then ``summary.json``, ``sum
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import math
@@ -29,13 +30,14 @@ import re
 import resource
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from cdfsl.backbones import Backbone, create_backbone
@@ -303,7 +305,7 @@ class Subset:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def load(self, index: int) -> Any:
+    def load(self, index: int) -> Image.Image:
         return self.dataset.load(self.indices[index])
 
     def sample_id(self, index: int) -> str:
@@ -341,6 +343,16 @@ def _status_kb(field_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc), so a block's new allocations show in RSS.
+
+    Without it, pages freed earlier but still resident are reused silently and the block's
+    peak looks smaller than it is.
+    """
+    with suppress(OSError, AttributeError):  # not glibc: the figure is then a lower bound
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @contextmanager
 def peak_rss() -> Iterator[dict[str, float]]:
     """Peak resident memory (MB) of the process inside the block.
@@ -352,6 +364,7 @@ def peak_rss() -> Iterator[dict[str, float]]:
     """
     out: dict[str, float] = {}
     entry_kb = None
+    _release_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         entry_kb = _status_kb("VmRSS")
@@ -678,7 +691,9 @@ class XTailRun:
         store = ResultStore(folder / "steps.jsonl")
         state_path = folder / "state.pt"
         rows = {row["episode"]: row for row in store.rows()}
-        saved = torch.load(state_path, weights_only=False) if state_path.exists() else None
+        saved = None
+        if state_path.exists() and len(rows) < len(self.domains):  # M may be gigabytes
+            saved = torch.load(state_path, map_location="cpu", weights_only=True)
         if saved is not None and saved["step"] not in rows:
             # Killed between saving the state and appending its row: the row is in the state.
             store.append(saved["row"])

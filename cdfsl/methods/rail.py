@@ -213,7 +213,7 @@ class DualAdapter:
     After any sequence of :meth:`update` calls, ``inverse`` equals ``(K + reg I)^-1`` and
     ``alpha`` equals ``(K + reg I)^-1 Y`` over every stored feature ``memory: (N, D)``;
     ``f(x) = k(x, memory) alpha``. Memory and time grow as N² and N³ (N = 17,600 at 16 shots
-    on the paper's ten domains).
+    on the paper's ten domains); during an update the old and the grown inverse coexist.
 
     Args:
         gamma: the RBF width, ``k(x, x') = exp(-gamma ||x - x'||²)``.
