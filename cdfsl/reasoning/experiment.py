@@ -1,0 +1,560 @@
+"""``cdfsl reason``: RD-MLDG variants over leave-one-domain-out splits, resumable, tabulated.
+
+For each held-out domain (a fold): the training domains' images get teacher chains (validated;
+rejects reported), one model is built, and each variant starts from the same initial weights:
+
+==============  ====================================================  ==================
+variant         training                                              answers with
+==============  ====================================================  ==================
+label-only      label NLL (q_cls -> class name)                       q_cls
+chain-only      length-normalised chain NLL (q_reason -> chain)       q_reason (CONCLUSION)
+mtct            both, 1:1 (:mod:`cdfsl.reasoning.mtct`)               q_reason (CONCLUSION)
+mtct-sarr       the MTCT model, then N SARR rounds (:mod:`.sarr`)     q_reason (CONCLUSION)
+==============  ====================================================  ==================
+
+(``answer`` in the recipe overrides the prompt per variant; models trained on labels are also
+scored with q_cls, reported beside.) Output folder: ``run.json`` (the recipe; checked on
+resume), ``fold-<domain>/`` with ``chain_report.json``, ``teacher_chains.jsonl`` and one folder
+per variant (``adapter.pt``, ``log/metrics.csv``, ``answers-<mode>.jsonl``, ``result.json``
+written last; SARR's rounds under ``mtct-sarr/round-<r>/``), then ``summary.json`` and
+``summary.md``. A rerun skips every variant whose ``result.json`` exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdfsl.data.base import LabelledImages
+from cdfsl.errors import CdfslError
+from cdfsl.evaluation.store import write_json_atomic
+from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
+from cdfsl.reasoning.chains import Chain, ChainReport, import_chains, validate_chains, write_chains
+from cdfsl.reasoning.dg import ANSWER_MODES, DomainResult, average, evaluate_domain, markdown_table
+from cdfsl.reasoning.internvl import DEFAULT_INTERNVL, LoRASettings
+from cdfsl.reasoning.mtct import ReasoningExamples, TrainConfig, train_mtct
+from cdfsl.reasoning.prompts import label_prompt, reason_prompt, teacher_prompt
+from cdfsl.reasoning.sarr import SARRConfig, SARRRunner
+
+log = logging.getLogger(__name__)
+
+VARIANTS: tuple[str, ...] = ("label-only", "chain-only", "mtct", "mtct-sarr")
+VARIANT_TITLES = {
+    "label-only": "Label-only",
+    "chain-only": "Chain-only",
+    "mtct": "MTCT",
+    "mtct-sarr": "MTCT + SARR",
+}
+DEFAULT_ANSWERS = {
+    "label-only": "label",
+    "chain-only": "reason",
+    "mtct": "reason",
+    "mtct-sarr": "reason",
+}
+_WEIGHTS = {"label-only": (1.0, 0.0), "chain-only": (0.0, 1.0)}  # (label, chain) overrides
+MICRO_DOMAINS = ["photo", "cartoon", "dermoscopy", "xray"]
+
+
+@dataclass
+class ModelConfig:
+    """The MLLM. ``kind``: "micro" (:class:`~cdfsl.reasoning.micro_mllm.MicroMLLM`; keys
+    vision..dropout) or "internvl" (:class:`~cdfsl.reasoning.internvl.InternVLReasoner`; keys
+    path..gradient_checkpointing)."""
+
+    kind: str = "micro"
+    vision: str = "micro-clip"
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    image_grid: int = 4
+    max_length: int = 160
+    dropout: float = 0.1
+    path: str = DEFAULT_INTERNVL
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    cache_dir: str | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DGDataConfig:
+    """The multi-domain dataset. ``kind``: "micro" (the micro world's shapes in several styles,
+    :mod:`cdfsl.reasoning.micro_dg`) or "domainbed" (``dataset`` under ``root``, read by
+    :func:`cdfsl.data.domainbed.leave_one_domain_out`). ``domains``: None for all (micro: photo,
+    cartoon, dermoscopy, xray)."""
+
+    kind: str = "micro"
+    domains: list[str] | None = None
+    train_images_per_class: int = 20
+    test_images_per_class: int = 30
+    seed: int = 0
+    dataset: str = "pacs"
+    root: str | None = None
+
+
+@dataclass
+class TeacherConfig:
+    """Where teacher chains come from: "template" (micro world only: written from each image's
+    scene), "file" (a JSONL file from any teacher, ``path``; ``source`` names it) or "none"."""
+
+    kind: str = "template"
+    path: str | None = None
+    source: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class GenerationConfig:
+    """Greedy decoding limits for answers and SARR chains."""
+
+    max_new_tokens: int = 128
+    batch_size: int = 64
+
+
+@dataclass
+class ReasonConfig:
+    """A ``cdfsl reason`` run (module docstring). ``held_out``: the folds (None: every domain).
+    ``answer``: variant -> "label" or "reason", overriding the defaults."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DGDataConfig = field(default_factory=DGDataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sarr: SARRConfig = field(default_factory=SARRConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    answer: dict[str, str] = field(default_factory=dict)
+    held_out: list[str] | None = None
+    output: str = "runs/rd_mldg/micro"
+    threads: int | None = None
+
+
+@dataclass
+class Fold:
+    """One leave-one-domain-out split: training images (every other domain) and the test domain.
+
+    ``known``: image id -> class of every image of the dataset, held-out domain included, so
+    that chains for held-out images are told apart from chains for unknown ids.
+    """
+
+    domain: str
+    train: LabelledImages
+    test: LabelledImages
+    known: dict[str, int]
+
+
+# -- dataset -----------------------------------------------------------------------------------
+def dataset_domains(data: DGDataConfig) -> list[str]:
+    """The domains of the dataset of ``data``."""
+    if data.kind == "micro":
+        from cdfsl.reasoning.micro_dg import list_dg_domains
+
+        domains = data.domains or list(MICRO_DOMAINS)
+        unknown = [d for d in domains if d not in list_dg_domains()]
+        if unknown:
+            raise CdfslError(
+                f"micro DG domains {unknown} are unknown; expected some of {list_dg_domains()}"
+            )
+        return list(domains)
+    if data.kind == "domainbed":
+        from cdfsl.data.domainbed import DOMAINBED_DATASETS
+
+        if data.domains:
+            return list(data.domains)
+        for d in DOMAINBED_DATASETS:
+            if d.name == data.dataset:
+                return list(d.domains)
+        raise CdfslError(
+            f"DomainBed dataset {data.dataset!r} has no known domain list; expected one of "
+            f"{', '.join(d.name for d in DOMAINBED_DATASETS)}, or set data.domains"
+        )
+    raise CdfslError(f"data.kind={data.kind!r}; expected 'micro' or 'domainbed'")
+
+
+def _ids(images: LabelledImages) -> dict[str, int]:
+    return {images.sample_id(i): t for i, t in enumerate(images.targets)}
+
+
+def build_fold(data: DGDataConfig, domain: str) -> Fold:
+    """The leave-``domain``-out split of ``data``."""
+    domains = dataset_domains(data)
+    if data.kind == "micro":
+        from cdfsl.reasoning.micro_dg import micro_dg_split
+
+        train, test = micro_dg_split(
+            domains, domain, data.train_images_per_class, data.test_images_per_class, data.seed
+        )
+        return Fold(domain, train, test, {**_ids(train), **_ids(test)})
+    from cdfsl.data.domainbed import leave_one_domain_out
+
+    if data.root is None:
+        raise CdfslError(
+            "data.root is not set; pass the DomainBed data root (the folder holding "
+            f"the {data.dataset} folder) as --data.root"
+        )
+    split = leave_one_domain_out(data.root, domain, data.dataset)
+    known: dict[str, int] = {}
+    for images in split.domains.values():
+        known.update(_ids(images))
+    return Fold(domain, split.train, split.test, {**known, **_ids(split.test)})
+
+
+# -- teacher chains ----------------------------------------------------------------------------
+def teacher_chains(config: TeacherConfig, fold: Fold) -> tuple[ChainReport, dict[str, Chain]]:
+    """Validate the teacher's chains against every image of the dataset; return the report and
+    the kept chains of the fold's training images, by image id."""
+    class_names = fold.train.class_names
+    if config.kind == "none":
+        return ChainReport(), {}
+    if config.kind == "template":
+        from cdfsl.reasoning.micro_dg import ConcatImages, TemplateTeacher
+
+        if not isinstance(fold.train, ConcatImages):
+            raise CdfslError(
+                "teacher.kind=template writes chains from the micro world's scenes; for other "
+                "data use teacher.kind=file with a chain file from an external teacher"
+            )
+        chains = TemplateTeacher(config.seed).chains(fold.train)
+        report = validate_chains(chains, fold.known, class_names)
+    elif config.kind == "file":
+        if config.path is None:
+            raise CdfslError("teacher.kind=file needs teacher.path, the JSONL chain file")
+        report = import_chains(config.path, fold.known, class_names, config.source)
+    else:
+        raise CdfslError(f"teacher.kind={config.kind!r}; expected 'template', 'file' or 'none'")
+    train_ids = set(_ids(fold.train))
+    return report, {c.image_id: c for c in report.kept if c.image_id in train_ids}
+
+
+def teacher_requests(images: LabelledImages) -> list[dict[str, Any]]:
+    """One request per image for an external teacher: id, class and the teacher prompt."""
+    names = images.class_names
+    return [
+        {
+            "image_id": images.sample_id(i),
+            "class_name": names[t],
+            "prompt": teacher_prompt(names[t], names),
+        }
+        for i, t in enumerate(images.targets)
+    ]
+
+
+# -- the run -----------------------------------------------------------------------------------
+class ReasonRun:
+    """Runs :class:`ReasonConfig` (module docstring)."""
+
+    def __init__(self, config: ReasonConfig) -> None:
+        self.config = config
+        self.output = Path(config.output)
+        unknown = [v for v in config.variants if v not in VARIANTS]
+        if unknown or not config.variants:
+            raise CdfslError(f"variants {config.variants}; expected some of {list(VARIANTS)}")
+        for variant, mode in config.answer.items():
+            if variant not in VARIANTS or mode not in ANSWER_MODES:
+                raise CdfslError(
+                    f"answer {variant}: {mode}; expected a variant of {list(VARIANTS)} and a "
+                    f"mode of {list(ANSWER_MODES)}"
+                )
+        if config.teacher.kind == "none" and set(config.variants) - {"label-only"}:
+            raise CdfslError(
+                "teacher.kind=none gives no chains, so only the label-only variant can run; "
+                "set variants: [label-only] or give a teacher"
+            )
+        self.domains = dataset_domains(config.data)
+        self.held_out = list(config.held_out or self.domains)
+        missing = [d for d in self.held_out if d not in self.domains]
+        if missing:
+            raise CdfslError(f"held_out domains {missing} are not among {self.domains}")
+        self._vision: tuple[Any, Any] | None = None
+        self._internvl: GenerativeVLM | None = None
+
+    def answer_mode(self, variant: str) -> str:
+        return self.config.answer.get(variant, DEFAULT_ANSWERS[variant])
+
+    # -- model ---------------------------------------------------------------------------------
+    def build_model(self, texts: Sequence[str]) -> GenerativeVLM:
+        """A fresh model; the micro MLLM's vocabulary comes from ``texts`` (prompts, class
+        names, chains of the fold)."""
+        m = self.config.model
+        seed = self.config.train.seed
+        if m.kind == "micro":
+            from cdfsl.reasoning.micro_mllm import (
+                MicroMLLM,
+                MicroMLLMConfig,
+                WordVocabulary,
+                load_vision_tower,
+            )
+
+            if self._vision is None:
+                self._vision = load_vision_tower(m.vision)
+            micro = MicroMLLMConfig(
+                m.vision, m.width, m.layers, m.heads, 4.0, m.image_grid, m.max_length, m.dropout
+            )
+            vocabulary = WordVocabulary.from_texts(texts)
+            return MicroMLLM(micro, vocabulary, *self._vision, seed=seed)
+        if m.kind == "internvl":
+            from cdfsl.reasoning.internvl import InternVLReasoner
+
+            if self._internvl is None:
+                self._internvl = InternVLReasoner.from_pretrained(
+                    m.path, m.lora, m.dtype, m.device, m.cache_dir, seed
+                )
+                if m.gradient_checkpointing:
+                    self._internvl.model.gradient_checkpointing_enable()
+            return self._internvl
+        raise CdfslError(f"model.kind={m.kind!r}; expected 'micro' or 'internvl'")
+
+    # -- driving -------------------------------------------------------------------------------
+    def check_output(self) -> None:
+        """Write ``run.json``, or check that an existing one holds the same recipe."""
+        recipe = json.loads(json.dumps(asdict(self.config)))
+        for key in ("output", "threads"):
+            recipe.pop(key, None)
+        recipe["train"].pop("progress", None)
+        path = self.output / "run.json"
+        if path.is_file():
+            if json.loads(path.read_text()) != recipe:
+                raise CdfslError(
+                    f"{self.output} holds a run of a different recipe (see {path}); pass "
+                    "--output to a new folder, or delete it to start over"
+                )
+        else:
+            write_json_atomic(path, recipe)
+
+    def run(self) -> dict[str, Any]:
+        """Every fold and variant (skipping finished ones); returns the summary."""
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.check_output()
+        start = time.perf_counter()
+        results: dict[str, dict[str, dict[str, Any]]] = {v: {} for v in self.config.variants}
+        for domain in self.held_out:
+            for variant, result in self.run_fold(domain).items():
+                results[variant][domain] = result
+        summary = self.summarise(results, time.perf_counter() - start)
+        write_json_atomic(self.output / "summary.json", summary)
+        (self.output / "summary.md").write_text(self.report(summary) + "\n")
+        return summary
+
+    def run_fold(self, domain: str) -> dict[str, dict[str, Any]]:
+        """All variants on the fold that holds ``domain`` out."""
+        folder = self.output / f"fold-{domain}"
+        done = {v: folder / v / "result.json" for v in self.config.variants}
+        if all(p.is_file() for p in done.values()):
+            return {v: json.loads(p.read_text()) for v, p in done.items()}
+        fold = build_fold(self.config.data, domain)
+        report, chains = teacher_chains(self.config.teacher, fold)
+        write_json_atomic(folder / "chain_report.json", report.summary())
+        write_chains(folder / "teacher_chains.jsonl", chains.values())
+        print(f"[held out: {domain}] teacher {report.format()}")
+        if not chains and set(self.config.variants) - {"label-only"}:
+            raise CdfslError(
+                f"no valid teacher chain for the training images of fold {domain!r} (see "
+                f"{folder / 'chain_report.json'}); fix the chain file or run variants: [label-only]"
+            )
+        train_ids = [fold.train.sample_id(i) for i in range(len(fold.train))]
+        without = sum(i not in chains for i in train_ids)
+        if without:
+            print(f"  {without} of {len(train_ids)} training images have no chain: label loss only")
+        texts = [label_prompt(), reason_prompt(), *fold.train.class_names]
+        texts += [c.chain for c in chains.values()]
+        model = self.build_model(texts)
+        t0 = time.perf_counter()
+        train_inputs = ImageInputs(model, fold.train)
+        test_inputs = ImageInputs(model, fold.test)
+        inputs_s = time.perf_counter() - t0
+        context = _FoldContext(fold, chains, train_ids, train_inputs, test_inputs, inputs_s)
+        results = {}
+        for variant in self.config.variants:
+            if done[variant].is_file():
+                results[variant] = json.loads(done[variant].read_text())
+                continue
+            results[variant] = self.run_variant(model, context, variant, folder / variant)
+        return results
+
+    def _examples(self, ctx: _FoldContext) -> ReasoningExamples:
+        texts = [ctx.chains[i].chain if i in ctx.chains else None for i in ctx.train_ids]
+        return ReasoningExamples(
+            ctx.train_inputs, ctx.fold.train.targets, ctx.fold.train.class_names, texts
+        )
+
+    def _train_config(self, variant: str) -> TrainConfig:
+        label, chain = _WEIGHTS.get(
+            variant, (self.config.train.label_weight, self.config.train.chain_weight)
+        )
+        return TrainConfig(
+            **{**asdict(self.config.train), "label_weight": label, "chain_weight": chain}
+        )
+
+    def evaluate(self, model: GenerativeVLM, ctx: _FoldContext, mode: str) -> DomainResult:
+        test = ctx.fold.test
+        ids = [test.sample_id(i) for i in range(len(test))]
+        g = self.config.generation
+        return evaluate_domain(
+            model, ctx.fold.domain, ctx.test_inputs, test.targets, test.class_names, ids, mode,
+            g.max_new_tokens, g.batch_size,
+        )  # fmt: skip
+
+    def run_variant(
+        self, model: GenerativeVLM, ctx: _FoldContext, variant: str, folder: Path
+    ) -> dict[str, Any]:
+        """Train one variant from the initial weights, score it, write ``result.json``."""
+        start = time.perf_counter()
+        model.reset_trainable(self.config.train.seed)
+        config = self._train_config(variant)
+        rounds: list[dict[str, Any]] = []
+        mode = self.answer_mode(variant)
+        if variant == "mtct-sarr":
+            training = self._mtct_start(model, ctx, folder)
+            runner = SARRRunner(
+                model, ctx.train_inputs, ctx.train_ids, ctx.fold.train.targets,
+                ctx.fold.train.class_names, ctx.chains, config, folder, self.config.sarr,
+                evaluate=lambda m: self.evaluate(m, ctx, mode).summary(),
+                max_new_tokens=self.config.generation.max_new_tokens,
+                generate_batch_size=self.config.generation.batch_size,
+            )  # fmt: skip
+            rounds = runner.run()
+        else:
+            training = train_mtct(model, self._examples(ctx), config, folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(model.trainable_state_dict(), folder / "adapter.pt")
+        result: dict[str, Any] = {
+            "variant": variant,
+            "domain": ctx.fold.domain,
+            "answer": mode,
+            "train": training,
+            "sarr_rounds": rounds,
+        }
+        modes = [mode]
+        if config.label_weight and mode != "label":
+            modes.append("label")  # also scored with q_cls, reported beside
+        for m in modes:
+            scored = self.evaluate(model, ctx, m)
+            _write_rows(folder / f"answers-{m}.jsonl", scored.rows)
+            result["held_out" if m == mode else "held_out_label"] = scored.summary()
+            if scored.unparsable:
+                log.warning(
+                    "%s on %s (%s): %d of %d answers unparsable (counted wrong; see %s)",
+                    variant, ctx.fold.domain, m, scored.unparsable, scored.n,
+                    folder / f"answers-{m}.jsonl",
+                )  # fmt: skip
+        result["wall_s"] = time.perf_counter() - start
+        write_json_atomic(folder / "result.json", result)
+        held = result["held_out"]
+        print(
+            f"  {VARIANT_TITLES[variant]}: held-out {ctx.fold.domain} "
+            f"{100 * held['accuracy']:.1f} ± {100 * held['ci95']:.1f} ({mode}, "
+            f"{held['unparsable']} unparsable), {result['wall_s']:.0f} s"
+        )
+        return result
+
+    def _mtct_start(self, model: GenerativeVLM, ctx: _FoldContext, folder: Path) -> dict[str, Any]:
+        """Put ``model`` in its MTCT state: the mtct variant's weights if trained, else train."""
+        mtct_dir = folder.parent / "mtct"
+        for candidate in (mtct_dir, folder / "round-0"):
+            if (candidate / "adapter.pt").is_file() and (
+                candidate != mtct_dir or (mtct_dir / "result.json").is_file()
+            ):
+                model.load_trainable_state_dict(
+                    torch.load(candidate / "adapter.pt", weights_only=True)
+                )
+                return {"from": str(candidate)}
+        training = train_mtct(
+            model, self._examples(ctx), self._train_config("mtct"), folder / "round-0"
+        )
+        (folder / "round-0").mkdir(parents=True, exist_ok=True)
+        torch.save(model.trainable_state_dict(), folder / "round-0" / "adapter.pt")
+        return training
+
+    # -- reporting -----------------------------------------------------------------------------
+    def summarise(
+        self, results: dict[str, dict[str, dict[str, Any]]], wall_s: float
+    ) -> dict[str, Any]:
+        table = {v: {d: r["held_out"] for d, r in per.items()} for v, per in results.items()}
+        label_table = {
+            v: {d: r["held_out_label"] for d, r in per.items() if "held_out_label" in r}
+            for v, per in results.items()
+        }
+        rounds = {
+            d: r["sarr_rounds"] for d, r in results.get("mtct-sarr", {}).items() if r["sarr_rounds"]
+        }
+        return {
+            "domains": self.held_out,
+            "answers": {v: self.answer_mode(v) for v in self.config.variants},
+            "held_out": table,
+            "average": {
+                v: average(list(per.values()))
+                for v, per in table.items()
+                if len(per) == len(self.held_out)
+            },
+            "held_out_label_prompt": {v: t for v, t in label_table.items() if t},
+            "sarr_rounds": rounds,
+            "train_wall_s": {
+                v: sum(r["wall_s"] for r in per.values()) for v, per in results.items()
+            },
+            "this_invocation_wall_s": wall_s,
+            "ci": "95% normal (Wald) interval over per-image correctness, mean_ci95; average: "
+            "sqrt(sum h^2)/K",
+        }
+
+    def report(self, summary: dict[str, Any]) -> str:
+        """The markdown summary: the main table, q_cls answers of label-trained models, SARR."""
+        domains = summary["domains"]
+        titled = {VARIANT_TITLES[v]: t for v, t in summary["held_out"].items()}
+        notes = {
+            VARIANT_TITLES[v]: ("q_cls" if m == "label" else "q_reason → CONCLUSION")
+            for v, m in summary["answers"].items()
+        }
+        lines = [
+            f"Held-out accuracy (%, ± 95% CI over images), leave-one-domain-out, "
+            f"{len(domains)} folds",
+            "",
+            markdown_table(titled, domains, notes),
+        ]
+        extra = {
+            VARIANT_TITLES[v]: t
+            for v, t in summary["held_out_label_prompt"].items()
+            if summary["answers"][v] != "label"
+        }
+        if extra:
+            lines += ["", "The same models answering q_cls:", "", markdown_table(extra, domains)]
+        if summary["sarr_rounds"]:
+            lines += ["", "SARR per round (acceptance of own chains; held-out accuracy):", ""]
+            lines += ["| held out | round | accepted | held-out acc. |", "|---|---|---|---|"]
+            for d, rounds in summary["sarr_rounds"].items():
+                for r in rounds:
+                    acc = r.get("held_out", {}).get("accuracy", float("nan"))
+                    lines.append(
+                        f"| {d} | {r['round']} | {100 * r['acceptance_rate']:.1f}% "
+                        f"({r['accepted']}/{r['generated']}) | {100 * acc:.1f} |"
+                    )
+        walls = ", ".join(
+            f"{VARIANT_TITLES[v]} {s / 60:.1f} min" for v, s in summary["train_wall_s"].items()
+        )
+        lines += ["", f"Wall time (training + scoring, all folds): {walls}."]
+        return "\n".join(lines)
+
+
+@dataclass
+class _FoldContext:
+    fold: Fold
+    chains: dict[str, Chain]
+    train_ids: list[str]
+    train_inputs: ImageInputs
+    test_inputs: ImageInputs
+    inputs_s: float
+
+
+def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)
