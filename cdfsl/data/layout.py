@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from cdfsl.data.base import LabelledImages
-from cdfsl.data.folder import IMAGE_EXTENSIONS
+from cdfsl.data.folder import _class_files, _is_ignored_dir
 from cdfsl.errors import DataError
 
 __all__ = [
@@ -258,40 +258,20 @@ class Listing:
     locations: list[str]
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def is_image_file(name: str) -> bool:
-    """True for names ending in an image extension, except macOS "._" resource forks."""
-    return not name.startswith("._") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
 def walk_files(folder: Path) -> tuple[list[str], list[str]]:
     """(image files, other files) under ``folder``, recursively, as sorted POSIX paths relative to
-    ``folder``; hidden and ``__MACOSX`` folders are skipped and linked folders visited once."""
-    images: list[str] = []
-    others: list[str] = []
-    seen: set[str] = set()
-    for current, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(current)
-        if real in seen:  # a link back up the tree would otherwise loop forever
-            dirnames.clear()
-            continue
-        seen.add(real)
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-        relative = Path(current).relative_to(folder).as_posix()
-        prefix = "" if relative == "." else relative + "/"
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            (images if is_image_file(name) else others).append(prefix + name)
-    return sorted(images), sorted(others)
+    ``folder``; the same walk as ``ImageFolder`` (hidden folders skipped, links followed once)."""
+    images, others = _class_files(folder)
+    return _relative(images, folder), _relative(others, folder)
+
+
+def _relative(paths: list[Path], folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in paths)
 
 
 def sub_folders(folder: Path) -> list[str]:
     """Names of the visible direct sub-folders of ``folder``, sorted."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _is_ignored_dir(p.name))
 
 
 def find_elsewhere(root: Path, filename: str, depth: int = 3) -> Path | None:
@@ -302,7 +282,7 @@ def find_elsewhere(root: Path, filename: str, depth: int = 3) -> Path | None:
             return Path(current, filename)
         if level >= depth:
             dirnames.clear()
-        dirnames[:] = [d for d in sorted(dirnames) if not _is_hidden(d)]
+        dirnames[:] = [d for d in sorted(dirnames) if not _is_ignored_dir(d)]
     return None
 
 
