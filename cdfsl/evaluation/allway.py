@@ -20,7 +20,6 @@ number of classes (ImageNet at 16 shots is 16,000 images per step).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -38,7 +37,7 @@ from cdfsl.data.episodes import _UniformDraws
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.runner import FitConfig, episode_seed, fit_episode, predict_logits
 from cdfsl.evaluation.stats import mean_ci95
-from cdfsl.evaluation.store import ResultStore, write_json_atomic
+from cdfsl.evaluation.store import ResultStore, check_run_config, write_json_atomic
 from cdfsl.methods.base import FewShotMethod
 
 __all__ = ["AllWayEvaluator", "AllWayProtocol", "allway_table", "draw_per_class"]
@@ -157,22 +156,6 @@ class AllWayEvaluator:
             **(config or {}),
         }
 
-    def _check_run_config(self) -> None:
-        """Refuse to mix rows of another configuration; shots and seeds may change on resume."""
-        path = self.output_dir / "run.json"
-        current = json.loads(json.dumps(self.config, sort_keys=True))
-        if not path.exists():
-            write_json_atomic(path, current)
-            return
-        previous = json.loads(path.read_text())
-        keys = set(previous) | set(current)
-        changed = sorted(k for k in keys if previous.get(k) != current.get(k))
-        if changed:
-            raise CdfslError(
-                f"{self.output_dir} holds results of a different configuration (changed: "
-                f"{', '.join(changed)}); pass a new --output directory or delete this one"
-            )
-
     def _accuracy(self, dataset: LabelledImages, indices: Sequence[int]) -> float | None:
         """Accuracy of the fitted method on ``indices`` of ``dataset``; None when empty."""
         if not indices:
@@ -226,7 +209,8 @@ class AllWayEvaluator:
     def run(self) -> dict[str, Any]:
         """Run every unfinished (K, seed), then write and return the summary."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._check_run_config()
+        # Shots and seeds may change on resume; they are not part of the recorded config.
+        check_run_config(self.output_dir, self.config)
         done = {(row["shots"], row["seed"]) for row in self.store.rows()}
         pairs = [(k, s) for k in self.protocol.shots for s in self.protocol.seeds]
         todo = [pair for pair in pairs if pair not in done]

@@ -22,7 +22,7 @@ from cdfsl.data.base import LabelledImages
 from cdfsl.data.episodes import EpisodeSampler, load_episode
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.stats import mean_ci95
-from cdfsl.evaluation.store import ResultStore, write_json_atomic
+from cdfsl.evaluation.store import ResultStore, check_run_config, write_json_atomic
 from cdfsl.methods.base import FewShotMethod
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -184,23 +184,6 @@ class EpisodicEvaluator:
         config["protocol"].pop("episodes")
         return config
 
-    def _check_run_config(self) -> None:
-        path = self.output_dir / "run.json"
-        current = self._fingerprint()
-        if path.exists():
-            previous = json.loads(path.read_text())
-            changed = sorted(
-                key for key in set(previous) | set(current)
-                if previous.get(key) != current.get(key)
-            )  # fmt: skip
-            if changed:
-                raise CdfslError(
-                    f"{self.output_dir} holds results of a different configuration (changed: "
-                    f"{', '.join(changed)}); pass a new --output directory or delete this one"
-                )
-        else:
-            write_json_atomic(path, current)
-
     def run_episode(self, index: int, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
         """Fit and score episode ``index``; returns its result row (not stored)."""
         start = time.perf_counter()
@@ -234,7 +217,7 @@ class EpisodicEvaluator:
     def run(self) -> dict[str, Any]:
         """Evaluate every unfinished episode, then write and return the summary."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._check_run_config()
+        check_run_config(self.output_dir, self._fingerprint())
         done = self.store.completed()
         todo = [i for i in range(self.protocol.episodes) if i not in done]
         accs = [row["accuracy"] for row in self.store.rows()]

@@ -63,3 +63,23 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def check_run_config(output_dir: str | Path, config: dict[str, Any]) -> None:
+    """Record ``config`` in ``output_dir/run.json``, or refuse if a different one is recorded.
+
+    Resumed runs append rows to the same files; rows of two configurations must never mix.
+    """
+    output_dir = Path(output_dir)
+    path = output_dir / "run.json"
+    current = json.loads(json.dumps(config, sort_keys=True))
+    if not path.exists():
+        write_json_atomic(path, current)
+        return
+    previous = json.loads(path.read_text())
+    changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+    if changed:
+        raise CdfslError(
+            f"{output_dir} holds results of a different configuration (changed: "
+            f"{', '.join(changed)}); pass a new --output directory or delete this one"
+        )
