@@ -107,3 +107,19 @@ def test_killed_run_resumes_with_every_episode_exactly_once(four_class_folder, t
     assert rerun.returncode == 0, rerun.stderr
     episodes = [r["episode"] for r in ResultStore(results).rows()]
     assert sorted(episodes) == list(range(6))
+
+
+def test_support_batches_full_or_shuffled_passes():
+    from cdfsl.evaluation.runner import _SupportBatches
+
+    images = torch.arange(10).float().view(10, 1, 1, 1)
+    labels = torch.arange(10)
+    full = list(_SupportBatches(images, labels, 3, None, seed=0))
+    assert len(full) == 3 and all(torch.equal(lab, labels) for _, lab in full)
+    # batch 4 of 10: each shuffled pass serves two batches (8 distinct images), then reshuffles.
+    batches = [lab.tolist() for _, lab in _SupportBatches(images, labels, 6, 4, seed=1)]
+    assert all(len(b) == 4 for b in batches)
+    for first, second in (batches[0:2], batches[2:4], batches[4:6]):
+        assert len(set(first) | set(second)) == 8
+    again = [lab.tolist() for _, lab in _SupportBatches(images, labels, 6, 4, seed=1)]
+    assert again == batches

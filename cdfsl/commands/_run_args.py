@@ -22,6 +22,10 @@ def add_run_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps_per_shot", type=int, default=250, help="T = steps_per_shot·K")
     parser.add_argument("--steps", type=int | None, default=None, help="fixed T, overrides K")
+    parser.add_argument(
+        "--batch_size", type=int | None, default=None,
+        help="support images per step; null: all of them (episodes, Mind)",
+    )  # fmt: skip
     parser.add_argument("--precision", type=str, default="bf16-mixed")
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--output", type=str, default="runs/cdfsl", help="results directory")
@@ -29,7 +33,7 @@ def add_run_arguments(parser: ArgumentParser) -> None:
 
 
 def fit_config(cfg: Namespace) -> FitConfig:
-    return FitConfig(cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator)
+    return FitConfig(cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator, cfg.batch_size)
 
 
 def dataset(cfg: Namespace) -> tuple[DataConfig, LabelledImages]:

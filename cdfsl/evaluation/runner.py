@@ -45,13 +45,16 @@ class FitConfig:
 
     ``steps`` fixes the step count; otherwise it is ``steps_per_shot · k_shot`` (the paper's
     T = 250·K). ``precision`` is a Lightning precision string; the queries are predicted under
-    the same autocast.
+    the same autocast. ``batch_size`` None trains on the whole support set every step (the
+    paper's episodes; Mind requires it); a number draws that many support images per step,
+    for support sets too large for one batch (all-way protocols on big datasets).
     """
 
     steps_per_shot: int = 250
     steps: int | None = None
     precision: str = "bf16-mixed"
     accelerator: str = "auto"
+    batch_size: int | None = None
 
     def total_steps(self, k_shot: int) -> int:
         steps = self.steps if self.steps is not None else self.steps_per_shot * k_shot
@@ -73,15 +76,33 @@ def episode_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index, 1]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-class _RepeatedBatch(IterableDataset):
-    """The whole support set as one batch, ``steps`` times: one optimiser step per batch."""
+class _SupportBatches(IterableDataset):
+    """``steps`` batches of the support set, one optimiser step each.
 
-    def __init__(self, images: Tensor, labels: Tensor, steps: int) -> None:
+    ``batch_size`` None: the whole set every step, in a fixed order. Otherwise shuffled passes
+    over the set, ``batch_size`` images a step, from a generator seeded with ``seed``.
+    """
+
+    def __init__(
+        self, images: Tensor, labels: Tensor, steps: int, batch_size: int | None, seed: int
+    ) -> None:
         self.images, self.labels, self.steps = images, labels, steps
+        self.batch_size, self.seed = batch_size, seed
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.images)
+        if self.batch_size is None or self.batch_size >= n:
+            for _ in range(self.steps):
+                yield self.images, self.labels
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        order, position = torch.randperm(n, generator=generator), 0
         for _ in range(self.steps):
-            yield self.images, self.labels
+            if position + self.batch_size > n:
+                order, position = torch.randperm(n, generator=generator), 0
+            index = order[position : position + self.batch_size]
+            position += self.batch_size
+            yield self.images[index], self.labels[index]
 
 
 @contextmanager
@@ -104,7 +125,10 @@ def fit_episode(
 ) -> None:  # fmt: skip
     """Train ``method`` for ``steps`` steps on one support set with a fresh Trainer."""
     device = fit.device()
-    loader = DataLoader(_RepeatedBatch(images, labels, steps), batch_size=None)
+    if fit.batch_size is not None and fit.batch_size < 1:
+        raise CdfslError(f"batch_size must be >= 1 or null, got {fit.batch_size}")
+    batches = _SupportBatches(images, labels, steps, fit.batch_size, getattr(method, "seed", 0))
+    loader = DataLoader(batches, batch_size=None)
     # Lightning keeps the mode it finds; a model left in eval() by scoring would train without
     # LoRA dropout.
     method.train()
