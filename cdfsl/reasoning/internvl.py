@@ -139,6 +139,9 @@ class InternVLReasoner(GenerativeVLM):
             inject_adapter_in_model(config, self.model)
             for name, p in self.model.named_parameters():
                 p.requires_grad_("lora_" in name)
+                if "lora_" in name and p.dtype in (torch.float16, torch.bfloat16):
+                    # Adapters train in fp32 beside a bf16 base (PEFT casts inputs to them).
+                    p.data = p.data.float()
             self.reset_trainable(seed)
         end = end_of_answer or self.tokenizer.eos_token
         self.end_id = self.tokenizer.convert_tokens_to_ids(end)

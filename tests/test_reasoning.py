@@ -1,0 +1,537 @@
+"""RD-MLDG on the micro world: answers, chains, teacher, micro MLLM, MTCT, SARR, DG, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cdfsl.errors import CdfslError, WeightsError
+from cdfsl.reasoning.adapter import ImageInputs, require_reason_extra
+from cdfsl.reasoning.answers import TAGS, conclusion_text, missing_tags, normalise, parse_class
+from cdfsl.reasoning.chains import (
+    Chain,
+    ChainStore,
+    chain_text,
+    import_chains,
+    read_chains,
+    validate_chains,
+)
+from cdfsl.reasoning.dg import average, markdown_table, score_answers
+from cdfsl.reasoning.micro_dg import (
+    DG_CLASSES,
+    MicroDGDomain,
+    TemplateTeacher,
+    list_dg_domains,
+    micro_dg_split,
+)
+from cdfsl.reasoning.micro_mllm import MicroMLLM, MicroMLLMConfig, WordVocabulary
+from cdfsl.reasoning.mtct import MTCTModule, ReasoningExamples, TrainConfig, mtct_loss
+from cdfsl.reasoning.prompts import label_prompt, reason_prompt, teacher_prompt
+from cdfsl.reasoning.sarr import SARRConfig, SARRRunner, replace_chains, select_self_chains
+
+CLASSES = ["circle", "red circle", "alarm clock", "dog"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread, as the micro recipe runs: a shared 2-core machine spins with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def good_chain(name: str) -> str:
+    return chain_text({t: f"text of {t.lower()}" for t in TAGS[:-1]} | {"CONCLUSION": name})
+
+
+# -- answers -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("dog", 3),  # exact
+        ("  dog\n", 3),  # exact after stripping
+        ("Dog.", 3),  # normalised: case, punctuation
+        ("The alarm_clock!", 2),  # normalised: article, underscore
+        ("alarm-clock", 2),  # normalised: hyphen
+        ("the class of this image is dog", 3),  # mention
+        ("it is a red circle", 1),  # the longer name wins over "circle" inside it
+        ("a circle, not a dog", None),  # two classes: ambiguous
+        ("red circle or circle", None),  # a second, separate "circle": ambiguous
+        ("hotdog", None),  # no whole-word match
+        ("", None),
+        ("   ", None),
+        (None, None),
+    ],
+)
+def test_parse_class(answer, expected):
+    assert parse_class(answer, CLASSES) == expected
+
+
+def test_normalise_drops_only_a_leading_article():
+    assert normalise("The  Theatre-Hall.") == "theatre hall"
+    assert normalise("a") == "a"
+
+
+def test_conclusion_text_takes_the_last_and_tolerates_a_cut_end():
+    assert conclusion_text(good_chain("dog")) == "dog"
+    assert conclusion_text("<CONCLUSION> cat </CONCLUSION> <CONCLUSION> dog") == "dog"
+    assert conclusion_text("<REASONING> x </REASONING>") is None
+
+
+def test_missing_tags():
+    assert missing_tags(good_chain("dog")) == []
+    no_caption = good_chain("dog").replace("<CAPTION>", "")
+    assert missing_tags(no_caption) == ["CAPTION"]
+    unclosed = good_chain("dog").replace("</CONCLUSION>", "")
+    assert missing_tags(unclosed) == ["CONCLUSION"]
+    swapped = (
+        "<SUMMARY> s </SUMMARY> <REASONING> r </REASONING> <CAPTION> c </CAPTION> "
+        "<REFLECTION> f </REFLECTION> <CONCLUSION> dog </CONCLUSION>"
+    )
+    assert missing_tags(swapped) == ["REASONING"]  # found only before CAPTION: out of order
+
+
+# -- chains --------------------------------------------------------------------------------------
+def test_validation_counts_every_reason_and_keeps_the_rest(tmp_path: Path):
+    labels = {"a": 3, "b": 0, "c": 2, "d": 3}
+    rows = [
+        {"image_id": "a", "chain": good_chain("dog"), "source": "x"},
+        {"image_id": "b", "chain": good_chain("circle").replace("</REFLECTION>", "")},
+        {"image_id": "c", "chain": good_chain("dog")},  # wrong class
+        {"image_id": "d", "chain": good_chain("a cat")},  # names no class
+        {"image_id": "zzz", "chain": good_chain("dog")},
+        {"image_id": "a", "chain": good_chain("dog")},  # duplicate
+        {"chain": "no id"},
+    ]
+    path = tmp_path / "chains.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    report = import_chains(path, labels, CLASSES, source="gpt-4o")
+    assert [c.image_id for c in report.kept] == ["a"]
+    assert report.kept[0].source == "gpt-4o"
+    assert report.counts == {
+        "missing tag": 1,
+        "wrong conclusion": 2,
+        "unknown image id": 1,
+        "duplicate image id": 1,
+        "malformed row": 2,
+    }
+    text = report.format(limit=10)
+    assert "1 kept, 7 rejected" in text
+    assert "'zzz': unknown image id" in text
+    assert "lacks or misorders <REFLECTION>" in text
+    assert "conclusion names 'dog', the image is 'alarm clock'" in text
+    assert f"{path}:8" in text  # the broken JSON line is named
+    assert report.summary()["rejected_by_reason"]["wrong conclusion"] == 2
+
+
+def test_chain_store_round_trip_and_errors(tmp_path: Path):
+    store = ChainStore(tmp_path / "sub" / "c.jsonl")
+    chains = [Chain("x/1", good_chain("dog"), "template", 0), Chain("x/2", "t", "self", 2)]
+    store.write(chains)
+    assert store.read() == chains
+    assert not list(tmp_path.glob("sub/*.tmp"))
+    store.path.write_text(store.path.read_text() + '{"image_id": 3}\n')
+    with pytest.raises(CdfslError, match=r"c.jsonl:3 is not a chain row"):
+        store.read()
+    with pytest.raises(CdfslError, match="does not exist"):
+        read_chains(tmp_path / "missing.jsonl")
+
+
+def test_prompts_are_package_data():
+    assert label_prompt() == "What is the class of this image? Answer with the class name."
+    assert all(f"<{t}>" in reason_prompt() for t in TAGS)
+    request = teacher_prompt("dog", ["cat", "dog"])
+    assert (
+        '"dog"' in request and "cat, dog" in request and "<CONCLUSION> dog </CONCLUSION>" in request
+    )
+
+
+# -- micro DG world and teacher -----------------------------------------------------------------
+def test_micro_dg_domains_share_classes_and_are_deterministic():
+    assert len(list_dg_domains()) >= 4
+    a, b = MicroDGDomain("cartoon", 2, seed=0), MicroDGDomain("xray", 2, seed=0)
+    assert a.class_names == b.class_names == list(DG_CLASSES)
+    assert a.targets == [i % 7 for i in range(14)]
+    assert (a.array(3) == MicroDGDomain("cartoon", 2, seed=0).array(3)).all()
+    assert not (a.array(3) == MicroDGDomain("cartoon", 2, seed=1).array(3)).all()
+    assert a.scene(3).shape == DG_CLASSES[3] and a.scene(3).background == "leaf"
+    assert b.scene(0).colour == "white"  # x-ray: colour carries no signal
+    assert MicroDGDomain("dermoscopy", 1).scene(2).count == "one"
+    assert a.sample_id(9) == "cartoon/triangle/0-9"
+    train, test = micro_dg_split(["photo", "cartoon", "xray"], "xray", 2, 3)
+    assert len(train) == 28 and len(test) == 21
+    assert train.sample_id(14) == "cartoon/circle/0-0"
+    assert test.sample_id(0) == "xray/circle/1-0"  # test seed differs from training seed
+    with pytest.raises(CdfslError, match="is unknown"):
+        MicroDGDomain("sketch")
+    with pytest.raises(CdfslError, match="not one of the data domains"):
+        micro_dg_split(["photo", "cartoon"], "xray", 1, 1)
+
+
+def test_template_teacher_writes_valid_chains_from_the_scene():
+    train, _ = micro_dg_split(["photo", "cartoon", "dermoscopy", "xray"], "photo", 3, 1)
+    chains = TemplateTeacher(seed=0).chains(train)
+    labels = {train.sample_id(i): t for i, t in enumerate(train.targets)}
+    report = validate_chains(chains, labels, train.class_names)
+    assert len(report.kept) == len(train) and not report.rejected
+    for i in (0, 8, 20, 40):
+        scene, text = train.scene(i), chains[i].chain
+        assert f" {scene.colour} " in text and scene.count in text
+        assert conclusion_text(text) == DG_CLASSES[train.targets[i]]
+        # the caption describes without naming the class
+        caption = text.split("<CAPTION>")[1].split("</CAPTION>")[0]
+        assert scene.shape not in caption
+    assert chains == TemplateTeacher(seed=0).chains(train)
+    assert chains != TemplateTeacher(seed=1).chains(train)  # other paraphrases
+
+
+# -- micro MLLM ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def micro_model() -> MicroMLLM:
+    texts = [label_prompt(), reason_prompt(), *DG_CLASSES, good_chain("star"), "object"]
+    config = MicroMLLMConfig(vision="random", width=32, layers=2, heads=2, dropout=0.0)
+    return MicroMLLM(config, WordVocabulary.from_texts(texts), seed=0).eval()
+
+
+def test_vocabulary_round_trip():
+    vocab = WordVocabulary.from_texts(["<SUMMARY> The Star, twice. </SUMMARY>"])
+    assert vocab.words[:4] == list(WordVocabulary.SPECIALS)
+    ids = vocab.encode("<SUMMARY> the star, twice. </SUMMARY>")
+    assert vocab.decode(ids) == "<SUMMARY> the star, twice. </SUMMARY>"
+    assert vocab.encode("moon")[0] == WordVocabulary.UNK
+    assert (
+        vocab.decode([*vocab.encode("star"), WordVocabulary.EOS, *vocab.encode("twice")]) == "star"
+    )
+
+
+def token_log_probs(
+    model: MicroMLLM, inputs: torch.Tensor, prompt: str, target: str
+) -> list[float]:
+    """log p of each target word and <eos>, one position at a time through the KV cache:
+    a different code path from the batched training forward."""
+    prefix = [WordVocabulary.BOS, *model.vocabulary.encode(prompt)]
+    answer = [*model.vocabulary.encode(target), WordVocabulary.EOS]
+    with torch.no_grad():
+        hidden, cache = model._hidden(inputs[None], torch.tensor([prefix]))
+        position = hidden.shape[1]
+        out = []
+        for token in answer:
+            log_p = F.log_softmax(model._logits(hidden[0, -1]).double(), dim=-1)
+            out.append(float(log_p[token]))
+            hidden, cache = model._hidden(inputs[None], torch.tensor([[token]]), position, cache)
+            position += 1
+    return out
+
+
+def test_micro_nll_sum_and_length_normalised_mean_by_hand(micro_model):
+    inputs = torch.randn(3, micro_model.num_image_tokens, 192)
+    prompts = [label_prompt(), reason_prompt(), label_prompt()]
+    targets = ["star", good_chain("star"), "circle"]  # different lengths: right padding
+    with torch.no_grad():
+        summed = micro_model.nll(inputs, prompts, targets)
+        mean = micro_model.nll(inputs, prompts, targets, length_normalise=True)
+    for i in range(3):
+        log_p = token_log_probs(micro_model, inputs[i], prompts[i], targets[i])
+        assert summed[i].item() == pytest.approx(-sum(log_p), rel=1e-4)
+        assert mean[i].item() == pytest.approx(-sum(log_p) / len(log_p), rel=1e-4)
+    assert len(token_log_probs(micro_model, inputs[1], prompts[1], targets[1])) > 20
+
+
+def test_mtct_loss_by_hand(micro_model):
+    n = 4
+    inputs = torch.randn(n, micro_model.num_image_tokens, 192)
+    labels = [0, 4, 4, 6]
+    chains = [good_chain("circle"), None, good_chain("star") + " extra words", good_chain("heart")]
+    examples = ReasoningExamples(ImageInputs.from_tensor(inputs), labels, DG_CLASSES, chains)
+    batch = examples.collate(list(range(n)))
+    module = MTCTModule(micro_model, label_weight=1.0, chain_weight=1.0)
+    with torch.no_grad():
+        terms = module.loss_terms(batch)
+        loss = mtct_loss(terms["label_nll"], terms["chain_nll"])
+    label_terms = [
+        -sum(token_log_probs(micro_model, inputs[i], label_prompt(), DG_CLASSES[labels[i]]))
+        for i in range(n)
+    ]
+    chain_terms = []
+    for i in (0, 2, 3):  # image 1 has no chain: label loss only
+        log_p = token_log_probs(micro_model, inputs[i], reason_prompt(), chains[i])
+        chain_terms.append(-sum(log_p) / len(log_p))
+    by_hand = sum(label_terms) / n + sum(chain_terms) / 3
+    assert loss.item() == pytest.approx(by_hand, rel=1e-4)
+    weighted = mtct_loss(terms["label_nll"], terms["chain_nll"], 0.5, 2.0)
+    assert weighted.item() == pytest.approx(
+        0.5 * sum(label_terms) / n + 2 * sum(chain_terms) / 3, rel=1e-4
+    )
+    label_only = MTCTModule(micro_model, chain_weight=0.0).loss_terms(batch)
+    assert set(label_only) == {"label_nll"}  # chain term not computed
+    with pytest.raises(CdfslError, match="no loss term"):
+        mtct_loss(None, None)
+
+
+def test_micro_generate_greedy_matches_argmax_and_stops_at_eos(micro_model):
+    inputs = torch.randn(2, micro_model.num_image_tokens, 192)
+    answers = micro_model.generate(inputs, [label_prompt(), reason_prompt()], max_new_tokens=5)
+    assert len(answers) == 2
+    vocab = micro_model.vocabulary
+    # the first greedy word is the argmax after the prompt
+    prefix = torch.tensor([[WordVocabulary.BOS, *vocab.encode(label_prompt())]])
+    with torch.no_grad():
+        hidden, _ = micro_model._hidden(inputs[:1], prefix)
+        first = int(micro_model._logits(hidden[0, -1]).argmax())
+    if first == WordVocabulary.EOS:
+        assert answers[0] == ""
+    else:
+        assert answers[0].split()[0] == vocab.words[first] or answers[0].startswith(
+            vocab.words[first]
+        )
+
+
+def test_reset_trainable_is_seeded(micro_model):
+    before = micro_model.trainable_state_dict()
+    micro_model.reset_trainable(1)
+    other = micro_model.trainable_state_dict()
+    micro_model.reset_trainable(0)
+    again = micro_model.trainable_state_dict()
+    assert all(torch.equal(before[k], again[k]) for k in before)
+    assert not all(torch.equal(before[k], other[k]) for k in before)
+    assert not any(k.startswith("vision.") for k in before)  # the tower stays frozen
+
+
+def test_missing_micro_clip_is_a_clear_weights_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDFSL_ASSETS", str(tmp_path))
+    with pytest.raises(WeightsError, match=r"python -m cdfsl.pretrain_micro.*vision: random"):
+        MicroMLLM(MicroMLLMConfig(vision="micro-clip"), WordVocabulary([]))
+
+
+def test_missing_reason_extra_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
+    )
+    with pytest.raises(CdfslError) as err:
+        require_reason_extra("the InternVL adapter")
+    assert str(err.value) == (
+        "the InternVL adapter needs peft, which is not installed; install the reasoning extra: "
+        "pip install 'cdfsl[reason]'"
+    )
+
+
+# -- SARR ----------------------------------------------------------------------------------------
+def test_sarr_filter_keeps_exactly_the_correct_conclusions():
+    ids = ["a", "b", "c", "d", "e", "f"]
+    labels = [0, 1, 2, 3, 0, 3]
+    generated = [
+        good_chain("circle"),  # correct
+        good_chain("circle"),  # wrong class
+        good_chain("The Alarm_Clock."),  # correct after normalisation
+        "<SUMMARY> no conclusion </SUMMARY>",  # no CONCLUSION
+        "<CONCLUSION> circle",  # cut off, still correct
+        good_chain("a dog or a circle"),  # ambiguous
+    ]
+    kept, accepted = select_self_chains(ids, labels, generated, CLASSES, round_=2)
+    assert accepted == [True, False, True, False, True, False]
+    assert [c.image_id for c in kept] == ["a", "c", "e"]
+    assert all(c.source == "self" and c.round == 2 for c in kept)
+    teacher = {i: Chain(i, f"teacher {i}", "template", 0) for i in ids if i != "f"}
+    mixed = replace_chains(teacher, kept, ids)
+    assert [c.source if c else None for c in mixed] == [
+        "self", "template", "self", "template", "self", None,
+    ]  # fmt: skip
+
+
+class _ScriptedModel(MicroMLLM):
+    """A micro MLLM whose chains are scripted: the teacher chain (true class) for even images,
+    a chain concluding the wrong class for odd ones; training is real."""
+
+    script: ClassVar[list[str]] = []
+    cursor = 0
+    generate_calls = 0
+
+    def generate(self, image_inputs, prompts, max_new_tokens=128):
+        if prompts[0] != reason_prompt():
+            return super().generate(image_inputs, prompts, max_new_tokens)
+        type(self).generate_calls += 1
+        start = _ScriptedModel.cursor
+        _ScriptedModel.cursor += len(prompts)
+        return self.script[start : start + len(prompts)]
+
+
+def test_one_sarr_round_end_to_end_and_resume(tmp_path: Path):
+    train, _ = micro_dg_split(["photo", "cartoon"], "cartoon", 2, 1)
+    teacher = TemplateTeacher().chains(train)
+    ids = [c.image_id for c in teacher]
+    texts = [label_prompt(), reason_prompt(), *DG_CLASSES, *(c.chain for c in teacher)]
+    config = MicroMLLMConfig(vision="random", width=32, layers=1, heads=2)
+    model = _ScriptedModel(config, WordVocabulary.from_texts(texts), seed=0)
+    wrong = [DG_CLASSES[(t + 1) % 7] for t in train.targets]
+    _ScriptedModel.script = [
+        c.chain
+        if i % 2 == 0
+        else c.chain.replace(
+            f"<CONCLUSION> {DG_CLASSES[train.targets[i]]}", f"<CONCLUSION> {wrong[i]}"
+        )
+        for i, c in enumerate(teacher)
+    ]
+    _ScriptedModel.cursor = 0
+    inputs = ImageInputs(model, train)
+    train_config = TrainConfig(epochs=1, batch_size=7, lr=1e-3, accelerator="cpu")
+    evaluated = []
+    runner = SARRRunner(
+        model, inputs, ids, train.targets, train.class_names, {c.image_id: c for c in teacher},
+        train_config, tmp_path, SARRConfig(rounds=1, epochs_per_round=1),
+        evaluate=lambda m: evaluated.append(1) or {"accuracy": 0.5},
+        generate_batch_size=5,
+    )  # fmt: skip
+    before = model.trainable_state_dict()
+    [metrics] = runner.run()
+    assert metrics["accepted"] == 7 and metrics["generated"] == 14
+    assert metrics["acceptance_rate"] == 0.5 and metrics["held_out"] == {"accuracy": 0.5}
+    assert metrics["train"]["steps"] == 2 and "chain_nll" in metrics["train"]
+    folder = tmp_path / "round-1"
+    used = ChainStore(folder / "chains.jsonl").read()
+    assert [c.source for c in used] == ["self" if i % 2 == 0 else "template" for i in range(14)]
+    generated = [json.loads(line) for line in (folder / "generated.jsonl").read_text().splitlines()]
+    assert [g["accepted"] for g in generated] == [i % 2 == 0 for i in range(14)]
+    assert (folder / "log" / "metrics.csv").is_file()
+    after = model.trainable_state_dict()
+    assert not all(torch.equal(before[k], after[k]) for k in before)  # it retrained
+    # a rerun finds the round done: loads its weights, generates nothing, trains nothing
+    model.reset_trainable(5)
+    calls = _ScriptedModel.generate_calls
+    assert runner.run()[0]["accepted"] == 7
+    assert _ScriptedModel.generate_calls == calls and len(evaluated) == 1
+    assert all(torch.equal(after[k], model.trainable_state_dict()[k]) for k in after)
+
+
+# -- DG evaluation -------------------------------------------------------------------------------
+def test_score_answers_counts_unparsable_as_wrong_with_wald_ci():
+    answers = ["dog", "Dog.", "no idea", "circle", "<CONCLUSION> dog"]
+    labels = [3, 3, 0, 1, 3]
+    result = score_answers("art", "label", answers, labels, CLASSES, ["1", "2", "3", "4", "5"])
+    # "<CONCLUSION> dog" parses by mention in label mode; "no idea" is unparsable
+    correct = [1, 1, 0, 0, 1]
+    p, n = 3 / 5, 5
+    s = math.sqrt(sum((c - p) ** 2 for c in correct) / (n - 1))
+    assert result.accuracy == pytest.approx(p)
+    assert result.ci95 == pytest.approx(1.959963984540054 * s / math.sqrt(n))
+    assert result.unparsable == 1 and result.rows[2]["parsed"] is False
+    reason = score_answers("art", "reason", ["dog", good_chain("dog")], [3, 3], CLASSES, ["1", "2"])
+    assert reason.accuracy == 0.5 and reason.unparsable == 1  # no CONCLUSION: unparsable
+
+
+def test_average_and_markdown_table():
+    a, b = {"accuracy": 0.8, "ci95": 0.03}, {"accuracy": 0.6, "ci95": 0.04}
+    avg = average([a, b])
+    assert avg["accuracy"] == pytest.approx(0.7) and avg["ci95"] == pytest.approx(0.025)
+    table = markdown_table(
+        {"MTCT": {"x": a, "y": b}, "Label-only": {"x": a}}, ["x", "y"], {"MTCT": "q"}
+    )
+    lines = table.splitlines()
+    assert lines[0] == "| method | answer | x | y | average |"
+    assert lines[2] == "| MTCT | q | 80.0 ± 3.0 | 60.0 ± 4.0 | 70.0 ± 2.5 |"
+    assert lines[3] == "| Label-only |  | 80.0 ± 3.0 | - | - |"
+
+
+# -- the command ---------------------------------------------------------------------------------
+TINY_RUN = [
+    "--model.vision", "random", "--model.width", "32", "--model.layers", "1",
+    "--model.heads", "2", "--data.domains", "[photo, cartoon, xray]",
+    "--data.train_images_per_class", "1", "--data.test_images_per_class", "2",
+    "--train.epochs", "1", "--train.batch_size", "7", "--sarr.rounds", "1",
+    "--sarr.epochs_per_round", "1", "--generation.max_new_tokens", "12",
+    "--held_out", "[xray]",
+]  # fmt: skip
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes/rd_mldg/micro.yaml")
+
+
+def main(args: list[str]) -> int:
+    """``cdfsl reason ARGS`` as the CLI runs it (errors: one line on stderr, code 2), through
+    this command's own parser only."""
+    import sys
+
+    from jsonargparse import ArgumentParser
+
+    from cdfsl.commands import reason
+
+    assert args[0] == "reason"
+    parser = ArgumentParser()
+    reason.configure(parser)
+    try:
+        reason.run(parser.parse_args(args[1:]))
+    except CdfslError as err:
+        print(f"cdfsl: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def test_cdfsl_reason_reports_a_bad_chain_file_and_trains_on_the_rest(tmp_path, capsys):
+    train, test = micro_dg_split(["photo", "cartoon", "xray"], "xray", 1, 2)
+    chains = TemplateTeacher().chains(train)
+    rows = [{"image_id": c.image_id, "chain": c.chain} for c in chains]
+    rows[0]["chain"] = rows[0]["chain"].replace("<REASONING>", "")  # missing tag
+    rows[1]["chain"] = rows[1]["chain"].replace("<CONCLUSION> square", "<CONCLUSION> star")
+    rows[2]["image_id"] = "photo/triangle/0-999"  # unknown id
+    rows.append({"image_id": test.sample_id(0), "chain": chains[0].chain})  # held-out image
+    path = tmp_path / "teacher.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    out_dir = tmp_path / "run"
+    args = ["reason", "--config", RECIPE, *TINY_RUN, "--teacher.kind", "file"]
+    args += ["--teacher.path", str(path), "--output", str(out_dir)]
+
+    assert main([*args, "--check_chains", "true"]) == 0
+    checked = capsys.readouterr().out
+    assert "11 training images with a chain" in checked
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "chains: 12 kept, 4 rejected" in out  # 11 training + 1 held-out image kept
+    for reason in (
+        "missing tag: 1",
+        "wrong conclusion: 1",
+        "unknown image id: 1",
+        "malformed row: 1",
+    ):
+        assert reason in out
+    assert "3 of 14 training images have no chain: label loss only" in out
+    table = out[out.index("| method |") :].splitlines()
+    assert table[0] == "| method | answer | xray | average |"
+    assert [row.split(" | ")[0] for row in table[2:6]] == [
+        "| Label-only", "| Chain-only", "| MTCT", "| MTCT + SARR",
+    ]  # fmt: skip
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert set(summary["held_out"]) == {"label-only", "chain-only", "mtct", "mtct-sarr"}
+    assert summary["held_out"]["mtct"]["xray"]["n"] == 14
+    report = json.loads((out_dir / "fold-xray" / "chain_report.json").read_text())
+    assert report["rejected_by_reason"]["unknown image id"] == 1
+    assert (out_dir / "fold-xray" / "mtct-sarr" / "round-1" / "metrics.json").is_file()
+    assert (out_dir / "fold-xray" / "mtct" / "log" / "metrics.csv").is_file()
+    csv_head = (out_dir / "fold-xray" / "mtct" / "log" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/label_nll_step" in csv_head and "train/chain_nll_step" in csv_head
+
+    # a rerun resumes: every variant is done, nothing trains again
+    result = out_dir / "fold-xray" / "mtct" / "result.json"
+    stamp = result.stat().st_mtime_ns
+    assert main(args) == 0
+    assert "| MTCT + SARR |" in capsys.readouterr().out
+    assert result.stat().st_mtime_ns == stamp
+    # another recipe in the same folder is refused
+    assert main([*args, "--train.lr", "0.5"]) == 2
+    assert "holds a run of a different recipe" in capsys.readouterr().err
+
+
+def test_cdfsl_reason_without_any_valid_chain_stops_before_training(tmp_path, capsys):
+    path = tmp_path / "teacher.jsonl"
+    path.write_text(json.dumps({"image_id": "nobody", "chain": good_chain("star")}) + "\n")
+    args = ["reason", "--config", RECIPE, *TINY_RUN, "--teacher.kind", "file"]
+    assert main([*args, "--teacher.path", str(path), "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "no valid teacher chain for the training images of fold 'xray'" in err
+    assert not (tmp_path / "r" / "fold-xray" / "label-only").exists()
