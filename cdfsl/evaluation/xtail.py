@@ -14,16 +14,15 @@ Methods, each resumable per step (a kill loses at most the step it was in):
 - ``primal`` / ``dual``: Primal-RAIL and Dual-RAIL on cached frozen features, with RAIL-Fusion.
 
 Output directory: ``run.json`` (the sequence; checked on resume), one folder per method with
-``config.json``, ``steps.jsonl`` (one row per step), ``state.pt`` (the learner after the last
-finished step), ``matrix.json`` and ``matrix.png``; then ``summary.json``, ``summary.md`` and
-``xtail.png`` over all methods.
+``run.json`` (its settings, checked on resume), ``steps.jsonl`` (one row per step),
+``state.pt`` (the learner after the last finished step), ``matrix.json`` and ``matrix.png``;
+then ``summary.json``, ``summary.md`` and ``xtail.png`` over all methods.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib
-import json
 import math
 import os
 import re
@@ -46,7 +45,7 @@ from cdfsl.data.sources import DataConfig, build_dataset
 from cdfsl.data.views import ViewSpec
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.runner import FitConfig, episode_seed, fit_episode, predict_logits
-from cdfsl.evaluation.store import ResultStore, write_json_atomic
+from cdfsl.evaluation.store import ResultStore, check_run_config, write_json_atomic
 from cdfsl.features import FeatureCache, ImageFeatures, backbone_fingerprint
 from cdfsl.lora import LoRAConfig, load_lora_state_dict, lora_state_dict
 from cdfsl.methods.rail import DualAdapter, PrimalAdapter, fuse
@@ -100,9 +99,13 @@ class DualConfig:
 
 @dataclass
 class FineTuneConfig:
-    """The sequential fine-tuning baseline: ``steps`` LoRA-CE steps per domain."""
+    """The sequential fine-tuning baseline: ``steps`` LoRA-CE steps per domain.
+
+    ``images_per_step``: training images drawn per step; None uses all of the domain's shots.
+    """
 
     steps: int = 50
+    images_per_step: int | None = None
     lr: float = 2e-4
     weight_decay: float = 1e-2
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -486,7 +489,10 @@ class _FineTuneLearner(_Learner):
             lora=ft.lora, views=ft.views, lr=ft.lr, weight_decay=ft.weight_decay, seed=cfg.seed,
         )  # fmt: skip
         self.method.reset(cfg.seed)
-        self.fit = FitConfig(steps=ft.steps, precision=ft.precision, accelerator=ft.accelerator)
+        self.fit = FitConfig(
+            steps=ft.steps, precision=ft.precision, accelerator=ft.accelerator,
+            batch_size=ft.images_per_step,
+        )  # fmt: skip
         self.cfg, self.domains, self.union_names = cfg, domains, union_names
         self.to_tensor = self.method.backbone.preprocess.to_tensor()
         self.method.set_classes(union_names)
@@ -625,21 +631,6 @@ class XTailRun:
             }
         )  # fmt: skip
 
-    def _check_config(self, path: Path, current: dict[str, Any], what: str) -> None:
-        current = json.loads(json.dumps(current, sort_keys=True))
-        if path.exists():
-            previous = json.loads(path.read_text())
-            changed = sorted(
-                k for k in set(previous) | set(current) if previous.get(k) != current.get(k)
-            )
-            if changed:
-                raise CdfslError(
-                    f"{path.parent} holds {what} of a different configuration (changed: "
-                    f"{', '.join(changed)}); pass a new --output directory or delete that one"
-                )
-        else:
-            write_json_atomic(path, current)
-
     def _learner(self, name: str) -> _Learner:
         cfg = self.config
         common = {
@@ -687,7 +678,7 @@ class XTailRun:
         """Learn every unfinished step of method ``name``; returns its matrix and metrics."""
         folder = self.output / name
         folder.mkdir(parents=True, exist_ok=True)
-        self._check_config(folder / "config.json", self._method_config(name), f"{name} results")
+        check_run_config(folder, self._method_config(name))
         store = ResultStore(folder / "steps.jsonl")
         state_path = folder / "state.pt"
         rows = {row["episode"]: row for row in store.rows()}
@@ -775,7 +766,7 @@ class XTailRun:
         """Every method of the config, in :data:`METHODS` order; returns ``{method: result}``."""
         self.output.mkdir(parents=True, exist_ok=True)
         self._prepare()
-        self._check_config(self.output / "run.json", self._fingerprint(), "X-TAIL results")
+        check_run_config(self.output, self._fingerprint())
         results = {}
         for name in (m for m in METHODS if m in self.config.methods):
             results[name] = self.run_method(name)
