@@ -296,8 +296,9 @@ class ReasonRun:
             if self._vision is None:
                 self._vision = load_vision_tower(m.vision)
             micro = MicroMLLMConfig(
-                m.vision, m.width, m.layers, m.heads, 4.0, m.image_grid, m.max_length, m.dropout
-            )
+                vision=m.vision, width=m.width, layers=m.layers, heads=m.heads,
+                image_grid=m.image_grid, max_length=m.max_length, dropout=m.dropout,
+            )  # fmt: skip
             vocabulary = WordVocabulary.from_texts(texts)
             return MicroMLLM(micro, vocabulary, *self._vision, seed=seed)
         if m.kind == "internvl":
