@@ -25,7 +25,9 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--shots", type=list[int], default=[1, 2, 4, 8, 16], help="K values")
     parser.add_argument("--seeds", type=list[int], default=[1, 2, 3], help="one draw per seed")
     parser.add_argument("--max_val_shots", type=int, default=4, help="val images per class cap")
-    parser.add_argument("--batch_size", type=int, default=256, help="images per scoring batch")
+    parser.add_argument(
+        "--score_batch_size", type=int, default=256, help="images per scoring batch"
+    )
     parser.add_argument("--workers", type=int, default=0, help="image-loading processes")
 
 
@@ -49,7 +51,7 @@ def run(cfg: Namespace) -> None:
             "method_args": _run_args.plain(cfg.method.init_args),
             "data": _run_args.plain(vars(cfg.data)),
         },
-        progress=cfg.progress, batch_size=cfg.batch_size, workers=cfg.workers,
+        progress=cfg.progress, batch_size=cfg.score_batch_size, workers=cfg.workers,
     )  # fmt: skip
     summary = evaluator.run()
     print(allway_table(summary))
