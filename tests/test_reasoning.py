@@ -524,7 +524,7 @@ def test_cdfsl_reason_reports_a_bad_chain_file_and_trains_on_the_rest(tmp_path, 
     assert result.stat().st_mtime_ns == stamp
     # another recipe in the same folder is refused
     assert main([*args, "--train.lr", "0.5"]) == 2
-    assert "holds a run of a different recipe" in capsys.readouterr().err
+    assert "holds results of a different configuration (changed: train)" in capsys.readouterr().err
 
 
 def test_cdfsl_reason_without_any_valid_chain_stops_before_training(tmp_path, capsys):
@@ -535,3 +535,49 @@ def test_cdfsl_reason_without_any_valid_chain_stops_before_training(tmp_path, ca
     err = capsys.readouterr().err
     assert "no valid teacher chain for the training images of fold 'xray'" in err
     assert not (tmp_path / "r" / "fold-xray" / "label-only").exists()
+
+
+def test_domainbed_folds_file_teacher_and_requests(tmp_path, capsys):
+    from layouts import make_domainbed
+
+    from cdfsl.data.domainbed import DOMAINBED_DATASETS
+    from cdfsl.reasoning.experiment import (
+        DGDataConfig,
+        TeacherConfig,
+        build_fold,
+        teacher_chains,
+        teacher_requests,
+    )
+
+    pacs = next(d for d in DOMAINBED_DATASETS if d.name == "pacs")
+    root = make_domainbed(tmp_path / "data", pacs, per_class=1)
+    data = DGDataConfig(kind="domainbed", dataset="pacs", root=str(root))
+    fold = build_fold(data, "sketch")
+    assert len(fold.train) == 21 and len(fold.test) == 7 and len(fold.known) == 28
+    requests = teacher_requests(fold.train)
+    assert requests[0]["image_id"] == "art_painting/class_0/pic_0000.jpg"
+    assert Path(requests[0]["image_path"]).is_file() and "class 0" in requests[0]["prompt"]
+    rows = [
+        {"image_id": fold.train.sample_id(i), "chain": good_chain(fold.train.class_names[t])}
+        for i, t in enumerate(fold.train.targets)
+    ]
+    rows.append({"image_id": fold.test.sample_id(0), "chain": good_chain("class 0")})
+    path = tmp_path / "chains.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report, chains = teacher_chains(
+        TeacherConfig(kind="file", path=str(path), source="gpt-4o"), fold
+    )
+    assert len(report.kept) == 22 and not report.rejected  # the held-out image's chain is known
+    assert len(chains) == 21 and all(c.source == "gpt-4o" for c in chains.values())
+
+    out_dir = tmp_path / "run"
+    args = ["reason", "--config", RECIPE, *TINY_RUN[:-2], "--data.kind", "domainbed"]
+    args += ["--data.dataset", "pacs", "--data.root", str(root), "--data.domains", "null"]
+    args += ["--held_out", "[sketch]", "--variants", "[label-only, mtct]", "--teacher.kind", "file"]
+    args += ["--teacher.path", str(path), "--output", str(out_dir)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| method | answer | sketch | average |" in out and "| MTCT |" in out
+    assert "| Chain-only |" not in out
+    with pytest.raises(CdfslError, match="template writes chains from the micro world"):
+        teacher_chains(TeacherConfig(kind="template"), fold)

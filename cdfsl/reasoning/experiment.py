@@ -34,7 +34,7 @@ import torch
 
 from cdfsl.data.base import LabelledImages
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.store import write_json_atomic
+from cdfsl.evaluation.store import check_run_config, write_json_atomic
 from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.chains import Chain, ChainReport, import_chains, validate_chains, write_chains
 from cdfsl.reasoning.dg import ANSWER_MODES, DomainResult, average, evaluate_domain, markdown_table
@@ -235,16 +235,16 @@ def teacher_chains(config: TeacherConfig, fold: Fold) -> tuple[ChainReport, dict
 
 
 def teacher_requests(images: LabelledImages) -> list[dict[str, Any]]:
-    """One request per image for an external teacher: id, class and the teacher prompt."""
+    """One request per image for an external teacher: id, image file (where the dataset has
+    files), class and the teacher prompt."""
     names = images.class_names
-    return [
-        {
-            "image_id": images.sample_id(i),
-            "class_name": names[t],
-            "prompt": teacher_prompt(names[t], names),
-        }
-        for i, t in enumerate(images.targets)
-    ]
+    rows = []
+    for i, t in enumerate(images.targets):
+        row = {"image_id": images.sample_id(i), "class_name": names[t]}
+        if hasattr(images, "path"):
+            row["image_path"] = str(images.path(i))
+        rows.append({**row, "prompt": teacher_prompt(names[t], names)})
+    return rows
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -315,20 +315,12 @@ class ReasonRun:
 
     # -- driving -------------------------------------------------------------------------------
     def check_output(self) -> None:
-        """Write ``run.json``, or check that an existing one holds the same recipe."""
+        """Record the recipe in ``run.json``, or refuse a folder that holds another one."""
         recipe = json.loads(json.dumps(asdict(self.config)))
         for key in ("output", "threads"):
             recipe.pop(key, None)
-        recipe["train"].pop("progress", None)
-        path = self.output / "run.json"
-        if path.is_file():
-            if json.loads(path.read_text()) != recipe:
-                raise CdfslError(
-                    f"{self.output} holds a run of a different recipe (see {path}); pass "
-                    "--output to a new folder, or delete it to start over"
-                )
-        else:
-            write_json_atomic(path, recipe)
+        recipe["train"].pop("progress", None)  # how a run looks, not what it computes
+        check_run_config(self.output, recipe)
 
     def run(self) -> dict[str, Any]:
         """Every fold and variant (skipping finished ones); returns the summary."""
