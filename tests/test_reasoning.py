@@ -381,6 +381,10 @@ def test_one_sarr_round_end_to_end_and_resume(tmp_path: Path):
         )
         for i, c in enumerate(teacher)
     ]
+    # image 12: correct conclusion, but cut at the token limit: not kept (no room for <eos>)
+    _ScriptedModel.script[12] = (
+        " the outline" * 150 + " <CONCLUSION> " + DG_CLASSES[train.targets[12]]
+    )
     _ScriptedModel.cursor = 0
     inputs = ImageInputs(model, train)
     train_config = TrainConfig(epochs=1, batch_size=7, lr=1e-3, accelerator="cpu")
@@ -393,21 +397,22 @@ def test_one_sarr_round_end_to_end_and_resume(tmp_path: Path):
     )  # fmt: skip
     before = model.trainable_state_dict()
     [metrics] = runner.run()
-    assert metrics["accepted"] == 7 and metrics["generated"] == 14
-    assert metrics["acceptance_rate"] == 0.5 and metrics["held_out"] == {"accuracy": 0.5}
+    assert metrics["accepted"] == 6 and metrics["generated"] == 14 and metrics["too_long"] == 1
+    assert metrics["acceptance_rate"] == 6 / 14 and metrics["held_out"] == {"accuracy": 0.5}
     assert metrics["train"]["steps"] == 2 and "chain_nll" in metrics["train"]
     folder = tmp_path / "round-1"
     used = ChainStore(folder / "chains.jsonl").read()
-    assert [c.source for c in used] == ["self" if i % 2 == 0 else "template" for i in range(14)]
+    kept = [i % 2 == 0 and i != 12 for i in range(14)]
+    assert [c.source for c in used] == ["self" if k else "template" for k in kept]
     generated = [json.loads(line) for line in (folder / "generated.jsonl").read_text().splitlines()]
-    assert [g["accepted"] for g in generated] == [i % 2 == 0 for i in range(14)]
+    assert [g["accepted"] for g in generated] == kept
     assert (folder / "log" / "metrics.csv").is_file()
     after = model.trainable_state_dict()
     assert not all(torch.equal(before[k], after[k]) for k in before)  # it retrained
     # a rerun finds the round done: loads its weights, generates nothing, trains nothing
     model.reset_trainable(5)
     calls = _ScriptedModel.generate_calls
-    assert runner.run()[0]["accepted"] == 7
+    assert runner.run()[0]["accepted"] == 6
     assert _ScriptedModel.generate_calls == calls and len(evaluated) == 1
     assert all(torch.equal(after[k], model.trainable_state_dict()[k]) for k in after)
 
@@ -480,6 +485,8 @@ def test_cdfsl_reason_reports_a_bad_chain_file_and_trains_on_the_rest(tmp_path, 
     rows[0]["chain"] = rows[0]["chain"].replace("<REASONING>", "")  # missing tag
     rows[1]["chain"] = rows[1]["chain"].replace("<CONCLUSION> square", "<CONCLUSION> star")
     rows[2]["image_id"] = "photo/triangle/0-999"  # unknown id
+    long = rows[3]["chain"].replace("<REASONING>", "<REASONING>" + " the outline" * 80)
+    rows[3]["chain"] = long  # valid, but longer than the micro MLLM's context
     rows.append({"image_id": test.sample_id(0), "chain": chains[0].chain})  # held-out image
     path = tmp_path / "teacher.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
@@ -500,7 +507,8 @@ def test_cdfsl_reason_reports_a_bad_chain_file_and_trains_on_the_rest(tmp_path, 
         "malformed row: 1",
     ):
         assert reason in out
-    assert "3 of 14 training images have no chain: label loss only" in out
+    assert "1 chains are too long for the model's context, e.g. 'photo/diamond/0-3'" in out
+    assert "4 of 14 training images have no chain: label loss only" in out
     table = out[out.index("| method |") :].splitlines()
     assert table[0] == "| method | answer | xray | average |"
     assert [row.split(" | ")[0] for row in table[2:6]] == [

@@ -70,6 +70,11 @@ class GenerativeVLM(nn.Module, ABC):
     ) -> list[str]:
         """Greedy answers to ``prompts[i]`` about image ``i``, end-of-answer token removed."""
 
+    def fits(self, prompt: str, target: str) -> bool:
+        """Whether ``target`` after ``prompt`` fits the model's context (checked before
+        training, so that no over-long chain stops a run in the middle)."""
+        return True
+
     @abstractmethod
     def reset_trainable(self, seed: int) -> None:
         """Re-initialise every trainable weight (adapters, or a from-scratch model) from ``seed``,

@@ -348,6 +348,16 @@ class ReasonRun:
         write_json_atomic(folder / "chain_report.json", report.summary())
         write_chains(folder / "teacher_chains.jsonl", chains.values())
         print(f"[held out: {domain}] teacher {report.format()}")
+        texts = [label_prompt(), reason_prompt(), *fold.train.class_names]
+        texts += [c.chain for c in chains.values()]
+        model = self.build_model(texts)
+        too_long = [i for i, c in chains.items() if not model.fits(reason_prompt(), c.chain)]
+        if too_long:
+            print(
+                f"  {len(too_long)} chains are too long for the model's context, e.g. "
+                f"{too_long[0]!r}: dropped (label loss only for those images)"
+            )
+            chains = {i: c for i, c in chains.items() if i not in set(too_long)}
         if not chains and set(self.config.variants) - {"label-only"}:
             raise CdfslError(
                 f"no valid teacher chain for the training images of fold {domain!r} (see "
@@ -357,9 +367,6 @@ class ReasonRun:
         without = sum(i not in chains for i in train_ids)
         if without:
             print(f"  {without} of {len(train_ids)} training images have no chain: label loss only")
-        texts = [label_prompt(), reason_prompt(), *fold.train.class_names]
-        texts += [c.chain for c in chains.values()]
-        model = self.build_model(texts)
         train_inputs = ImageInputs(model, fold.train)
         test_inputs = ImageInputs(model, fold.test)
         context = _FoldContext(fold, chains, train_ids, train_inputs, test_inputs)

@@ -35,7 +35,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from cdfsl.assets import assets_dir
-from cdfsl.errors import WeightsError
+from cdfsl.errors import CdfslError, WeightsError
 from cdfsl.reasoning.adapter import GenerativeVLM
 
 _TAG = re.compile(r"</?[A-Z]+>")
@@ -281,9 +281,14 @@ class MicroMLLM(GenerativeVLM):
     def _target_ids(self, target: str) -> list[int]:
         return [*self.vocabulary.encode(target), WordVocabulary.EOS]
 
+    def fits(self, prompt: str, target: str) -> bool:
+        """Whether image tokens, prompt, target and ``<eos>`` fit in ``max_length``."""
+        tokens = len(self._prefix_ids(prompt)) + len(self._target_ids(target))
+        return tokens + self.num_image_tokens <= self.config.max_length
+
     def _check_length(self, tokens: int) -> None:
         if tokens + self.num_image_tokens > self.config.max_length:
-            raise WeightsError(
+            raise CdfslError(
                 f"a sequence of {tokens} words plus {self.num_image_tokens} image tokens exceeds "
                 f"the micro MLLM's max_length={self.config.max_length}; raise model.max_length "
                 "in the recipe or shorten the chains"

@@ -3,7 +3,8 @@
 Each of N rounds (default 3):
 
 1. the current model answers q_reason for every training image;
-2. a generated chain is kept only if its CONCLUSION parses to the image's true class;
+2. a generated chain is kept only if its CONCLUSION parses to the image's true class (and
+   it fits the model's context: a chain cut at the token limit is not kept);
 3. those images train on their own kept chain, every other image on its teacher chain;
 4. the model is retrained with the MTCT loss from where it stands.
 
@@ -149,6 +150,13 @@ class SARRRunner:
         kept, accepted = select_self_chains(
             self.image_ids, self.labels, generated, self.class_names, round_
         )
+        # A chain cut at the token limit may still conclude correctly, but cannot be trained on
+        # with its end token inside the context: it keeps the teacher's chain instead.
+        too_long = {c.image_id for c in kept if not self.model.fits(reason_prompt(), c.chain)}
+        kept = [c for c in kept if c.image_id not in too_long]
+        accepted = [
+            ok and i not in too_long for i, ok in zip(self.image_ids, accepted, strict=True)
+        ]
         _write_generated(folder / "generated.jsonl", self.image_ids, generated, accepted, round_)
         chains = replace_chains(self.teacher, kept, self.image_ids)
         write_chains(folder / "chains.jsonl", [c for c in chains if c is not None])
@@ -167,7 +175,7 @@ class SARRRunner:
             "generated": len(generated),
             "accepted": len(kept),
             "acceptance_rate": len(kept) / max(1, len(generated)),
-            "self_chains": len(kept),
+            "too_long": len(too_long),
             "teacher_chains": sum(c is not None and c.source != SELF_SOURCE for c in chains),
             "generate_s": generate_s,
             "train": training,
