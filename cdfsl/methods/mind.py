@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from cdfsl.data.views import DEFAULT_VIEWS, ViewSpec
 from cdfsl.errors import CdfslError
-from cdfsl.lora import LoRAConfig
 from cdfsl.losses import (
     fusion_target,
     mind_schedule,
@@ -30,7 +28,7 @@ class Mind(FewShotMethod):
     evaluator feeds it). Rows of the clean view give the support features S; a batch without
     views uses all its rows.
 
-    Args (beyond :class:`FewShotMethod`):
+    Args (beyond :class:`FewShotMethod`, whose arguments pass through ``kwargs``):
         svl_weight: λ_svl (the reference code's ``beta``).
         ra_weight: λ_ra (the reference code's ``gamma``; the paper's β).
         divergence: the relation-alignment divergence, see ``cdfsl.losses.relation_alignment``.
@@ -38,26 +36,13 @@ class Mind(FewShotMethod):
 
     def __init__(
         self,
-        backbone: str = "tiny-clip",
-        pretrained: str | None = "default",
-        class_names: Sequence[str] | None = None,
-        template: str = "a photo of a {}.",
-        logit_scale: float | None = None,
-        lora: LoRAConfig | None = LoRAConfig(),  # noqa: B008  (frozen value, never mutated)
-        views: Sequence[ViewSpec] | None = tuple(DEFAULT_VIEWS),
-        lr: float = 2e-4,
-        weight_decay: float = 1e-2,
-        t_max_factor: float = 8.0,
-        eta_min: float = 1e-6,
-        seed: int = 0,
+        *,
         svl_weight: float = 0.1,
         ra_weight: float = 3.0,
         divergence: str = "log_target_kl",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            backbone, pretrained, class_names, template, logit_scale, lora, views, lr,
-            weight_decay, t_max_factor, eta_min, seed,
-        )  # fmt: skip
+        super().__init__(**kwargs)
         self.svl_weight = svl_weight
         self.ra_weight = ra_weight
         self.divergence = divergence
