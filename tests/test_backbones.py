@@ -75,3 +75,13 @@ def test_registry_lists_rows_and_any_open_clip_name_resolves():
     assert resolve_entry("ViT-B-32").model == "ViT-B-32"
     tiny_entry = resolve_entry("tiny-clip")
     assert weights_available(tiny_entry)  # random init needs no file
+
+
+def test_local_dir_backbone_without_files_says_how_to_get_them(tmp_path):
+    from cdfsl.backbones import BackboneEntry
+    from cdfsl.backbones.registry import resolve_weights
+
+    entry = BackboneEntry("mine", f"local-dir:{tmp_path}", None, how_to_get="run make-weights")
+    assert not weights_available(entry)
+    with pytest.raises(WeightsError, match=r"open_clip_config.json.*run make-weights"):
+        resolve_weights(entry, "default")

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from cdfsl.assets import assets_dir
 from cdfsl.backbones.base import Backbone, Preprocess
 from cdfsl.backbones.registry import BackboneEntry, register_backbone, register_family
 
@@ -47,6 +48,13 @@ for _row in (
     BackboneEntry("clip-vit-l14", "ViT-L-14", "openai", "OpenAI CLIP ViT-L/14"),
     BackboneEntry(
         "tiny-clip", "cdfsl-tiny-clip", None, "random-init 32 px CLIP for tests (~3M params)"
+    ),
+    BackboneEntry(
+        "micro-clip",
+        f"local-dir:{assets_dir() / 'micro-clip'}",
+        None,
+        "CLIP pretrained by cdfsl on the micro world's source domain (offline default)",
+        how_to_get="rebuild it with: python -m cdfsl.pretrain_micro --output assets/micro-clip",
     ),
 ):
     register_backbone(_row)

@@ -45,6 +45,8 @@ class BackboneEntry:
     model: str
     pretrained: str | None
     description: str = ""
+    # How to obtain the weights when they are missing, appended to the error message.
+    how_to_get: str = ""
 
 
 _BACKBONES: dict[str, BackboneEntry] = {}
@@ -147,7 +149,16 @@ def resolve_weights(
     default_tag_cfg = (
         open_clip.get_pretrained_cfg(entry.model, entry.pretrained) if entry.pretrained else {}
     )
-    if pretrained is None or entry.model.startswith("local-dir:"):
+    if entry.model.startswith("local-dir:"):
+        folder = Path(entry.model.removeprefix("local-dir:"))
+        if not (folder / "open_clip_config.json").is_file():
+            hint = entry.how_to_get or "point the backbone at a folder holding both files"
+            raise WeightsError(
+                f"backbone {entry.name!r} expects open_clip_config.json and weights in "
+                f"{folder}, which has none; {hint}"
+            )
+        return _Weights(None, {})
+    if pretrained is None:
         return _Weights(None, {})
     path = Path(pretrained).expanduser()
     if path.is_dir():
@@ -298,7 +309,7 @@ def _pretrained_dir(entry: BackboneEntry, pretrained: str | None) -> str | None:
 def weights_available(entry: BackboneEntry, cache_dir: str | None = None) -> bool:
     """Whether ``entry``'s default weights and tokenizer load without network access."""
     if entry.model.startswith("local-dir:"):
-        return Path(entry.model.removeprefix("local-dir:")).is_dir()
+        return (Path(entry.model.removeprefix("local-dir:")) / "open_clip_config.json").is_file()
     try:
         _resolve_files(entry, "default", cache_dir, allow_download=False, tokenizer=None)
     except WeightsError:

@@ -27,8 +27,13 @@ def run(cfg: Namespace) -> None:
     model_w = max(len("open_clip model"), *(len(e.model) for e in entries))
     print(f"{'name':<{name_w}} {'open_clip model':<{model_w}} {'weights':<10} {'input':<8} local")
     for entry in entries:
-        model_cfg = open_clip.get_model_config(entry.model) or {}
+        available = weights_available(entry)
+        # A local-dir model's config lives in its folder, which may not exist yet.
+        local_dir = entry.model.startswith("local-dir:")
+        model_cfg = (
+            open_clip.get_model_config(entry.model) if available or not local_dir else {}
+        ) or {}
         size = model_cfg.get("vision_cfg", {}).get("image_size", "?")
-        local = "yes" if weights_available(entry) else "no"
+        local = "yes" if available else "no"
         weights = entry.pretrained or "-"
         print(f"{entry.name:<{name_w}} {entry.model:<{model_w}} {weights:<10} {size!s:<8} {local}")
