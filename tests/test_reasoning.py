@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cdfsl.data.micro_world import COLOURS, SHAPES
 from cdfsl.errors import CdfslError, WeightsError
 from cdfsl.reasoning.adapter import ImageInputs, require_reason_extra
 from cdfsl.reasoning.answers import TAGS, conclusion_text, missing_tags, normalise, parse_class
@@ -24,7 +25,6 @@ from cdfsl.reasoning.chains import (
 )
 from cdfsl.reasoning.dg import average, markdown_table, score_answers
 from cdfsl.reasoning.micro_dg import (
-    DG_CLASSES,
     MicroDGDomain,
     TemplateTeacher,
     list_dg_domains,
@@ -36,6 +36,7 @@ from cdfsl.reasoning.prompts import label_prompt, reason_prompt, teacher_prompt
 from cdfsl.reasoning.sarr import SARRConfig, SARRRunner, replace_chains, select_self_chains
 
 CLASSES = ["circle", "red circle", "alarm clock", "dog"]
+DG_CLASSES = list(SHAPES)
 
 
 @pytest.fixture(autouse=True)
@@ -156,38 +157,49 @@ def test_prompts_are_package_data():
 # -- micro DG world and teacher -----------------------------------------------------------------
 def test_micro_dg_domains_share_classes_and_are_deterministic():
     assert len(list_dg_domains()) >= 4
-    a, b = MicroDGDomain("cartoon", 2, seed=0), MicroDGDomain("xray", 2, seed=0)
-    assert a.class_names == b.class_names == list(DG_CLASSES)
-    assert a.targets == [i % 7 for i in range(14)]
+    a, b = MicroDGDomain("cartoon", 2, seed=0), MicroDGDomain("aerial", 2, seed=0)
+    assert a.class_names == b.class_names == list(COLOURS)  # colour classes by default
+    assert a.targets == [i % 10 for i in range(20)]
     assert (a.array(3) == MicroDGDomain("cartoon", 2, seed=0).array(3)).all()
     assert not (a.array(3) == MicroDGDomain("cartoon", 2, seed=1).array(3)).all()
-    assert a.scene(3).shape == DG_CLASSES[3] and a.scene(3).background == "leaf"
-    assert b.scene(0).colour == "white"  # x-ray: colour carries no signal
+    assert a.scene(3).colour == "green" and a.scene(3).background == "leaf"
+    assert b.scene(13).colour == "green" and b.scene(13).count == "many"
     assert MicroDGDomain("dermoscopy", 1).scene(2).count == "one"
-    assert a.sample_id(9) == "cartoon/triangle/0-9"
-    train, test = micro_dg_split(["photo", "cartoon", "xray"], "xray", 2, 3)
-    assert len(train) == 28 and len(test) == 21
-    assert train.sample_id(14) == "cartoon/circle/0-0"
-    assert test.sample_id(0) == "xray/circle/1-0"  # test seed differs from training seed
+    assert a.sample_id(9) == "cartoon/black/0-9"
+    shapes = MicroDGDomain("xray", 2, seed=0, classes="shape")
+    assert shapes.class_names == DG_CLASSES and shapes.scene(4).shape == "star"
+    assert shapes.scene(0).colour == "white"  # x-ray: colour carries no signal
+    assert shapes.sample_id(9) == "xray/triangle/0-9"
+    train, test = micro_dg_split(["photo", "cartoon", "aerial"], "aerial", 2, 3)
+    assert len(train) == 40 and len(test) == 30
+    assert train.sample_id(20) == "cartoon/red/0-0"
+    assert test.sample_id(0) == "aerial/red/1-0"  # test seed differs from training seed
     with pytest.raises(CdfslError, match="is unknown"):
         MicroDGDomain("sketch")
+    with pytest.raises(CdfslError, match="fixes the colour of every image"):
+        MicroDGDomain("xray", classes="colour")
     with pytest.raises(CdfslError, match="not one of the data domains"):
         micro_dg_split(["photo", "cartoon"], "xray", 1, 1)
 
 
-def test_template_teacher_writes_valid_chains_from_the_scene():
-    train, _ = micro_dg_split(["photo", "cartoon", "dermoscopy", "xray"], "photo", 3, 1)
+@pytest.mark.parametrize("classes", ["colour", "shape"])
+def test_template_teacher_writes_valid_chains_from_the_scene(classes):
+    domains = ["photo", "cartoon", "dermoscopy", "aerial" if classes == "colour" else "xray"]
+    train, _ = micro_dg_split(domains, "photo", 3, 1, classes=classes)
     chains = TemplateTeacher(seed=0).chains(train)
     labels = {train.sample_id(i): t for i, t in enumerate(train.targets)}
     report = validate_chains(chains, labels, train.class_names)
     assert len(report.kept) == len(train) and not report.rejected
-    for i in (0, 8, 20, 40):
-        scene, text = train.scene(i), chains[i].chain
-        assert f" {scene.colour} " in text and scene.count in text
-        assert conclusion_text(text) == DG_CLASSES[train.targets[i]]
-        # the caption describes without naming the class
+    other = "shape" if classes == "colour" else "colour"
+    for i in (0, 8, 20, 40, len(train) - 1):
+        part, local = train.locate(i)
+        scene, text = part.scene(local), chains[i].chain
+        name = getattr(scene, classes)
+        assert conclusion_text(text) == name == train.class_names[train.targets[i]]
         caption = text.split("<CAPTION>")[1].split("</CAPTION>")[0]
-        assert scene.shape not in caption
+        assert f" {name} " not in caption  # the caption describes without naming the class
+        assert getattr(scene, other) in caption and scene.count in caption
+        assert part.style.caption in caption
     assert chains == TemplateTeacher(seed=0).chains(train)
     assert chains != TemplateTeacher(seed=1).chains(train)  # other paraphrases
 
@@ -366,7 +378,7 @@ class _ScriptedModel(MicroMLLM):
 
 
 def test_one_sarr_round_end_to_end_and_resume(tmp_path: Path):
-    train, _ = micro_dg_split(["photo", "cartoon"], "cartoon", 2, 1)
+    train, _ = micro_dg_split(["photo", "cartoon"], "cartoon", 2, 1, classes="shape")
     teacher = TemplateTeacher().chains(train)
     ids = [c.image_id for c in teacher]
     texts = [label_prompt(), reason_prompt(), *DG_CLASSES, *(c.chain for c in teacher)]
@@ -449,11 +461,11 @@ def test_average_and_markdown_table():
 # -- the command ---------------------------------------------------------------------------------
 TINY_RUN = [
     "--model.vision", "random", "--model.width", "32", "--model.layers", "1",
-    "--model.heads", "2", "--data.domains", "[photo, cartoon, xray]",
+    "--model.heads", "2", "--data.domains", "[photo, cartoon, aerial]",
     "--data.train_images_per_class", "1", "--data.test_images_per_class", "2",
     "--train.epochs", "1", "--train.batch_size", "7", "--sarr.rounds", "1",
     "--sarr.epochs_per_round", "1", "--generation.max_new_tokens", "12",
-    "--held_out", "[xray]",
+    "--held_out", "[aerial]",
 ]  # fmt: skip
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes/rd_mldg/micro.yaml")
 
@@ -479,11 +491,11 @@ def main(args: list[str]) -> int:
 
 
 def test_cdfsl_reason_reports_a_bad_chain_file_and_trains_on_the_rest(tmp_path, capsys):
-    train, test = micro_dg_split(["photo", "cartoon", "xray"], "xray", 1, 2)
+    train, test = micro_dg_split(["photo", "cartoon", "aerial"], "aerial", 1, 2)
     chains = TemplateTeacher().chains(train)
     rows = [{"image_id": c.image_id, "chain": c.chain} for c in chains]
     rows[0]["chain"] = rows[0]["chain"].replace("<REASONING>", "")  # missing tag
-    rows[1]["chain"] = rows[1]["chain"].replace("<CONCLUSION> square", "<CONCLUSION> star")
+    rows[1]["chain"] = rows[1]["chain"].replace("<CONCLUSION> orange", "<CONCLUSION> red")
     rows[2]["image_id"] = "photo/triangle/0-999"  # unknown id
     long = rows[3]["chain"].replace("<REASONING>", "<REASONING>" + " the outline" * 80)
     rows[3]["chain"] = long  # valid, but longer than the micro MLLM's context
@@ -496,10 +508,10 @@ def test_cdfsl_reason_reports_a_bad_chain_file_and_trains_on_the_rest(tmp_path, 
 
     assert main([*args, "--check_chains", "true"]) == 0
     checked = capsys.readouterr().out
-    assert "11 training images with a chain" in checked
+    assert "17 training images with a chain" in checked
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "chains: 12 kept, 4 rejected" in out  # 11 training + 1 held-out image kept
+    assert "chains: 18 kept, 4 rejected" in out  # 17 training + 1 held-out image kept
     for reason in (
         "missing tag: 1",
         "wrong conclusion: 1",
@@ -507,25 +519,27 @@ def test_cdfsl_reason_reports_a_bad_chain_file_and_trains_on_the_rest(tmp_path, 
         "malformed row: 1",
     ):
         assert reason in out
-    assert "1 chains are too long for the model's context, e.g. 'photo/diamond/0-3'" in out
-    assert "4 of 14 training images have no chain: label loss only" in out
+    assert "1 chains are too long for the model's context, e.g. 'photo/green/0-3'" in out
+    assert "4 of 20 training images have no chain: label loss only" in out
     table = out[out.index("| method |") :].splitlines()
-    assert table[0] == "| method | answer | xray | average |"
+    assert table[0] == "| method | answer | aerial | average |"
     assert [row.split(" | ")[0] for row in table[2:6]] == [
         "| Label-only", "| Chain-only", "| MTCT", "| MTCT + SARR",
     ]  # fmt: skip
     summary = json.loads((out_dir / "summary.json").read_text())
     assert set(summary["held_out"]) == {"label-only", "chain-only", "mtct", "mtct-sarr"}
-    assert summary["held_out"]["mtct"]["xray"]["n"] == 14
-    report = json.loads((out_dir / "fold-xray" / "chain_report.json").read_text())
+    assert summary["held_out"]["mtct"]["aerial"]["n"] == 20
+    report = json.loads((out_dir / "fold-aerial" / "chain_report.json").read_text())
     assert report["rejected_by_reason"]["unknown image id"] == 1
-    assert (out_dir / "fold-xray" / "mtct-sarr" / "round-1" / "metrics.json").is_file()
-    assert (out_dir / "fold-xray" / "mtct" / "log" / "metrics.csv").is_file()
-    csv_head = (out_dir / "fold-xray" / "mtct" / "log" / "metrics.csv").read_text().splitlines()[0]
+    assert (out_dir / "fold-aerial" / "mtct-sarr" / "round-1" / "metrics.json").is_file()
+    assert (out_dir / "fold-aerial" / "mtct" / "log" / "metrics.csv").is_file()
+    csv_head = (
+        (out_dir / "fold-aerial" / "mtct" / "log" / "metrics.csv").read_text().splitlines()[0]
+    )
     assert "train/label_nll_step" in csv_head and "train/chain_nll_step" in csv_head
 
     # a rerun resumes: every variant is done, nothing trains again
-    result = out_dir / "fold-xray" / "mtct" / "result.json"
+    result = out_dir / "fold-aerial" / "mtct" / "result.json"
     stamp = result.stat().st_mtime_ns
     assert main(args) == 0
     assert "| MTCT + SARR |" in capsys.readouterr().out
@@ -541,8 +555,8 @@ def test_cdfsl_reason_without_any_valid_chain_stops_before_training(tmp_path, ca
     args = ["reason", "--config", RECIPE, *TINY_RUN, "--teacher.kind", "file"]
     assert main([*args, "--teacher.path", str(path), "--output", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "no valid teacher chain for the training images of fold 'xray'" in err
-    assert not (tmp_path / "r" / "fold-xray" / "label-only").exists()
+    assert "no valid teacher chain for the training images of fold 'aerial'" in err
+    assert not (tmp_path / "r" / "fold-aerial" / "label-only").exists()
 
 
 def test_domainbed_folds_file_teacher_and_requests(tmp_path, capsys):

@@ -59,7 +59,7 @@ DEFAULT_ANSWERS = {
     "mtct-sarr": "reason",
 }
 _WEIGHTS = {"label-only": (1.0, 0.0), "chain-only": (0.0, 1.0)}  # (label, chain) overrides
-MICRO_DOMAINS = ["photo", "cartoon", "dermoscopy", "xray"]
+MICRO_DOMAINS = ["photo", "cartoon", "dermoscopy", "aerial"]
 
 
 @dataclass
@@ -86,13 +86,14 @@ class ModelConfig:
 
 @dataclass
 class DGDataConfig:
-    """The multi-domain dataset. ``kind``: "micro" (the micro world's shapes in several styles,
-    :mod:`cdfsl.reasoning.micro_dg`) or "domainbed" (``dataset`` under ``root``, read by
-    :func:`cdfsl.data.domainbed.leave_one_domain_out`). ``domains``: None for all (micro: photo,
-    cartoon, dermoscopy, xray)."""
+    """The multi-domain dataset. ``kind``: "micro" (the micro world in several styles, classes
+    by ``classes``: "colour" or "shape"; :mod:`cdfsl.reasoning.micro_dg`) or "domainbed"
+    (``dataset`` under ``root``, read by :func:`cdfsl.data.domainbed.leave_one_domain_out`).
+    ``domains``: None for all (micro: photo, cartoon, dermoscopy, aerial)."""
 
     kind: str = "micro"
     domains: list[str] | None = None
+    classes: str = "colour"
     train_images_per_class: int = 20
     test_images_per_class: int = 30
     seed: int = 0
@@ -190,8 +191,9 @@ def build_fold(data: DGDataConfig, domain: str) -> Fold:
         from cdfsl.reasoning.micro_dg import micro_dg_split
 
         train, test = micro_dg_split(
-            domains, domain, data.train_images_per_class, data.test_images_per_class, data.seed
-        )
+            domains, domain, data.train_images_per_class, data.test_images_per_class, data.seed,
+            data.classes,
+        )  # fmt: skip
         return Fold(domain, train, test, {**_ids(train), **_ids(test)})
     from cdfsl.data.domainbed import leave_one_domain_out
 

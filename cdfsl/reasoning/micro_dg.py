@@ -1,23 +1,31 @@
 """The micro world as a DomainBed-style dataset, and a template teacher that writes its chains.
 
 :mod:`cdfsl.data.micro_world` gives each target domain its own classes; domain generalization
-needs the same classes in several styles. Here the classes are the seven shapes and each
-domain draws them with one of the micro world's renderers (``render_scene``), with that
-renderer's own backdrop and layout rules, like PACS's photo / art / cartoon / sketch:
+needs the same classes in several styles. Here the classes are one scene attribute, the
+``colour`` (ten classes, the default) or the ``shape`` (seven), every other attribute drawn at
+random, and each domain draws them with one of the micro world's renderers
+(``render_scene``), with that renderer's own backdrop and layout rules, like PACS's photo /
+art / cartoon / sketch:
 
 ============  =============================================================================
 domain        look
 ============  =============================================================================
-photo         flat shapes on light/dark/grass/sand/water/brick, any colour, count, position
+photo         flat shapes on light/dark/grass/sand/water/brick, any count and position
 cartoon       dark outlines, posterised colours, leaf backdrop
-dermoscopy    one large centred shape on skin, warm cast, blur, hairs, dark vignette
-xray          grayscale, low contrast, noisy, ribs: the shape alone carries the class
-aerial        a hazy top-down grid of many small shapes on field patches (the hardest)
+dermoscopy    one large centred shape on skin, warm colour cast, blur, hairs, dark vignette
+aerial        a hazy top-down grid of many small shapes on field patches
+xray          grayscale, low contrast, noisy, ribs (shape classes only: no colour survives)
 ============  =============================================================================
 
-Image ``i`` of a domain has class ``i % 7`` and is a pure function of ``(domain, seed, i)``.
-:class:`TemplateTeacher` writes a five-stage chain for an image from its true scene attributes
-(style, count, size, texture, colour, position, backdrop, shape evidence), with a few
+Why colour by default: micro-clip, pretrained on captions that name colours far more reliably
+than its 8-px patches resolve small shapes, encodes colour well and shape weakly (a linear
+probe on its features), so colour classes leave the domain shift, not the tower, as the
+difficulty: the warm cast of dermoscopy and the haze of aerial views move colours.
+
+Image ``i`` of a domain has class ``i % K`` and is a pure function of ``(domain, classes,
+seed, i)``. :class:`TemplateTeacher` writes a five-stage chain for an image from its true scene
+attributes (style, count, size, texture, shape or colour, position, backdrop, evidence for the
+class, a check against the nearest other class and the style's confounder), with a few
 paraphrases per stage drawn per image, so teacher chains vary in wording as an external
 teacher's do.
 """
@@ -35,7 +43,9 @@ from PIL import Image
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.micro_world import (
     BACKGROUNDS,
+    COLOURS,
     IMAGE_SIZE,
+    PLURALS,
     POSITIONS,
     SHAPES,
     ClassSpec,
@@ -47,93 +57,117 @@ from cdfsl.data.micro_world import (
 from cdfsl.errors import CdfslError
 from cdfsl.reasoning.chains import Chain, chain_text
 
+CLASS_ATTRIBUTES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {"colour": tuple(COLOURS), "shape": SHAPES}
+)
+"""The scene attribute a micro DG dataset classifies by, and its class names."""
+
 
 @dataclass(frozen=True)
 class DGStyle:
-    """One DG domain: its renderer and the scene attributes the renderer fixes."""
+    """One DG domain: its renderer, the scene attributes the renderer fixes, its confounder."""
 
     name: str
     uid: int  # first integer of every image's seed; apart from the micro world's 1000-1005
     style: str
     fixed: Mapping[str, str | None]
     caption: str  # how a caption names the style: "a cartoon of ..."
+    caveat: str  # what the style does to colours, for the teacher's REFLECTION
 
 
 DG_STYLES: Mapping[str, DGStyle] = MappingProxyType(
     {
         s.name: s
         for s in (
-            DGStyle("photo", 3101, "photo", MappingProxyType({}), "a photo"),
+            DGStyle(
+                "photo", 3101, "photo", MappingProxyType({}), "a photo",
+                "the backdrop does not change the fill",
+            ),
             DGStyle(
                 "cartoon", 3102, "cartoon",
                 MappingProxyType({"texture": "plain", "background": "leaf"}), "a cartoon",
+                "cartoon colours are flat and strong",
             ),
             DGStyle(
                 "dermoscopy", 3103, "dermoscopy",
                 MappingProxyType(
                     {"count": "one", "size": "large", "position": "center", "background": "skin"}
                 ),
-                "a skin scan",
+                "a skin scan", "the warm cast of the scan makes colours redder",
             ),
             DGStyle(
-                "xray", 3104, "xray",
-                MappingProxyType({"colour": "white", "texture": "plain", "background": "ribs"}),
-                "an x-ray",
-            ),
-            DGStyle(
-                "aerial", 3105, "aerial",
+                "aerial", 3104, "aerial",
                 MappingProxyType(
                     {
                         "count": "many", "size": "small", "position": None, "texture": "plain",
                         "background": "fields",
                     }
                 ),
-                "an aerial view",
+                "an aerial view", "the haze makes colours paler",
+            ),
+            DGStyle(
+                "xray", 3105, "xray",
+                MappingProxyType({"colour": "white", "texture": "plain", "background": "ribs"}),
+                "an x-ray", "an x-ray shows no colour",
             ),
         )
     }
 )  # fmt: skip
-"""The DG domains by name; every one has the same seven shape classes."""
-
-DG_CLASSES: tuple[str, ...] = SHAPES
+"""The DG domains by name; within one dataset every domain has the same classes."""
 
 
 def list_dg_domains() -> list[str]:
     return list(DG_STYLES)
 
 
-def _style(name: str) -> DGStyle:
+def _style(name: str, classes: str) -> DGStyle:
+    if classes not in CLASS_ATTRIBUTES:
+        raise CdfslError(
+            f"micro DG classes {classes!r} are unknown; expected one of "
+            f"{', '.join(CLASS_ATTRIBUTES)}; fix data.classes in the recipe"
+        )
     if name not in DG_STYLES:
         raise CdfslError(
             f"micro DG domain {name!r} is unknown; expected one of {', '.join(DG_STYLES)}; "
             "fix data.domains in the recipe"
         )
-    return DG_STYLES[name]
-
-
-def _domain_spec(style: DGStyle) -> DomainSpec:
-    classes = tuple(ClassSpec(shape, MappingProxyType({"shape": shape})) for shape in DG_CLASSES)
-    return DomainSpec(
-        f"dg-{style.name}", style.uid, style.style, "DomainBed-style DG", classes, style.fixed
-    )
+    style = DG_STYLES[name]
+    if classes in style.fixed:
+        raise CdfslError(
+            f"micro DG domain {name!r} fixes the {classes} of every image, so it cannot have "
+            f"{classes} classes; drop it from data.domains or use other classes"
+        )
+    return style
 
 
 class MicroDGDomain:
-    """The seven shape classes drawn in one DG style; implements ``LabelledImages``.
+    """The classes of one scene attribute drawn in one DG style; implements ``LabelledImages``.
 
-    ``sample_id(i)`` is ``"<domain>/<shape>/<seed>-<i>"``; ``scene(i)`` the scene drawn.
+    ``classes``: "colour" or "shape" (:data:`CLASS_ATTRIBUTES`). ``sample_id(i)`` is
+    ``"<domain>/<class>/<seed>-<i>"``; ``scene(i)`` the scene drawn.
     """
 
     def __init__(
-        self, domain: str, images_per_class: int = 30, seed: int = 0, image_size: int = IMAGE_SIZE
+        self,
+        domain: str,
+        images_per_class: int = 30,
+        seed: int = 0,
+        classes: str = "colour",
+        image_size: int = IMAGE_SIZE,
     ) -> None:
         if images_per_class < 1:
             raise CdfslError(
                 f"images_per_class={images_per_class} for micro DG domain {domain!r}; expected "
                 "an integer >= 1"
             )
-        self.style = _style(domain)
-        self.spec = _domain_spec(self.style)
+        self.style = _style(domain, classes)
+        self.classes = classes
+        self.names = CLASS_ATTRIBUTES[classes]
+        specs = tuple(ClassSpec(n, MappingProxyType({classes: n})) for n in self.names)
+        self.spec = DomainSpec(
+            f"dg-{domain}", self.style.uid, self.style.style, "DomainBed-style DG", specs,
+            self.style.fixed,
+        )  # fmt: skip
         self.domain = domain
         self.images_per_class = images_per_class
         self.seed = seed
@@ -141,27 +175,25 @@ class MicroDGDomain:
 
     @property
     def class_names(self) -> list[str]:
-        return list(DG_CLASSES)
+        return list(self.names)
 
     @property
     def targets(self) -> list[int]:
-        return [i % len(DG_CLASSES) for i in range(len(self))]
+        return [i % len(self.names) for i in range(len(self))]
 
     def __len__(self) -> int:
-        return len(DG_CLASSES) * self.images_per_class
+        return len(self.names) * self.images_per_class
 
     def _scene_and_rng(self, index: int) -> tuple[Scene, np.random.Generator]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {self.domain} of length {len(self)}")
-        rng = np.random.default_rng([self.style.uid, self.seed, index])
-        return sample_class_scene(self.spec, index % len(DG_CLASSES), rng), rng
+        factor = list(CLASS_ATTRIBUTES).index(self.classes)
+        rng = np.random.default_rng([self.style.uid, factor, self.seed, index])
+        return sample_class_scene(self.spec, index % len(self.names), rng), rng
 
     def scene(self, index: int) -> Scene:
         """The scene drawn as image ``index``."""
         return self._scene_and_rng(index)[0]
-
-    def domain_of(self, index: int) -> str:
-        return self.domain
 
     def array(self, index: int) -> np.ndarray:
         """Image ``index`` as uint8 (H, W, 3)."""
@@ -172,20 +204,17 @@ class MicroDGDomain:
         return Image.fromarray(self.array(index), mode="RGB")
 
     def sample_id(self, index: int) -> str:
-        return f"{self.domain}/{DG_CLASSES[index % len(DG_CLASSES)]}/{self.seed}-{index}"
+        return f"{self.domain}/{self.names[index % len(self.names)]}/{self.seed}-{index}"
 
     def __repr__(self) -> str:
         return (
             f"MicroDGDomain({self.domain!r}, images_per_class={self.images_per_class}, "
-            f"seed={self.seed})"
+            f"seed={self.seed}, classes={self.classes!r})"
         )
 
 
 class ConcatImages:
-    """Several ``LabelledImages`` with one class list, one after the other (``LabelledImages``).
-
-    ``scene(i)`` and ``domain_of(i)`` are passed to the part holding image ``i`` when it has them.
-    """
+    """Several ``LabelledImages`` with one class list, one after the other (``LabelledImages``)."""
 
     def __init__(self, parts: Sequence[LabelledImages]) -> None:
         if not parts:
@@ -226,14 +255,6 @@ class ConcatImages:
         part, local = self.locate(index)
         return part.sample_id(local)
 
-    def scene(self, index: int) -> Scene:
-        part, local = self.locate(index)
-        return part.scene(local)  # type: ignore[attr-defined]
-
-    def domain_of(self, index: int) -> str:
-        part, local = self.locate(index)
-        return part.domain_of(local)  # type: ignore[attr-defined]
-
 
 def micro_dg_split(
     domains: Sequence[str],
@@ -241,6 +262,7 @@ def micro_dg_split(
     train_images_per_class: int,
     test_images_per_class: int,
     seed: int = 0,
+    classes: str = "colour",
 ) -> tuple[ConcatImages, MicroDGDomain]:
     """Leave ``target_domain`` out: (train = the other domains, seed ``seed``; test = it).
 
@@ -254,18 +276,31 @@ def micro_dg_split(
     if len(domains) < 2:
         raise CdfslError(f"micro DG needs at least two domains, got {list(domains)}")
     train = ConcatImages(
-        [MicroDGDomain(d, train_images_per_class, seed) for d in domains if d != target_domain]
+        [
+            MicroDGDomain(d, train_images_per_class, seed, classes)
+            for d in domains
+            if d != target_domain
+        ]
     )
-    return train, MicroDGDomain(target_domain, test_images_per_class, seed + 1)
+    return train, MicroDGDomain(target_domain, test_images_per_class, seed + 1, classes)
 
 
 # ---------------------------------------------------------------------------------------------
 # Template teacher
 
-_SUMMARIES = (
-    "Name the shape in the image.",
-    "Which shape does the image show?",
-    "Find the class of the shape.",
+_SUMMARIES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "shape": (
+            "Name the shape in the image.",
+            "Which shape does the image show?",
+            "Find the class of the shape.",
+        ),
+        "colour": (
+            "Name the colour of the objects.",
+            "Which colour does the image show?",
+            "Find the class of the fill colour.",
+        ),
+    }
 )
 _BACKDROPS: Mapping[str, str] = MappingProxyType(
     {
@@ -291,9 +326,19 @@ _EVIDENCE: Mapping[str, tuple[str, ...]] = MappingProxyType(
             "two round lobes on top end in one point",
             "it has a dip on top and a point below",
         ),
+        "red": ("the fill is a strong, pure red", "the fill is deep red with no yellow in it"),
+        "orange": ("the fill lies between red and yellow", "the fill is a bright, warm orange"),
+        "yellow": ("the fill is a light, bright yellow", "the fill is yellow like a lemon"),
+        "green": ("the fill is green like grass", "the fill is a fresh green"),
+        "blue": ("the fill is a deep, cool blue", "the fill is blue like the sea"),
+        "purple": ("the fill mixes red and blue into violet", "the fill is a dark purple"),
+        "pink": ("the fill is a pale, light red", "the fill is a soft pink"),
+        "brown": ("the fill is a dark, dull orange", "the fill is brown like wood"),
+        "white": ("the fill is very light with no hue", "the fill is plain white"),
+        "black": ("the fill is very dark with no hue", "the fill is nearly black"),
     }
 )
-# The most similar other shape, and the evidence that rules it out.
+# The most similar other class, and the evidence that rules it out.
 _CONFUSER: Mapping[str, tuple[str, str]] = MappingProxyType(
     {
         "circle": ("square", "a square has corners"),
@@ -303,24 +348,38 @@ _CONFUSER: Mapping[str, tuple[str, str]] = MappingProxyType(
         "star": ("cross", "a cross has four arms, not five points"),
         "cross": ("star", "a star has five points, not four arms"),
         "heart": ("circle", "a circle has no point"),
+        "red": ("orange", "orange would be more yellow"),
+        "orange": ("brown", "brown would be darker"),
+        "yellow": ("white", "white would have no hue"),
+        "green": ("blue", "blue would be cooler"),
+        "blue": ("purple", "purple would be redder"),
+        "purple": ("blue", "blue would have no red in it"),
+        "pink": ("red", "red would be deeper"),
+        "brown": ("orange", "orange would be brighter"),
+        "white": ("yellow", "yellow would have a hue"),
+        "black": ("brown", "brown would have a hue"),
     }
 )
 _REFLECTIONS = (
-    "Colour and backdrop do not decide it; {rule}, so not a {other}.",
-    "Could it be a {other}? No, {rule}.",
-    "Checking: {rule}, so it is no {other}.",
+    "{caveat}; {rule}, so not {other}.",
+    "Could it be {other}? No, {rule}, and {caveat}.",
+    "Checking: {rule}, so it is no {other}; {caveat}.",
 )
 
 
-def scene_caption(scene: Scene, style_caption: str) -> str:
-    """What the image shows, from its scene, without naming the shape: the CAPTION stage."""
-    noun = "object" if scene.count == "one" else "objects"
+def scene_caption(scene: Scene, style_caption: str, hide: str) -> str:
+    """What the image shows, from its scene, without naming its ``hide`` attribute (the class):
+    the CAPTION stage."""
+    many = scene.count != "one"
     words = [style_caption, "of", scene.count]
-    if scene.count == "one":
+    if not many:
         words.append(scene.size)
     if scene.texture != "plain":
         words.append(scene.texture)
-    words += [scene.colour, noun]
+    if hide == "shape":
+        words += [scene.colour, "objects" if many else "object"]
+    else:
+        words.append(PLURALS[scene.shape] if many else scene.shape)
     if scene.position is not None:
         words.append(POSITIONS[scene.position])
     words.append(_BACKDROPS.get(scene.background, f"on {scene.background}"))
@@ -328,7 +387,7 @@ def scene_caption(scene: Scene, style_caption: str) -> str:
 
 
 class TemplateTeacher:
-    """Writes five-stage chains from each image's true scene; needs ``images.scene(i)``.
+    """Writes five-stage chains from each image's true scene (micro DG datasets only).
 
     Each stage picks one of a few paraphrases with a generator seeded by ``(seed, image id)``,
     so a chain is a pure function of the image and the seed.
@@ -339,24 +398,27 @@ class TemplateTeacher:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def write(self, scene: Scene, style_caption: str, class_name: str, image_id: str) -> str:
-        """The chain of one image whose scene is ``scene`` and class ``class_name``."""
+    def write(self, scene: Scene, style: DGStyle, classes: str, image_id: str) -> str:
+        """The chain of one image whose scene is ``scene``, drawn in ``style``, classified by
+        its ``classes`` attribute."""
         rng = np.random.default_rng([self.seed, zlib.crc32(image_id.encode())])
 
         def pick(options: Sequence[str]) -> str:
             return options[int(rng.integers(len(options)))]
 
-        shape = scene.shape
-        other, rule = _CONFUSER[shape]
-        evidence = pick(_EVIDENCE[shape])
+        name = getattr(scene, classes)
+        other, rule = _CONFUSER[name]
+        evidence = pick(_EVIDENCE[name])
         many = scene.count != "one"
         reasoning = f"Each object: {evidence}." if many else f"The object: {evidence}."
+        caveat = style.caveat if classes == "colour" else "colour and backdrop do not decide it"
+        reflection = pick(_REFLECTIONS).format(caveat=caveat, rule=rule, other=other)
         stages = {
-            "SUMMARY": pick(_SUMMARIES),
-            "CAPTION": scene_caption(scene, style_caption),
+            "SUMMARY": pick(_SUMMARIES[classes]),
+            "CAPTION": scene_caption(scene, style.caption, classes),
             "REASONING": reasoning,
-            "REFLECTION": pick(_REFLECTIONS).format(rule=rule, other=other),
-            "CONCLUSION": class_name,
+            "REFLECTION": reflection[0].upper() + reflection[1:],
+            "CONCLUSION": name,
         }
         return chain_text(stages)
 
@@ -365,11 +427,11 @@ class TemplateTeacher:
         out = []
         for i in range(len(images)):
             part, local = images.locate(i) if isinstance(images, ConcatImages) else (images, i)
-            assert isinstance(part, MicroDGDomain)
+            if not isinstance(part, MicroDGDomain):
+                raise CdfslError(
+                    f"the template teacher writes chains for micro DG images only, not {part!r}"
+                )
             image_id = part.sample_id(local)
-            chain = self.write(
-                part.scene(local), part.style.caption, part.class_names[part.targets[local]],
-                image_id,
-            )  # fmt: skip
+            chain = self.write(part.scene(local), part.style, part.classes, image_id)
             out.append(Chain(image_id, chain, self.source, 0))
         return out
