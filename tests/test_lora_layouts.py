@@ -230,10 +230,12 @@ def test_bypassed_fused_qkv_is_refused_and_a_failed_injection_changes_nothing() 
 
 
 def _family_rows() -> list[str]:
+    # local-dir rows (micro-clip) keep their config beside their weights, which may be absent.
+    rows = [e.model for e in list_backbones() if not e.model.startswith("local-dir:")]
     return sorted(
-        e.model
-        for e in list_backbones()
-        if "timm_model_name" in (open_clip.get_model_config(e.model) or {}).get("vision_cfg", {})
+        m
+        for m in rows
+        if "timm_model_name" in (open_clip.get_model_config(m) or {}).get("vision_cfg", {})
     )
 
 
