@@ -243,7 +243,7 @@ def token_log_probs(
 
 
 def test_micro_nll_sum_and_length_normalised_mean_by_hand(micro_model):
-    inputs = torch.randn(3, micro_model.num_image_tokens, 192)
+    inputs = torch.randn(3, micro_model.num_image_tokens, micro_model.feature_width)
     prompts = [label_prompt(), reason_prompt(), label_prompt()]
     targets = ["star", good_chain("star"), "circle"]  # different lengths: right padding
     with torch.no_grad():
@@ -258,7 +258,7 @@ def test_micro_nll_sum_and_length_normalised_mean_by_hand(micro_model):
 
 def test_mtct_loss_by_hand(micro_model):
     n = 4
-    inputs = torch.randn(n, micro_model.num_image_tokens, 192)
+    inputs = torch.randn(n, micro_model.num_image_tokens, micro_model.feature_width)
     labels = [0, 4, 4, 6]
     chains = [good_chain("circle"), None, good_chain("star") + " extra words", good_chain("heart")]
     examples = ReasoningExamples(ImageInputs.from_tensor(inputs), labels, DG_CLASSES, chains)
@@ -288,7 +288,7 @@ def test_mtct_loss_by_hand(micro_model):
 
 
 def test_micro_generate_greedy_matches_argmax_and_stops_at_eos(micro_model):
-    inputs = torch.randn(2, micro_model.num_image_tokens, 192)
+    inputs = torch.randn(2, micro_model.num_image_tokens, micro_model.feature_width)
     answers = micro_model.generate(inputs, [label_prompt(), reason_prompt()], max_new_tokens=5)
     assert len(answers) == 2
     vocab = micro_model.vocabulary

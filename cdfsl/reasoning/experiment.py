@@ -73,8 +73,8 @@ class ModelConfig:
     width: int = 128
     layers: int = 2
     heads: int = 4
-    image_grid: int = 4
-    max_length: int = 160
+    image_grid: int | None = None
+    max_length: int = 192
     dropout: float = 0.1
     path: str = DEFAULT_INTERNVL
     lora: LoRASettings = field(default_factory=LoRASettings)

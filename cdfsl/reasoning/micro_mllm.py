@@ -4,10 +4,10 @@ Real MLLM weights cannot be downloaded offline, so cdfsl builds a tiny one that 
 CPU in minutes:
 
 - vision: the ViT of ``assets/micro-clip`` (pretrained on the micro world by
-  :mod:`cdfsl.pretrain_micro`), frozen; its 8x8 patch tokens (after its final norm) are
-  average-pooled to ``image_grid`` x ``image_grid`` and joined by their mean: 17 image tokens
-  of width 192 for the default grid 4. ``vision="random"`` uses a randomly initialised tower
-  of the same shape, for tests and development. Because the tower is frozen,
+  :mod:`cdfsl.pretrain_micro`), frozen; its patch tokens (after its final norm), optionally
+  average-pooled to ``image_grid`` x ``image_grid``, joined by their mean: grid² + 1 image
+  tokens. ``vision="random"`` uses a randomly initialised tower of the same shape, for tests
+  and development. Because the tower is frozen,
   :meth:`MicroMLLM.image_inputs` returns those features, computed once per image per run;
 - projector: LayerNorm -> Linear -> GELU -> Linear into the LM width, plus a learned embedding
   per image slot;
@@ -15,7 +15,7 @@ CPU in minutes:
   embeddings) over a word-level vocabulary (:class:`WordVocabulary`) built from the texts it
   will see: the prompts, the class names and the chains. Trained from scratch.
 
-The sequence is ``[17 image tokens] <bos> prompt words target words <eos>``; the loss reads the
+The sequence is ``[image tokens] <bos> prompt words target words <eos>``; the loss reads the
 target words and ``<eos>``. Generation is greedy with a key/value cache.
 """
 
@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -89,8 +90,9 @@ class MicroMLLMConfig:
     """Shape of the micro MLLM.
 
     ``vision``: "micro-clip" (``assets/micro-clip``), a local open_clip model directory, or
-    "random" (a random tower of micro-clip's shape). ``max_length``: longest sequence, image
-    tokens included.
+    "random" (a random tower of micro-clip's shape). ``image_grid``: patch tokens are
+    average-pooled to ``image_grid`` x ``image_grid`` (None: the tower's own grid).
+    ``max_length``: longest sequence, image tokens included.
     """
 
     vision: str = "micro-clip"
@@ -98,18 +100,11 @@ class MicroMLLMConfig:
     layers: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
-    image_grid: int = 4
-    max_length: int = 160
+    image_grid: int | None = None
+    max_length: int = 192
     dropout: float = 0.1
 
 
-# Shape of micro-clip's vision tower (cdfsl.pretrain_micro), for the random tower.
-_RANDOM_TOWER = {
-    "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 192, "layers": 6, "head_width": 32},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-}
-_RANDOM_PREPROCESS = {"size": 64, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
 _MODEL_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 
 
@@ -123,12 +118,14 @@ def load_vision_tower(vision: str) -> tuple[nn.Module, dict]:
 
     Raises :class:`WeightsError` when the micro-clip files are not on this machine.
     """
-    import open_clip
-
     if vision == "random":
+        from cdfsl.pretrain_micro import MICRO_CLIP_CFG, PREPROCESS_CFG
+
+        # micro-clip's vision tower, randomly initialised; a token text tower keeps it small.
+        tiny_text = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
         torch.manual_seed(0)
-        visual = open_clip.CLIP(**_RANDOM_TOWER).visual
-        return visual.requires_grad_(False).eval(), dict(_RANDOM_PREPROCESS)
+        visual = open_clip.CLIP(**{**MICRO_CLIP_CFG, "text_cfg": tiny_text}).visual
+        return visual.requires_grad_(False).eval(), _preprocess(PREPROCESS_CFG)
     folder = micro_clip_dir() if vision == "micro-clip" else Path(vision).expanduser()
     missing = [f for f in _MODEL_FILES if not (folder / f).is_file()]
     if missing:
@@ -140,13 +137,19 @@ def load_vision_tower(vision: str) -> tuple[nn.Module, dict]:
         )
     config = json.loads((folder / "open_clip_config.json").read_text())
     model = open_clip.create_model(f"local-dir:{folder}")
-    pre = config.get("preprocess_cfg", {})
-    preprocess = {
-        "size": int(pre.get("size", config["model_cfg"]["vision_cfg"]["image_size"])),
-        "mean": tuple(pre.get("mean", _RANDOM_PREPROCESS["mean"])),
-        "std": tuple(pre.get("std", _RANDOM_PREPROCESS["std"])),
-    }
+    size = config["model_cfg"]["vision_cfg"]["image_size"]
+    preprocess = _preprocess({"size": size, **config.get("preprocess_cfg", {})})
     return model.visual.requires_grad_(False).eval(), preprocess
+
+
+def _preprocess(cfg: dict) -> dict:
+    """Size, mean and std of an open_clip ``preprocess_cfg`` (CLIP's mean/std if absent)."""
+    size = cfg["size"]
+    return {
+        "size": int(size[0] if isinstance(size, (list, tuple)) else size),
+        "mean": tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        "std": tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+    }
 
 
 class _Block(nn.Module):
@@ -186,7 +189,7 @@ class _Block(nn.Module):
 class MicroMLLM(GenerativeVLM):
     """The micro MLLM (module docstring); implements :class:`GenerativeVLM`."""
 
-    cache_image_inputs = True  # 17 x 192 frozen features per image
+    cache_image_inputs = True  # a few dozen frozen feature vectors per image
 
     def __init__(
         self,
@@ -202,9 +205,11 @@ class MicroMLLM(GenerativeVLM):
         self.config = config
         self.vocabulary = vocabulary
         self.vision = vision.requires_grad_(False).eval()
-        self.preprocess = preprocess or dict(_RANDOM_PREPROCESS)
-        feature_width = self.vision.transformer.width
-        self.num_image_tokens = config.image_grid**2 + 1
+        self.preprocess = preprocess or {"size": 64, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+        self.feature_width = feature_width = self.vision.transformer.width
+        native = self.vision.grid_size[0]
+        self.grid = config.image_grid or native
+        self.num_image_tokens = self.grid**2 + 1
         width = config.width
         self.projector = nn.Sequential(
             nn.LayerNorm(feature_width),
@@ -253,7 +258,7 @@ class MicroMLLM(GenerativeVLM):
     # -- images --------------------------------------------------------------------------------
     @torch.no_grad()
     def image_inputs(self, images: Sequence[Image.Image], batch_size: int = 256) -> Tensor:
-        """(B, image_grid² + 1, 192): pooled patch tokens and their mean, of the frozen tower."""
+        """(B, grid² + 1, width): pooled patch tokens and their mean, of the frozen tower."""
         size = self.preprocess["size"]
         mean = torch.tensor(self.preprocess["mean"]).view(1, 3, 1, 1)
         std = torch.tensor(self.preprocess["std"]).view(1, 3, 1, 1)
@@ -270,7 +275,7 @@ class MicroMLLM(GenerativeVLM):
             b, n, c = tokens.shape
             side = math.isqrt(n)
             grid = tokens.transpose(1, 2).reshape(b, c, side, side)
-            pooled = F.adaptive_avg_pool2d(grid, self.config.image_grid).flatten(2).transpose(1, 2)
+            pooled = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
             out.append(torch.cat([pooled, tokens.mean(dim=1, keepdim=True)], dim=1))
         return torch.cat(out).float()
 
