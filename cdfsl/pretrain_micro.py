@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.micro_world import (
+    GRID,
     IMAGE_SIZE,
     MicroWorld,
     SourceCaptions,
@@ -55,8 +56,8 @@ MICRO_CLIP_CFG: dict[str, Any] = {
     "embed_dim": 128,
     "vision_cfg": {
         "image_size": IMAGE_SIZE,
-        "patch_size": 8,
-        "width": 192,
+        "patch_size": IMAGE_SIZE // GRID,
+        "width": 128,
         "layers": 6,
         "head_width": 32,
         "mlp_ratio": 4.0,
@@ -69,7 +70,7 @@ MICRO_CLIP_CFG: dict[str, Any] = {
         "layers": 4,
     },
 }
-"""open_clip ``CLIP`` config of the micro VLM: ViT 64 px / patch 8 (64 tokens), text width 128."""
+"""open_clip ``CLIP`` config of the micro VLM: ViT 60 px / patch 12 (one patch per world cell)."""
 
 PREPROCESS_CFG: dict[str, Any] = {
     "size": IMAGE_SIZE,
@@ -431,7 +432,7 @@ seed key from the training stream, so its images are held out). Chance = 1 / cla
 
 def pretrain_micro(
     output_dir: str | Path,
-    steps: int = 700,
+    steps: int = 1000,
     batch_size: int = 256,
     seed: int = 0,
     *,
@@ -531,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m cdfsl.pretrain_micro --output assets/micro-clip``."""
     parser = argparse.ArgumentParser(prog="python -m cdfsl.pretrain_micro", description=__doc__)
     parser.add_argument("--output", required=True, help="folder to write (open_clip local-dir)")
-    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="model init and data seed")
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -28,7 +28,7 @@ machines.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -37,8 +37,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from cdfsl.errors import CdfslError
 
-IMAGE_SIZE = 64
-"""Side of every generated image in pixels (the micro CLIP sees 8x8 patches of 8 px)."""
+IMAGE_SIZE = 60
+"""Side of every generated image in pixels (the micro CLIP sees 5 x 5 patches of 12 px)."""
 
 _SUPERSAMPLE = 4  # shapes are drawn 4x larger and box-filtered down, for anti-aliased edges
 
@@ -101,17 +101,37 @@ HELD_OUT: frozenset[frozenset[tuple[str, str]]] = frozenset(
 )
 """Attribute pairs the source never draws nor captions; target classes use them."""
 
-# Regions (x0, y0, x1, y1) in unit image coordinates that an object group must lie inside.
-# Side regions stop short of the corners so that "on the left" and "at the top" rarely both fit.
-_REGIONS: Mapping[str | None, tuple[float, float, float, float]] = MappingProxyType(
+GRID = 5
+"""Objects sit on a GRID x GRID lattice of cells, one cell per ViT patch of the micro CLIP.
+
+A ViT trained from scratch for minutes learns colour and position fast but shape slowly when
+shapes land at arbitrary offsets inside patches (a linear patch embedding must learn every
+shape at every offset); centred in patch-sized cells, each shape is one consistent token
+pattern (small) or one consistent block of tokens (large)."""
+
+# Small objects of a group fill distinct cells of their region; a group is "on the left" only if
+# it reaches column 0, and so on, so the five regions never describe the same group.
+_REGION_CELLS: Mapping[str, tuple[tuple[int, int], ...]] = MappingProxyType(
     {
-        None: (0.0, 0.0, 1.0, 1.0),
-        "left": (0.0, 0.18, 0.46, 0.82),
-        "right": (0.54, 0.18, 1.0, 0.82),
-        "top": (0.18, 0.0, 0.82, 0.46),
-        "bottom": (0.18, 0.54, 0.82, 1.0),
-        "center": (0.24, 0.24, 0.76, 0.76),
+        "left": tuple((c, r) for c in (0, 1) for r in (1, 2, 3)),
+        "right": tuple((c, r) for c in (3, 4) for r in (1, 2, 3)),
+        "top": tuple((c, r) for r in (0, 1) for c in (1, 2, 3)),
+        "bottom": tuple((c, r) for r in (3, 4) for c in (1, 2, 3)),
+        "center": ((2, 2), (1, 2), (3, 2), (2, 1), (2, 3)),
     }
+)
+_REGION_ANCHORS: Mapping[str, Callable[[tuple[int, int]], bool]] = MappingProxyType(
+    {
+        "left": lambda cell: cell[0] == 0,
+        "right": lambda cell: cell[0] == GRID - 1,
+        "top": lambda cell: cell[1] == 0,
+        "bottom": lambda cell: cell[1] == GRID - 1,
+        "center": lambda cell: cell == (2, 2),
+    }
+)
+# A large object is centred on one cell and spans about 2.3 cells.
+_LARGE_CENTRES: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {"left": (1, 2), "right": (3, 2), "top": (2, 1), "bottom": (2, 3), "center": (2, 2)}
 )
 
 
@@ -173,9 +193,6 @@ def _cls(name: str, **fixed: str | None) -> ClassSpec:
 
 
 _SOURCE_STREAM_UID = 1000
-_SOURCE_BLOCK_UID = 1006
-SOURCE_BLOCK = 8
-"""Consecutive source-stream items sharing colour and background (see ``SourceCaptions``)."""
 
 _DOMAINS: dict[str, DomainSpec] = {
     spec.name: spec
@@ -340,16 +357,10 @@ def _sample_free_scene(rng: np.random.Generator) -> Scene:
     return Scene(shape, colour, count, size, position, texture, _choice(rng, list(BACKGROUNDS)))
 
 
-def sample_source_scene(
-    rng: np.random.Generator, colour: str | None = None, background: str | None = None
-) -> Scene:
-    """A random source scene (optionally of a given colour and background) outside ``HELD_OUT``."""
+def sample_source_scene(rng: np.random.Generator) -> Scene:
+    """A random source scene that shows none of the ``HELD_OUT`` compositions."""
     while True:
         scene = _sample_free_scene(rng)
-        if colour is not None:
-            scene = replace(scene, colour=colour)
-        if background is not None:
-            scene = replace(scene, background=background)
         if not is_held_out(scene):
             return scene
 
@@ -459,37 +470,41 @@ _OUTLINES = {s: np.asarray(_shape_outline(s), dtype=np.float64) for s in SHAPES}
 
 
 def _layout(scene: Scene, rng: np.random.Generator, grid: bool) -> list[tuple[float, float, float]]:
-    """Object centres and radii ``(cx, cy, r)`` in unit image coordinates."""
-    if grid:  # aerial: a jittered k x k grid of small objects, like tiled fields seen from above
-        k = int(rng.integers(3, 5))
-        r = float(rng.uniform(0.28, 0.34)) / k
-        return [
-            (
-                (i + 0.5) / k + float(rng.normal(0, 0.015)),
-                (j + 0.5) / k + float(rng.normal(0, 0.015)),
-                r,
-            )
-            for j in range(k)
-            for i in range(k)
+    """Object centres and radii ``(cx, cy, r)`` in unit image coordinates, on the cell lattice."""
+    cell = 1.0 / GRID
+    all_cells = [(c, r) for r in range(GRID) for c in range(GRID)]
+    if grid:  # aerial: a regular sub-lattice of small objects, like tiled fields from above
+        pattern = _choice(rng, ("full", "checker", "sparse"))
+        cells = [
+            (c, r)
+            for c, r in all_cells
+            if pattern == "full"
+            or (pattern == "checker" and (c + r) % 2 == 0)
+            or (pattern == "sparse" and c % 2 == 0 and r % 2 == 0)
         ]
-    low, high = COUNTS[scene.count]
-    n = int(rng.integers(low, high + 1))
-    if scene.size == "large":
-        r = float(rng.uniform(0.2, 0.26))
-    elif scene.count == "many":
-        r = float(rng.uniform(0.065, 0.085))
+        small = rng.uniform(0.34, 0.42, len(cells))
+    elif scene.size == "large":
+        cells = [_LARGE_CENTRES[scene.position or "center"]]
+        small = np.asarray([rng.uniform(1.0, 1.2)])
     else:
-        r = float(rng.uniform(0.085, 0.115))
-    x0, y0, x1, y1 = _REGIONS[scene.position]
-    objects: list[tuple[float, float, float]] = []
-    for _ in range(n):
-        for _attempt in range(60):
-            cx = float(rng.uniform(x0 + r, max(x1 - r, x0 + r + 1e-3)))
-            cy = float(rng.uniform(y0 + r, max(y1 - r, y0 + r + 1e-3)))
-            if all((cx - ox) ** 2 + (cy - oy) ** 2 > (2.15 * r) ** 2 for ox, oy, _ in objects):
-                break
-        objects.append((cx, cy, r))
-    return objects
+        low, high = COUNTS[scene.count]
+        n = int(rng.integers(low, high + 1))
+        if scene.position is None:
+            picks = rng.choice(len(all_cells), size=n, replace=False)
+            cells = [all_cells[int(i)] for i in picks]
+        else:
+            region = _REGION_CELLS[scene.position]
+            while True:  # a few draws at most: a third or more of each region is anchor cells
+                picks = rng.choice(len(region), size=n, replace=False)
+                cells = [region[int(i)] for i in picks]
+                if any(_REGION_ANCHORS[scene.position](c) for c in cells):
+                    break
+        small = rng.uniform(0.34, 0.42, n)
+    jitter = rng.normal(0.0, 0.01, (len(cells), 2))  # under one pixel: keep the patch alignment
+    return [
+        ((c + 0.5) * cell + float(jx), (r + 0.5) * cell + float(jy), float(k) * cell)
+        for (c, r), k, (jx, jy) in zip(cells, small, jitter, strict=True)
+    ]
 
 
 def _mask(shape: str, objects: list[tuple[float, float, float]], size: int) -> np.ndarray:
@@ -730,15 +745,13 @@ class SourceCaptions:
     Item ``i`` is a pure function of ``(seed, i)`` and uses a different seed key from the
     labelled ``source`` domain, so zero-shot evaluation on ``MicroWorld("source")`` sees
     held-out images. ``length`` only bounds indexing; the stream is as long as you ask.
-
-    Items come in blocks of ``SOURCE_BLOCK`` that share colour and background: in a batch of
-    consecutive items, each pair then has same-colour, same-background negatives that only
-    shape, count, position, size and texture tell apart. With i.i.d. items a short run learned
-    colour and background and left shape, count and position at chance.
     """
 
     def __init__(
-        self, seed: int = 0, length: int = 10_000_000, image_size: int = IMAGE_SIZE
+        self,
+        seed: int = 0,
+        length: int = 1 << 40,
+        image_size: int = IMAGE_SIZE,
     ) -> None:
         self.seed = seed
         self.length = length
@@ -751,10 +764,8 @@ class SourceCaptions:
         """Scene, caption and the generator (positioned for rendering) of item ``index``."""
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a stream of length {self.length}")
-        block = np.random.default_rng([_SOURCE_BLOCK_UID, self.seed, index // SOURCE_BLOCK])
-        colour, background = _choice(block, list(COLOURS)), _choice(block, list(BACKGROUNDS))
         rng = np.random.default_rng([_SOURCE_STREAM_UID, self.seed, index])
-        scene = sample_source_scene(rng, colour, background)
+        scene = sample_source_scene(rng)
         return scene, caption_for(scene, rng), rng
 
     def array(self, index: int) -> tuple[np.ndarray, str]:
