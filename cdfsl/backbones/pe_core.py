@@ -15,23 +15,17 @@ from typing import Any
 
 from timm.layers import LayerNorm
 from timm.models import Eva, register_model
-from torch import nn
 
 from cdfsl.backbones.clip import ClipBackbone
 from cdfsl.backbones.registry import BackboneEntry, register_backbone, register_family
 
 
 class PeCoreBackbone(ClipBackbone):
-    """Adapter over an open_clip PE-Core ``CustomTextCLIP``; logits are ``s·cos``, as for CLIP."""
+    """Adapter over an open_clip PE-Core ``CustomTextCLIP``; logits are ``s·cos``, as for CLIP.
 
-    def lora_root(self) -> nn.Module:
-        """The vision tower: LoRA goes on the q/k/v of its transformer blocks.
-
-        The MAP pooling head (``trunk.attn_pool``, separate ``q`` and ``kv`` Linears) is not an
-        attention layout LoRA adapts, so it keeps its pretrained weights: the paper adapts the
-        blocks only.
-        """
-        return self.model.visual
+    LoRA goes on the q/k/v of the vision tower's blocks (``ClipBackbone.lora_root``); the MAP
+    pooling head keeps its pretrained weights, as the paper adapts the blocks only.
+    """
 
 
 def _is_pe_core(model_name: str) -> bool:

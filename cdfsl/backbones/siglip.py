@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 from timm.models import VisionTransformer, register_model
-from torch import nn
 
 from cdfsl.backbones.clip import ClipBackbone
 from cdfsl.backbones.registry import BackboneEntry, register_backbone, register_family
@@ -30,16 +29,10 @@ class SiglipBackbone(ClipBackbone):
     overrides it), and so is ``logit_bias``: it is the same for every class, so it leaves the
     softmax, the loss and the argmax unchanged, while each logit stays the model's own pairwise
     logit (``sigmoid(logit)`` is SigLIP's match probability).
+
+    LoRA goes on the q/k/v of the vision tower's blocks (``ClipBackbone.lora_root``); the MAP
+    pooling head keeps its pretrained weights, as the paper adapts the blocks only.
     """
-
-    def lora_root(self) -> nn.Module:
-        """The vision tower: LoRA goes on the q/k/v of its transformer blocks.
-
-        The MAP pooling head (``trunk.attn_pool``, separate ``q`` and ``kv`` Linears) is not an
-        attention layout LoRA adapts, so it keeps its pretrained weights: the paper adapts the
-        blocks only.
-        """
-        return self.model.visual
 
 
 def _is_siglip(model_name: str) -> bool:
