@@ -9,8 +9,8 @@ domains that move away from it the way the BSCD-FSL targets move away from Image
 ==============  =========================================================  ===============
 domain          look                                                       like
 ==============  =========================================================  ===============
-source          flat shapes on light/dark/grass/sand/water/brick            pretraining
-crop-like       cartoon: dark outlines, posterised colours, leaf backdrop  CropDisease
+source          flat shapes on light/dark/grass/sand/water/brick           pretraining
+crop-like       cartoon: pale posterised fills, dark outlines, blotched leaf  CropDisease
 eurosat-like    top-down grid of many small shapes on hazy field patches   EuroSAT
 isic-like       one large centred shape, skin backdrop, warm cast, blur,   ISIC2018
                 hairs and a dark circular vignette
@@ -18,11 +18,12 @@ chestx-like     grayscale, low contrast, noisy, ribs; classes differ by    Chest
                 shape / count / position only (colour carries no signal)
 ==============  =========================================================  ===============
 
-Some target classes are compositions the source never shows nor captions (``HELD_OUT``), e.g.
-"orange triangle": the words are known, the pairing is new. Every image is a pure function of
-``(domain, seed, index)``: its random generator is ``numpy.random.default_rng([uid, seed,
-index])`` with a fixed integer ``uid`` per domain, so images are identical across runs and
-machines.
+Objects sit in the cells of a 5 x 5 lattice, one cell per patch of the micro CLIP's ViT (see
+``GRID``). Some target classes are compositions the source never shows nor captions
+(``HELD_OUT``), e.g. "orange triangle": the words are known, the pairing is new. Every image is
+a pure function of ``(domain, seed, index)``: its random generator is
+``numpy.random.default_rng([uid, seed, index])`` with a fixed integer ``uid`` per domain, so
+images are identical across runs and machines.
 """
 
 from __future__ import annotations
@@ -651,17 +652,17 @@ def render_scene(
         h = np.asarray(hair, np.float32)[..., None] / 255.0
         img = img * (1 - 0.8 * h) + np.float32(0.12) * 0.8 * h
         img = _blur(img, 1.0)
-        img = img * np.asarray((1.08, 0.86, 0.78), np.float32) + np.float32(0.04)  # warm cast
+        img = img * np.asarray((1.06, 0.9, 0.82), np.float32) + np.float32(0.03)  # warm cast
         rad = np.sqrt((xx - 0.5) ** 2 + (yy - 0.5) ** 2)
         vignette = np.clip(1.0 - ((rad - 0.38) / 0.14), 0, 1) ** 1.5
-        img = img * vignette[..., None]
+        img = img * (0.55 + 0.45 * vignette[..., None])
     elif style == "xray":
         gray = img.mean(axis=2)
-        gray = 0.3 + 0.45 * gray  # low contrast
+        gray = 0.32 + 0.3 * gray  # low contrast
         gray = np.asarray(
             Image.fromarray(_to_uint8(gray)).filter(ImageFilter.GaussianBlur(0.8)), np.float32
         ) / np.float32(255.0)
-        gray = gray + rng.normal(0, 0.05, gray.shape).astype(np.float32)
+        gray = gray + rng.normal(0, 0.08, gray.shape).astype(np.float32)
         return np.repeat(_to_uint8(gray)[..., None], 3, axis=2)
     return _to_uint8(img)
 
