@@ -5,16 +5,23 @@ Computation only; ``cdfsl.commands.demo`` reads the recipe and writes the files.
 
 from __future__ import annotations
 
+import copy
+import multiprocessing
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from cdfsl.data.micro_world import MicroWorld
 from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig
 from cdfsl.evaluation.history import TermHistory
+from cdfsl.evaluation.stats import mean_ci95
+from cdfsl.evaluation.store import ResultStore
 from cdfsl.methods.base import FewShotMethod
 
 
@@ -26,6 +33,7 @@ class DemoCell:
     shot: int
     method: str
     summary: dict[str, Any]
+    output_dir: Path
 
     def row(self) -> dict[str, Any]:
         s = self.summary
@@ -38,8 +46,73 @@ class DemoCell:
         }  # fmt: skip
 
 
+MethodSpec = dict[str, Any]  # {"class_path": ..., "init_args": {...}}, as in the recipe
+
+
+def method_name(spec: MethodSpec) -> str:
+    """The table name of a method config: its class name."""
+    return str(spec["class_path"]).rsplit(".", 1)[-1]
+
+
+def build_methods(specs: Sequence[MethodSpec], backbone: str) -> dict[str, FewShotMethod]:
+    """Instantiate each method config on ``backbone``, keyed by :func:`method_name`."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(FewShotMethod, "method")
+    methods = {}
+    for spec in specs:
+        # A deep copy: jsonargparse turns the nested dicts of what it parses into Namespaces.
+        init_args = {**copy.deepcopy(spec.get("init_args", {})), "backbone": backbone}
+        spec = {**spec, "init_args": init_args}
+        methods[method_name(spec)] = parser.instantiate(
+            parser.parse_object({"method": spec})
+        ).method
+    return methods
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Everything a worker needs to evaluate any cell of the grid (picklable)."""
+
+    specs: tuple[MethodSpec, ...]
+    backbone: str
+    protocol: EpisodeProtocol
+    fit: FitConfig
+    output: Path
+    images_per_class: int
+    config: dict[str, Any]
+    threads: int | None
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(grid: _Grid) -> None:
+    if grid.threads is not None:
+        torch.set_num_threads(grid.threads)
+    _WORKER.update(grid=grid, methods=build_methods(grid.specs, grid.backbone), data={})
+
+
+def _run_cell(domain: str, shot: int, name: str, progress: bool = False) -> DemoCell:
+    grid: _Grid = _WORKER["grid"]
+    if domain not in _WORKER["data"]:
+        _WORKER["data"][domain] = MicroWorld(
+            domain, images_per_class=grid.images_per_class, seed=grid.protocol.seed
+        )
+    p = grid.protocol
+    output = grid.output / domain / f"{shot}shot" / name
+    evaluator = EpisodicEvaluator(
+        _WORKER["methods"][name], _WORKER["data"][domain],
+        EpisodeProtocol(p.n_way, shot, p.n_query, p.episodes, p.seed), output, grid.fit,
+        config={"dataset": domain, **grid.config}, progress=progress,
+    )  # fmt: skip
+    return DemoCell(domain, shot, name, evaluator.run(), output)
+
+
 def run_grid(
-    methods: dict[str, FewShotMethod],
+    specs: Sequence[MethodSpec],
+    backbone: str,
     domains: Sequence[str],
     shots: Sequence[int],
     protocol: EpisodeProtocol,
@@ -48,22 +121,55 @@ def run_grid(
     images_per_class: int,
     progress: bool = True,
     config: dict[str, Any] | None = None,
+    workers: int = 1,
+    threads: int | None = None,
 ) -> list[DemoCell]:
-    """Evaluate each method on each domain and shot into ``output/<domain>/<k>shot/<method>``."""
-    cells = []
-    for domain in domains:
-        dataset = MicroWorld(domain, images_per_class=images_per_class, seed=protocol.seed)
-        for shot in shots:
-            cell_protocol = EpisodeProtocol(
-                protocol.n_way, shot, protocol.n_query, protocol.episodes, protocol.seed
+    """Evaluate each method on each domain and shot into ``output/<domain>/<k>shot/<method>``.
+
+    ``workers > 1`` spreads the cells over that many processes with ``threads`` torch threads
+    each. Every episode is a pure function of its seed, so a cell's rows do not depend on
+    which process ran it. Cells come back in grid order (domain, shot, method).
+    """
+    grid = _Grid(
+        tuple(specs), backbone, protocol, fit, Path(output), images_per_class,
+        {"backbone": backbone, **(config or {})}, threads,
+    )  # fmt: skip
+    jobs = [(d, k, method_name(s)) for d in domains for k in shots for s in specs]
+    if workers <= 1:
+        _start_worker(grid)
+        try:
+            return [_run_cell(*job, progress=progress) for job in jobs]
+        finally:
+            _WORKER.clear()
+    # Longest first: 5-shot training cells dominate, zero-shot cells fill the gaps at the end.
+    trainable = {method_name(s): cls.trainable for s, cls in _classes(specs)}
+    order = sorted(jobs, key=lambda j: (not trainable[j[2]], -j[1]))
+    done: dict[tuple[str, int, str], DemoCell] = {}
+    context = multiprocessing.get_context("spawn")  # fork after torch/OpenMP start is unsafe
+    with (
+        ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(grid,)) as pool,
+        tqdm(total=len(jobs), disable=not progress, desc=f"demo cells ({workers} workers)") as bar,
+    ):
+        futures = {pool.submit(_run_cell, *job): job for job in order}
+        for future in as_completed(futures):
+            cell = future.result()
+            done[futures[future]] = cell
+            bar.update(1)
+            bar.set_postfix_str(
+                f"{cell.method} {cell.domain} {cell.shot}-shot "
+                f"{100 * cell.summary['accuracy']:.1f}%"
             )
-            for name, method in methods.items():
-                evaluator = EpisodicEvaluator(
-                    method, dataset, cell_protocol, output / domain / f"{shot}shot" / name, fit,
-                    config={"dataset": domain, **(config or {})}, progress=progress,
-                )  # fmt: skip
-                cells.append(DemoCell(domain, shot, name, evaluator.run()))
-    return cells
+    return [done[job] for job in jobs]
+
+
+def _classes(specs: Sequence[MethodSpec]) -> list[tuple[MethodSpec, type]]:
+    import importlib
+
+    out = []
+    for spec in specs:
+        module, _, name = str(spec["class_path"]).rpartition(".")
+        out.append((spec, getattr(importlib.import_module(module or "cdfsl.methods"), name)))
+    return out
 
 
 def training_curves(
@@ -87,6 +193,30 @@ def training_curves(
         evaluator.run_episode(0, callbacks=[history])
         curves[name] = history.steps
     return curves
+
+
+def paired_differences(cells: Sequence[DemoCell], base: str, other: str) -> list[dict[str, Any]]:
+    """Per (domain, shot): ``other`` minus ``base`` accuracy, paired over the same episodes.
+
+    Both methods see identical seeded episodes, so the per-episode difference removes the
+    episode-to-episode spread that dominates each method's own CI95.
+    """
+    by_key = {(c.domain, c.shot, c.method): c for c in cells}
+    out = []
+    for domain, shot in dict.fromkeys((c.domain, c.shot) for c in cells):
+        if (domain, shot, base) not in by_key or (domain, shot, other) not in by_key:
+            continue
+        rows = {}
+        for name in (base, other):
+            store = ResultStore(by_key[domain, shot, name].output_dir / "results.jsonl")
+            rows[name] = {r["episode"]: r["accuracy"] for r in store.rows()}
+        common = sorted(set(rows[base]) & set(rows[other]))
+        stats = mean_ci95([rows[other][e] - rows[base][e] for e in common])
+        out.append({
+            "domain": domain, "shot": shot, "method": f"{other} - {base}",
+            "accuracy": stats["mean"], "ci95": stats["ci95"], "episodes": len(common),
+        })  # fmt: skip
+    return out
 
 
 def pivot_table(rows: Sequence[dict[str, Any]], fmt: Callable[[dict], str]) -> list[list[str]]:

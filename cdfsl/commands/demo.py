@@ -14,7 +14,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser, Namespace
 
 from cdfsl.assets import recipes_dir
-from cdfsl.methods.base import FewShotMethod
+from cdfsl.errors import CdfslError
 
 NAME = "demo"
 HELP = "offline demo on the micro world with micro-clip (no arguments needed)"
@@ -40,25 +40,27 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument(
         "--methods", type=list[dict], default=[], help="method configs (class_path, init_args)"
     )
+    parser.add_argument(
+        "--paired",
+        type=list[str] | None,
+        default=None,
+        help="[BASE, OTHER]: also report OTHER - BASE accuracy paired over the same episodes",
+    )
     parser.add_argument("--curves.domain", type=str | None, default=None)
     parser.add_argument("--curves.shot", type=int, default=1)
     parser.add_argument("--output", type=str, default="runs/demo")
     parser.add_argument("--progress", type=bool, default=True)
-
-
-def _methods(cfg: Namespace) -> dict[str, FewShotMethod]:
-    """Instantiate each method config with the demo's backbone."""
-    parser = ArgumentParser()
-    parser.add_subclass_arguments(FewShotMethod, "method")
-    methods = {}
-    for spec in cfg.methods:
-        spec = {**spec, "init_args": {**spec.get("init_args", {}), "backbone": cfg.backbone}}
-        method = parser.instantiate(parser.parse_object({"method": spec})).method
-        methods[type(method).__name__] = method
-    return methods
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes that evaluate cells side by side"
+    )
+    parser.add_argument(
+        "--threads", type=int | None, default=None, help="torch threads per worker (null: torch's)"
+    )
 
 
 def run(cfg: Namespace) -> None:
+    import torch
+
     from cdfsl import demo
     from cdfsl.data.micro_world import list_domains
     from cdfsl.evaluation import EpisodeProtocol, FitConfig
@@ -68,17 +70,28 @@ def run(cfg: Namespace) -> None:
     domains = cfg.domains or [d for d in list_domains() if d != "source"]
     protocol = EpisodeProtocol(cfg.way, cfg.shots[0], cfg.query, cfg.episodes, cfg.seed)
     fit = FitConfig(cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator)
-    methods = _methods(cfg)
+    names = [demo.method_name(spec) for spec in cfg.methods]
+    if cfg.paired and (len(cfg.paired) != 2 or not set(cfg.paired) <= set(names)):
+        raise CdfslError(f"paired takes two of the recipe's methods {names}, got {cfg.paired}")
     output = Path(cfg.output)
-    config = {"backbone": cfg.backbone}
     cells = demo.run_grid(
-        methods, domains, cfg.shots, protocol, fit, output, cfg.images_per_class,
-        cfg.progress, config,
+        cfg.methods, cfg.backbone, domains, cfg.shots, protocol, fit, output,
+        cfg.images_per_class, cfg.progress, workers=cfg.workers, threads=cfg.threads,
     )  # fmt: skip
     rows = [cell.row() for cell in cells]
 
     table = demo.pivot_table(rows, lambda r: f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}")
     text = demo.markdown(table)
+    if cfg.paired:
+        diffs = demo.paired_differences(cells, *cfg.paired)
+        if diffs:
+            paired = demo.pivot_table(
+                diffs, lambda r: f"{100 * r['accuracy']:+.2f} ± {100 * r['ci95']:.2f}"
+            )
+            text += (
+                f"\n\nPaired over the same episodes, accuracy points (mean ± CI95):\n\n"
+                f"{demo.markdown(paired)}"
+            )
     (output / "results.md").write_text(
         f"{cfg.way}-way, {cfg.query} queries, {cfg.episodes} episodes per cell, "
         f"backbone {cfg.backbone}; accuracy % (mean ± CI95)\n\n{text}\n"
@@ -92,6 +105,9 @@ def run(cfg: Namespace) -> None:
     plot_accuracy_by_domain(rows, output / "accuracy.png")
 
     curve_domain = cfg.curves.domain or domains[-1]
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    methods = demo.build_methods(cfg.methods, cfg.backbone)
     curves = demo.training_curves(
         methods, curve_domain, cfg.curves.shot, protocol, fit, cfg.images_per_class,
         output / "curves",

@@ -55,12 +55,21 @@ def plot_training_curves(
     cols = 4
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    # One colour per method across panels: the cycle restarts in each panel.
+    colours = {method: f"C{i}" for i, method in enumerate(histories)}
     for ax, key in zip(axes.flat, keys, strict=False):
         for method, steps in histories.items():
             points = [(row["step"], row[key]) for row in steps if key in row]
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, label=method, lw=1.2, marker="." if len(xs) < 20 else None)
+                ax.plot(
+                    xs,
+                    ys,
+                    label=method,
+                    color=colours[method],
+                    lw=1.2,
+                    marker="." if len(xs) < 20 else None,
+                )
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     for ax in list(axes.flat)[len(keys) :]:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,19 @@ class FitConfig:
             if self.accelerator != "auto":
                 raise CdfslError(f"accelerator {self.accelerator!r} requested but CUDA is absent")
         return torch.device("cpu")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types: dataclasses as dicts, tuples as lists, others by repr."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
 def episode_seed(seed: int, index: int) -> int:
@@ -192,6 +205,8 @@ class EpisodicEvaluator:
         self.store = ResultStore(self.output_dir / "results.jsonl")
         self.config = {
             "method": type(method).__name__,
+            # A resumed run must not mix episodes trained with other hyper-parameters.
+            "method_args": _jsonable(dict(method.hparams)),
             "protocol": asdict(protocol),
             "fit": asdict(self.fit),
             **(config or {}),
