@@ -122,6 +122,16 @@ def validate_source(config: DataConfig) -> DataReport:
     return report
 
 
+@register_source("mnist")
+def _mnist(root: str | None, class_names: str | None = None, split: str = "test") -> LabelledImages:
+    """MNIST's original IDX files in root, root/mnist or root/MNIST/raw (split: train, test)."""
+    from cdfsl.data.mnist import Mnist
+
+    if class_names is not None:
+        raise DataError("mnist's class names are the digits 0..9; drop --data.class_names")
+    return Mnist(root, split)
+
+
 @register_source("folder")
 def _image_folder(root: str | None, class_names: str | None = None) -> LabelledImages:
     """root/<class>/<image>: one sub-folder of images per class."""
