@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import multiprocessing
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cdfsl.data.micro_world import MicroWorld
+from cdfsl.errors import CdfslError
 from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig
 from cdfsl.evaluation.history import TermHistory
 from cdfsl.evaluation.stats import mean_ci95
@@ -146,20 +146,28 @@ def run_grid(
     order = sorted(jobs, key=lambda j: (not trainable[j[2]], -j[1]))
     done: dict[tuple[str, int, str], DemoCell] = {}
     context = multiprocessing.get_context("spawn")  # fork after torch/OpenMP start is unsafe
+    # Pool's exit terminates the workers, so Ctrl-C (or a failed cell) stops at once: finished
+    # episodes are on disk, one fsync'd row each, and a row torn by the kill is cut on resume.
     with (
-        ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(grid,)) as pool,
+        context.Pool(workers, initializer=_start_worker, initargs=(grid,)) as pool,
         tqdm(total=len(jobs), disable=not progress, desc=f"demo cells ({workers} workers)") as bar,
     ):
-        futures = {pool.submit(_run_cell, *job): job for job in order}
-        for future in as_completed(futures):
-            cell = future.result()
-            done[futures[future]] = cell
+        for job, cell in pool.imap_unordered(_run_job, order):
+            done[job] = cell
             bar.update(1)
             bar.set_postfix_str(
                 f"{cell.method} {cell.domain} {cell.shot}-shot "
                 f"{100 * cell.summary['accuracy']:.1f}%"
             )
     return [done[job] for job in jobs]
+
+
+def _run_job(job: tuple[str, int, str]) -> tuple[tuple[str, int, str], DemoCell]:
+    try:
+        return job, _run_cell(*job)
+    except KeyboardInterrupt:
+        # A pool worker dies on BaseException and its task never returns; report it instead.
+        raise CdfslError(f"worker interrupted in {job}") from None
 
 
 def _classes(specs: Sequence[MethodSpec]) -> list[tuple[MethodSpec, type]]:
