@@ -52,7 +52,7 @@ def test_data_list_names_every_source(capsys):
     code, out, _ = run(capsys, "data", "list")
     assert code == 0
     assert [line.split()[0] for line in out.splitlines()] == list_sources()
-    assert len(list_sources()) == 1 + 4 + 11 + 5 + 1  # folder, CDFSL, FSL, DomainBed, mnist
+    assert len(list_sources()) == 1 + 4 + 11 + 5 + 2  # folder, CDFSL, FSL, DomainBed, mnist, micro
 
 
 @pytest.mark.parametrize("source", REPLICAS)

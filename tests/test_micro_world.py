@@ -250,3 +250,18 @@ def test_shipped_micro_clip_loads_offline_and_reads_the_source_domain(monkeypatc
         predicted = (model.encode_image(pixels) @ text.T).argmax(dim=1)
     accuracy = (predicted == torch.tensor(world.targets)).float().mean().item()
     assert accuracy >= 0.6, f"zero-shot source accuracy {accuracy:.3f}"
+
+
+def test_registered_source_micro_builds_the_same_domain_and_refuses_a_root():
+    from cdfsl.data import DataConfig, build_dataset
+    from cdfsl.errors import DataError
+
+    built = build_dataset(
+        DataConfig("micro", options={"domain": "isic-like", "images_per_class": 3})
+    )
+    direct = MicroWorld("isic-like", images_per_class=3, seed=0)
+    assert len(built) == 3 * len(direct.class_names) == len(direct)
+    assert built.class_names == direct.class_names and built.targets == direct.targets
+    assert list(built.load(4).getdata()) == list(direct.load(4).getdata())
+    with pytest.raises(DataError, match=r"takes no --data\.root"):
+        build_dataset(DataConfig("micro", root="/data"))

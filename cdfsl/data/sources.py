@@ -132,6 +132,22 @@ def _mnist(root: str | None, class_names: str | None = None, split: str = "test"
     return Mnist(root, split)
 
 
+@register_source("micro")
+def _micro(
+    root: str | None = None, class_names: str | None = None, domain: str = "chestx-like",
+    images_per_class: int = 60, seed: int = 0,
+) -> LabelledImages:  # fmt: skip
+    """cdfsl's generated micro world (no root): options domain, images_per_class, seed."""
+    from cdfsl.data.micro_world import MicroWorld
+
+    if root is not None or class_names is not None:
+        raise DataError(
+            "the micro world is generated, so it takes no --data.root or --data.class_names; "
+            'choose it with --data.options \'{"domain": "isic-like"}\''
+        )
+    return MicroWorld(domain, images_per_class=images_per_class, seed=seed)
+
+
 @register_source("folder")
 def _image_folder(root: str | None, class_names: str | None = None) -> LabelledImages:
     """root/<class>/<image>: one sub-folder of images per class."""
