@@ -88,10 +88,11 @@ class _Grid:
 _WORKER: dict[str, Any] = {}
 
 
-def _start_worker(grid: _Grid) -> None:
+def _start_worker(grid: _Grid, episodes: Any = None) -> None:
     if grid.threads is not None:
         torch.set_num_threads(grid.threads)
-    _WORKER.update(grid=grid, methods=build_methods(grid.specs, grid.backbone), data={})
+    methods = build_methods(grid.specs, grid.backbone)
+    _WORKER.update(grid=grid, methods=methods, data={}, episodes=episodes)
 
 
 def _run_cell(domain: str, shot: int, name: str, progress: bool = False) -> DemoCell:
@@ -107,7 +108,9 @@ def _run_cell(domain: str, shot: int, name: str, progress: bool = False) -> Demo
         EpisodeProtocol(p.n_way, shot, p.n_query, p.episodes, p.seed), output, grid.fit,
         config={"dataset": domain, **grid.config}, progress=progress,
     )  # fmt: skip
-    return DemoCell(domain, shot, name, evaluator.run(), output)
+    queue = _WORKER.get("episodes")
+    report = None if queue is None else (lambda row: queue.put(row["accuracy"]))
+    return DemoCell(domain, shot, name, evaluator.run(on_episode=report), output)
 
 
 def run_grid(
@@ -146,19 +149,30 @@ def run_grid(
     order = sorted(jobs, key=lambda j: (not trainable[j[2]], -j[1]))
     done: dict[tuple[str, int, str], DemoCell] = {}
     context = multiprocessing.get_context("spawn")  # fork after torch/OpenMP start is unsafe
+    episodes = context.Queue()  # workers put one item per finished episode, for the bar
     # Pool's exit terminates the workers, so Ctrl-C (or a failed cell) stops at once: finished
     # episodes are on disk, one fsync'd row each, and a row torn by the kill is cut on resume.
     with (
-        context.Pool(workers, initializer=_start_worker, initargs=(grid,)) as pool,
-        tqdm(total=len(jobs), disable=not progress, desc=f"demo cells ({workers} workers)") as bar,
-    ):
-        for job, cell in pool.imap_unordered(_run_job, order):
-            done[job] = cell
-            bar.update(1)
-            bar.set_postfix_str(
-                f"{cell.method} {cell.domain} {cell.shot}-shot "
-                f"{100 * cell.summary['accuracy']:.1f}%"
-            )
+        context.Pool(workers, initializer=_start_worker, initargs=(grid, episodes)) as pool,
+        tqdm(
+            total=len(jobs) * protocol.episodes, disable=not progress, unit="ep",
+            desc=f"demo, {len(jobs)} cells on {workers} workers",
+        ) as bar,
+    ):  # fmt: skip
+        pending = pool.imap_unordered(_run_job, order)
+        while len(done) < len(jobs):
+            try:
+                job, cell = pending.next(timeout=0.5)
+            except multiprocessing.TimeoutError:
+                pass
+            else:
+                done[job] = cell
+                bar.set_postfix_str(f"cells {len(done)}/{len(jobs)}")
+            while not episodes.empty():
+                episodes.get()
+                bar.update(1)
+        # Resumed episodes were never reported; the bar ends full either way.
+        bar.update(bar.total - bar.n)
     return [done[job] for job in jobs]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -253,8 +253,11 @@ class EpisodicEvaluator:
             "terms": dict(method.last_terms) if method.trainable else {},
         }
 
-    def run(self) -> dict[str, Any]:
-        """Evaluate every unfinished episode, then write and return the summary."""
+    def run(self, on_episode: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Evaluate every unfinished episode, then write and return the summary.
+
+        ``on_episode`` is called with each stored row (e.g. to report progress elsewhere).
+        """
         self.output_dir.mkdir(parents=True, exist_ok=True)
         check_run_config(self.output_dir, self._fingerprint())
         done = self.store.completed()
@@ -269,6 +272,8 @@ class EpisodicEvaluator:
             for index in todo:
                 row = self.run_episode(index)
                 self.store.append(row)
+                if on_episode is not None:
+                    on_episode(row)
                 accs.append(row["accuracy"])
                 bar.update(1)
                 bar.set_postfix(acc=f"{100 * np.mean(accs):.2f}")
