@@ -71,6 +71,10 @@ def run(cfg: Namespace) -> None:
     protocol = EpisodeProtocol(cfg.way, cfg.shots[0], cfg.query, cfg.episodes, cfg.seed)
     fit = FitConfig(cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator)
     names = [demo.method_name(spec) for spec in cfg.methods]
+    if len(set(names)) != len(names):
+        raise CdfslError(
+            f"methods {names}: each method class may appear once (rows are keyed by class name)"
+        )
     if cfg.paired and (len(cfg.paired) != 2 or not set(cfg.paired) <= set(names)):
         raise CdfslError(f"paired takes two of the recipe's methods {names}, got {cfg.paired}")
     output = Path(cfg.output)
