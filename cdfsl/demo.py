@@ -144,9 +144,8 @@ def run_grid(
             return [_run_cell(*job, progress=progress) for job in jobs]
         finally:
             _WORKER.clear()
-    # Longest first: 5-shot training cells dominate, zero-shot cells fill the gaps at the end.
-    trainable = {method_name(s): cls.trainable for s, cls in _classes(specs)}
-    order = sorted(jobs, key=lambda j: (not trainable[j[2]], -j[1]))
+    # Most shots first: 5-shot training cells dominate; zero-shot cells take a second anywhere.
+    order = sorted(jobs, key=lambda j: -j[1])
     done: dict[tuple[str, int, str], DemoCell] = {}
     context = multiprocessing.get_context("spawn")  # fork after torch/OpenMP start is unsafe
     episodes = context.Queue()  # workers put one item per finished episode, for the bar
@@ -182,16 +181,6 @@ def _run_job(job: tuple[str, int, str]) -> tuple[tuple[str, int, str], DemoCell]
     except KeyboardInterrupt:
         # A pool worker dies on BaseException and its task never returns; report it instead.
         raise CdfslError(f"worker interrupted in {job}") from None
-
-
-def _classes(specs: Sequence[MethodSpec]) -> list[tuple[MethodSpec, type]]:
-    import importlib
-
-    out = []
-    for spec in specs:
-        module, _, name = str(spec["class_path"]).rpartition(".")
-        out.append((spec, getattr(importlib.import_module(module or "cdfsl.methods"), name)))
-    return out
 
 
 def training_curves(

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from cdfsl.data.base import LabelledImages
 from cdfsl.data.episodes import EpisodeSampler, load_episode
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.stats import mean_ci95
-from cdfsl.evaluation.store import ResultStore, check_run_config, write_json_atomic
+from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, write_json_atomic
 from cdfsl.methods.base import FewShotMethod
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -69,19 +69,6 @@ class FitConfig:
             if self.accelerator != "auto":
                 raise CdfslError(f"accelerator {self.accelerator!r} requested but CUDA is absent")
         return torch.device("cpu")
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as plain JSON types: dataclasses as dicts, tuples as lists, others by repr."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(asdict(value))
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
 
 
 def episode_seed(seed: int, index: int) -> int:
@@ -206,7 +193,7 @@ class EpisodicEvaluator:
         self.config = {
             "method": type(method).__name__,
             # A resumed run must not mix episodes trained with other hyper-parameters.
-            "method_args": _jsonable(dict(method.hparams)),
+            "method_args": plain_json(dict(method.hparams)),
             "protocol": asdict(protocol),
             "fit": asdict(self.fit),
             **(config or {}),

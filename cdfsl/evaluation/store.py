@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,22 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def plain_json(value: Any) -> Any:
+    """``value`` as JSON values, e.g. for a run fingerprint: dataclasses and jsonargparse
+    namespaces as dicts, tuples as lists; a leaf JSON cannot hold becomes its repr."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return plain_json(asdict(value))
+    if type(value).__name__ == "Namespace" and hasattr(value, "__dict__"):
+        return plain_json(vars(value))
+    if isinstance(value, Mapping):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
 def check_run_config(output_dir: str | Path, config: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ import resource
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from cdfsl.data.sources import DataConfig, build_dataset
 from cdfsl.data.views import ViewSpec
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.runner import FitConfig, episode_seed, fit_episode, predict_logits
-from cdfsl.evaluation.store import ResultStore, check_run_config, write_json_atomic
+from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, write_json_atomic
 from cdfsl.features import FeatureCache, ImageFeatures, backbone_fingerprint
 from cdfsl.lora import LoRAConfig, load_lora_state_dict, lora_state_dict
 from cdfsl.methods.rail import DualAdapter, PrimalAdapter, fuse
@@ -532,19 +532,6 @@ class _FineTuneLearner(_Learner):
 
 
 # -- the run ---------------------------------------------------------------------------------
-def _plain(obj: Any) -> Any:
-    """Dataclasses, namespaces and tuples as JSON values."""
-    if hasattr(obj, "__dataclass_fields__"):
-        return _plain(asdict(obj))
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if hasattr(obj, "__dict__") and type(obj).__name__ == "Namespace":
-        return _plain(vars(obj))
-    return obj
-
-
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and math.isnan(obj):
         return None
@@ -621,7 +608,7 @@ class XTailRun:
 
     def _fingerprint(self) -> dict[str, Any]:
         cfg = self.config
-        return _plain(
+        return plain_json(
             {
                 "backbone": cfg.backbone, "pretrained": cfg.pretrained,
                 "backbone_fingerprint": self.backbone_key, "template": cfg.template,
@@ -663,7 +650,7 @@ class XTailRun:
             "dual": {"dual": cfg.dual, "beta": cfg.beta},
             "finetune": {"finetune": cfg.finetune},
         }.get(name, {})
-        return _plain({"method": name, **extra})
+        return plain_json({"method": name, **extra})
 
     # -- one method ---------------------------------------------------------------------------
     def _evaluate(self, learner: _Learner) -> dict[str, float]:
