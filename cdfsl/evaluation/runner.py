@@ -210,6 +210,14 @@ class EpisodicEvaluator:
         config["protocol"].pop("episodes")
         return config
 
+    def run_episodes(self, indices: list[int]) -> list[dict[str, Any]]:
+        """Fit and score the episodes ``indices``; returns their result rows (not stored).
+
+        A row depends only on (protocol seed, index, configuration), never on which other
+        episodes share the call.
+        """
+        return [self.run_episode(index) for index in indices]
+
     def run_episode(self, index: int, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
         """Fit and score episode ``index``; returns its result row (not stored)."""
         start = time.perf_counter()
@@ -257,13 +265,13 @@ class EpisodicEvaluator:
         )  # fmt: skip
         with bar:
             for index in todo:
-                row = self.run_episode(index)
-                self.store.append(row)
-                if on_episode is not None:
-                    on_episode(row)
-                accs.append(row["accuracy"])
-                bar.update(1)
-                bar.set_postfix(acc=f"{100 * np.mean(accs):.2f}")
+                for row in self.run_episodes([index]):
+                    self.store.append(row)
+                    if on_episode is not None:
+                        on_episode(row)
+                    accs.append(row["accuracy"])
+                    bar.update(1)
+                    bar.set_postfix(acc=f"{100 * np.mean(accs):.2f}")
         return self.summarize()
 
     def summarize(self) -> dict[str, Any]:
