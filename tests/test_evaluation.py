@@ -68,8 +68,10 @@ def test_resume_runs_only_missing_episodes(four_class_folder, tmp_path, monkeypa
         handle.write(b'{"episode": 2, "accur')  # torn by a kill
     evaluator = evaluate(four_class_folder, out, episodes=4)
     calls: list[int] = []
-    original = evaluator.run_episode
-    monkeypatch.setattr(evaluator, "run_episode", lambda i: calls.append(i) or original(i))
+    original = evaluator.run_episodes
+    monkeypatch.setattr(
+        evaluator, "run_episodes", lambda indices: calls.extend(indices) or original(indices)
+    )
     summary = evaluator.run()
     assert calls == [2, 3]
     assert [r["episode"] for r in ResultStore(out / "results.jsonl").rows()] == [0, 1, 2, 3]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,16 +154,25 @@ def fit_episode(
 def predict_logits(
     method: FewShotMethod, images: Tensor, fit: FitConfig, batch_size: int = 256
 ) -> Tensor:
-    """``images: (Q, 3, H, W)`` in [0, 1] -> ``(Q, N)`` logits, eval mode, ``fit``'s autocast."""
+    """``images: (E·Q, 3, H, W)`` in [0, 1] -> ``(E·Q, N)`` logits, eval mode, ``fit``'s autocast.
+
+    With ``E = len(method.episodes)`` episodes the images are E contiguous groups of Q, group
+    ``e`` scored by episode ``e``; each forward takes the same slice of every group, at most
+    ``batch_size`` images in all.
+    """
     device = fit.device()
     method.to(device).eval()
     dtype = _AUTOCAST.get(fit.precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    count = max(1, len(method.episodes))
+    grouped = images.unflatten(0, (count, -1))  # (E, Q, 3, H, W)
+    step = max(1, batch_size // count)
     out = []
     with autocast:
-        for start in range(0, len(images), batch_size):
-            out.append(method(images[start : start + batch_size].to(device)).float().cpu())
-    return torch.cat(out)
+        for start in range(0, grouped.shape[1], step):
+            chunk = grouped[:, start : start + step].flatten(0, 1).to(device)
+            out.append(method(chunk).float().cpu().unflatten(0, (count, -1)))
+    return torch.cat(out, dim=1).flatten(0, 1)
 
 
 class EpisodicEvaluator:
@@ -210,43 +219,51 @@ class EpisodicEvaluator:
         config["protocol"].pop("episodes")
         return config
 
-    def run_episodes(self, indices: list[int]) -> list[dict[str, Any]]:
-        """Fit and score the episodes ``indices``; returns their result rows (not stored).
+    def run_episodes(
+        self, indices: Sequence[int], callbacks: list[L.Callback] | None = None
+    ) -> list[dict[str, Any]]:
+        """Fit and score the episodes ``indices`` side by side; their rows (not stored).
 
-        A row depends only on (protocol seed, index, configuration), never on which other
-        episodes share the call.
+        The episodes train together (one adapter set each, see
+        :meth:`FewShotMethod.start_episodes`); a row depends only on (protocol seed, index,
+        configuration), never on which other episodes share the call. ``seconds`` is the
+        group's time divided among its episodes.
         """
-        return [self.run_episode(index) for index in indices]
-
-    def run_episode(self, index: int, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
-        """Fit and score episode ``index``; returns its result row (not stored)."""
         start = time.perf_counter()
-        indices = self.sampler.episode(index)
-        episode = load_episode(self.dataset, indices, self.method.backbone.preprocess.to_tensor())
-        seed = episode_seed(self.protocol.seed, index)
         method = self.method
-        method.reset(seed)
+        to_tensor = method.backbone.preprocess.to_tensor()
+        episodes = [load_episode(self.dataset, self.sampler.episode(i), to_tensor) for i in indices]
+        seeds = [episode_seed(self.protocol.seed, i) for i in indices]
         method.to(self.fit.device())
-        method.set_classes(episode.class_names)
+        method.start_episodes(seeds, [episode.class_names for episode in episodes])
         steps = 0
         if method.trainable:
             steps = self.fit.total_steps(self.protocol.k_shot)
-            fit_episode(
-                method, episode.support_images, episode.support_labels, steps, self.fit, callbacks
-            )
-        logits = predict_logits(method, episode.query_images, self.fit)
-        accuracy = float((logits.argmax(dim=1) == episode.query_labels).float().mean())
-        return {
-            "episode": index,
-            "seed": seed,
-            "classes": episode.class_names,
-            "support_ids": list(episode.support_ids),
-            "query_ids": list(episode.query_ids),
-            "accuracy": accuracy,
-            "steps": steps,
-            "seconds": round(time.perf_counter() - start, 4),
-            "terms": dict(method.last_terms) if method.trainable else {},
-        }
+            images = torch.cat([episode.support_images for episode in episodes])
+            labels = torch.cat([episode.support_labels for episode in episodes])
+            fit_episode(method, images, labels, steps, self.fit, callbacks)
+        queries = torch.cat([episode.query_images for episode in episodes])
+        logits = predict_logits(method, queries, self.fit).chunk(len(episodes))
+        seconds = round((time.perf_counter() - start) / len(episodes), 4)
+        rows = []
+        for position, (index, episode) in enumerate(zip(indices, episodes, strict=True)):
+            hits = logits[position].argmax(dim=1) == episode.query_labels
+            rows.append({
+                "episode": index,
+                "seed": seeds[position],
+                "classes": episode.class_names,
+                "support_ids": list(episode.support_ids),
+                "query_ids": list(episode.query_ids),
+                "accuracy": float(hits.float().mean()),
+                "steps": steps,
+                "seconds": seconds,
+                "terms": method.episode_terms(position) if method.trainable else {},
+            })  # fmt: skip
+        return rows
+
+    def run_episode(self, index: int, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+        """Fit and score episode ``index`` alone; returns its result row (not stored)."""
+        return self.run_episodes([index], callbacks)[0]
 
     def run(self, on_episode: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Evaluate every unfinished episode, then write and return the summary.

@@ -4,14 +4,23 @@ Subclasses say only which loss terms a step minimises (:meth:`FewShotMethod.loss
 Batches are ``(images, labels)`` (or a dict with those keys) with ``images: (B, 3, H, W)`` in
 [0, 1] at the backbone's input size — ``backbone.preprocess.to_tensor()`` makes them from PIL;
 the module augments (views) and normalises on the device.
+
+One module trains ``E`` episodes at once (:meth:`FewShotMethod.start_episodes`): ``E`` LoRA
+adapter sets over one frozen backbone, ``E`` text classifiers, ``E`` generators, and a batch of
+``E`` equal-sized contiguous groups, group ``e`` episode ``e``'s. The step's loss is the sum of
+the episodes' losses, so adapter set ``e`` gets exactly its own episode's gradient, and AdamW
+(element-wise) updates it as if it trained alone. With one episode this is the plain
+drop-in module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -20,7 +29,46 @@ from cdfsl import alignment
 from cdfsl.backbones import Backbone, create_backbone
 from cdfsl.data.views import DEFAULT_VIEWS, ViewAugmenter, ViewSpec, clean_view_index
 from cdfsl.errors import CdfslError
-from cdfsl.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, reset_lora
+from cdfsl.lora import (
+    LoRAConfig,
+    adapter_sets,
+    inject_lora,
+    mark_only_lora_trainable,
+    reset_lora,
+    set_lora_generators,
+    set_num_adapters,
+)
+
+#: How views are drawn: ``per_step`` redraws every view at every step; ``per_episode`` draws
+#: them once when training starts and reuses them (the reference code's data loader).
+VIEW_SAMPLING = ("per_step", "per_episode")
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """A 63-bit seed for random stream ``stream`` of an episode seeded ``seed``.
+
+    Views (and the method's own draws) and LoRA dropout use separate streams, so their
+    generators never replay each other's numbers.
+    """
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class EpisodeState:
+    """What one episode of a (multi-episode) training run owns.
+
+    ``text_feats: (N, D)`` its classifier; ``generator`` its views and method draws (SVL
+    prototypes); ``memory`` the method's state across steps (Mind's previous A_v);
+    ``terms`` the last step's loss terms and metrics (detached scalars).
+    """
+
+    seed: int
+    class_names: list[str]
+    text_feats: Tensor
+    generator: torch.Generator | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
+    views: tuple[Tensor, Tensor] | None = None
+    terms: dict[str, Tensor] = field(default_factory=dict)
 
 
 class FewShotMethod(L.LightningModule):
@@ -34,10 +82,12 @@ class FewShotMethod(L.LightningModule):
         logit_scale: classifier temperature s; None takes the backbone's own (100 for CLIP).
         lora: adapter config for the vision tower; None trains nothing (zero-shot).
         views: augmentation views applied to each training batch; None uses batches as given.
+        view_sampling: ``"per_step"`` (new views every step) or ``"per_episode"`` (drawn once
+            when training starts, reused every step); see :data:`VIEW_SAMPLING`.
         lr, weight_decay: AdamW settings for the adapter weights.
         t_max_factor: cosine schedule period as a multiple of the run's total steps.
         eta_min: the cosine schedule's floor.
-        seed: seeds adapter init, view sampling and the method's own random draws.
+        seed: seeds adapter init, view sampling, LoRA dropout and the method's own draws.
     """
 
     trainable: bool = True
@@ -51,6 +101,7 @@ class FewShotMethod(L.LightningModule):
         logit_scale: float | None = None,
         lora: LoRAConfig | None = LoRAConfig(),  # noqa: B008  (frozen value, never mutated)
         views: Sequence[ViewSpec] | None = tuple(DEFAULT_VIEWS),
+        view_sampling: str = "per_step",
         lr: float = 2e-4,
         weight_decay: float = 1e-2,
         t_max_factor: float = 8.0,
@@ -61,6 +112,8 @@ class FewShotMethod(L.LightningModule):
         self.save_hyperparameters()
         if "{}" not in template:
             raise CdfslError(f"template {template!r} has no '{{}}' for the class name")
+        if view_sampling not in VIEW_SAMPLING:
+            raise CdfslError(f"view_sampling={view_sampling!r}: expected one of {VIEW_SAMPLING}")
         self.backbone: Backbone = create_backbone(backbone, pretrained)
         self.backbone.requires_grad_(False)
         self.lora_config = lora if self.trainable else None
@@ -68,36 +121,110 @@ class FewShotMethod(L.LightningModule):
             inject_lora(self.backbone.lora_root(), self.lora_config)
             mark_only_lora_trainable(self.backbone)
         self.views = list(views) if views is not None else None
+        self.view_sampling = view_sampling
         self._augmenter = ViewAugmenter(self.views) if self.views else None
         self._clean_view = clean_view_index(self.views) if self.views else None
         self.scale = logit_scale if logit_scale is not None else self.backbone.logit_scale
         self.template = template
         self.seed = seed
-        self.class_names: list[str] = []
-        self.register_buffer("text_feats", torch.empty(0), persistent=False)
-        self.last_terms: dict[str, float] = {}
+        self.episodes: list[EpisodeState] = []
+        self._text_cache: dict[str, Tensor] = {}
         if class_names is not None:
             self.set_classes(class_names)
 
     # -- episode set-up -------------------------------------------------------------------------
+    def start_episodes(self, seeds: Sequence[int], class_names: Sequence[Sequence[str]]) -> None:
+        """Start ``E = len(seeds)`` episodes side by side, episode ``e`` seeded ``seeds[e]``.
+
+        Adapter set ``e`` is re-initialised from ``seeds[e]`` alone (B = 0), and episode ``e``
+        classifies ``class_names[e]``; every episode needs the same number of classes.
+        """
+        if len(seeds) != len(class_names) or not seeds:
+            raise CdfslError(
+                f"start_episodes with {len(seeds)} seeds and {len(class_names)} class lists: "
+                "expected one class list per seed, at least one"
+            )
+        sizes = {len(names) for names in class_names}
+        if len(sizes) != 1:
+            raise CdfslError(
+                f"start_episodes with class lists of sizes {sorted(sizes)}: expected one size "
+                "(episodes trained together share the way of their protocol)"
+            )
+        episodes = [
+            EpisodeState(int(seed), list(names), self._classifier(names))
+            for seed, names in zip(seeds, class_names, strict=True)
+        ]
+        if self.lora_config is not None:
+            root = self.backbone.lora_root()
+            if adapter_sets(root) != len(episodes):
+                set_num_adapters(root, len(episodes))
+            for index, episode in enumerate(episodes):
+                reset_lora(root, episode.seed, adapter_index=index)
+        self.episodes = episodes
+        self.seed = episodes[0].seed
+
     def set_classes(self, class_names: Sequence[str]) -> None:
-        """Compute the frozen text classifier ``text_feats: (N, D)`` for ``class_names``."""
-        if len(class_names) < 2:
-            raise CdfslError(f"need at least 2 class names, got {list(class_names)!r}")
-        self.class_names = list(class_names)
-        prompts = [self.template.format(name) for name in self.class_names]
-        was_training = self.backbone.training
-        self.backbone.eval()
-        self.text_feats = self.backbone.text_features(prompts).to(self.backbone.device)
-        self.backbone.train(was_training)
+        """Classify ``class_names`` (one episode); the adapters are left as they are."""
+        seed = self.episodes[0].seed if len(self.episodes) == 1 else self.seed
+        if len(self.episodes) > 1:
+            self.reset(seed)
+        self.episodes = [EpisodeState(seed, list(class_names), self._classifier(class_names))]
 
     def reset(self, seed: int) -> None:
-        """Start a new episode: adapters back to their initial state (B = 0), RNGs re-seeded."""
+        """Start a new single episode: adapters back to their initial state (B = 0)."""
+        names = self.episodes[0].class_names if len(self.episodes) == 1 else None
         self.seed = seed
-        # LoRA dropout draws from torch's global RNG; seeding it makes an episode repeatable.
-        torch.manual_seed(seed)
         if self.lora_config is not None:
-            reset_lora(self.backbone.lora_root(), seed)
+            root = self.backbone.lora_root()
+            if adapter_sets(root) != 1:
+                set_num_adapters(root, 1)
+            reset_lora(root, seed)
+        self.episodes = (
+            [EpisodeState(seed, names, self._classifier(names))] if names is not None else []
+        )
+
+    def _classifier(self, class_names: Sequence[str]) -> Tensor:
+        """``(N, D)`` normalised text features of the prompts; cached per prompt."""
+        if len(class_names) < 2:
+            raise CdfslError(f"need at least 2 class names, got {list(class_names)!r}")
+        prompts = [self.template.format(name) for name in class_names]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            was_training = self.backbone.training
+            self.backbone.eval()
+            feats = self.backbone.text_features(missing)
+            self.backbone.train(was_training)
+            self._text_cache.update(zip(missing, feats.float().cpu(), strict=True))
+        return torch.stack([self._text_cache[p] for p in prompts]).to(self.backbone.device)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The classes of the single episode (empty before any are set)."""
+        return self._single().class_names if self.episodes else []
+
+    @property
+    def text_feats(self) -> Tensor:
+        """``(N, D)`` text classifier of the single episode."""
+        if not self.episodes:
+            raise CdfslError("no classes set: pass class_names=... or call set_classes() first")
+        return self._single().text_feats
+
+    @property
+    def last_terms(self) -> dict[str, float]:
+        """The single episode's loss terms and metrics of the last training step."""
+        return self.episode_terms(0) if len(self.episodes) == 1 else {}
+
+    def episode_terms(self, index: int) -> dict[str, float]:
+        """Episode ``index``'s loss terms and metrics of the last training step."""
+        return {key: float(value) for key, value in self.episodes[index].terms.items()}
+
+    def _single(self) -> EpisodeState:
+        if len(self.episodes) != 1:
+            raise CdfslError(
+                f"{len(self.episodes)} episodes are training together: expected one; use "
+                "method.episodes[e] for episode e"
+            )
+        return self.episodes[0]
 
     # -- features and logits -------------------------------------------------------------------
     def image_features(self, images: Tensor) -> Tensor:
@@ -105,49 +232,94 @@ class FewShotMethod(L.LightningModule):
         feats = self.backbone.encode_image(self.backbone.normalize(images))
         return F.normalize(feats.float(), dim=-1)
 
-    def logits(self, image_feats: Tensor) -> Tensor:
-        """``image_feats: (B, D)`` normalised -> ``(B, N)`` class logits s·cos (+ bias)."""
-        if self.text_feats.numel() == 0:
-            raise CdfslError("no classes set: pass class_names=... or call set_classes() first")
-        out = self.scale * image_feats @ self.text_feats.t()
+    def logits(self, image_feats: Tensor, episode: EpisodeState | None = None) -> Tensor:
+        """``image_feats: (B, D)`` normalised -> ``(B, N)`` logits s·cos (+ bias) of ``episode``
+        (the single episode when None)."""
+        text = (episode or self._checked_single()).text_feats
+        out = self.scale * image_feats @ text.t()
         if self.backbone.logit_bias is not None:
             out = out + self.backbone.logit_bias
         return out
 
+    def _checked_single(self) -> EpisodeState:
+        if not self.episodes:
+            raise CdfslError("no classes set: pass class_names=... or call set_classes() first")
+        return self._single()
+
     def forward(self, images: Tensor) -> Tensor:
-        """``images: (B, 3, H, W)`` in [0, 1] -> ``(B, N)`` logits."""
-        return self.logits(self.image_features(images))
+        """``images: (E·B, 3, H, W)`` in [0, 1], E contiguous episode groups -> ``(E·B, N)``."""
+        if not self.episodes:
+            raise CdfslError("no classes set: pass class_names=... or call set_classes() first")
+        groups = self.image_features(images).chunk(len(self.episodes))
+        return torch.cat([self.logits(f, ep) for f, ep in zip(groups, self.episodes, strict=True)])
 
     # -- training ------------------------------------------------------------------------------
     def loss_terms(
-        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None
+        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, episode: EpisodeState
     ) -> dict[str, Tensor]:
-        """Loss terms for one step; must contain ``"loss"``, the sum that is minimised.
+        """One episode's loss terms for one step; must contain ``"loss"``, what is minimised.
 
-        ``feats: (M, D)`` normalised features of the step's images, ``labels: (M,)``,
-        ``view_ids: (M,)`` the view of each row, or None when the batch came un-augmented.
+        ``feats: (M, D)`` normalised features of the episode's images this step, ``labels:
+        (M,)``, ``view_ids: (M,)`` the view of each row, or None when the batch came
+        un-augmented; ``episode`` its classifier, generator and memory.
         """
         raise NotImplementedError
 
     def on_train_start(self) -> None:
-        self._generator = torch.Generator().manual_seed(self.seed)
+        if not self.episodes:
+            raise CdfslError("no classes set: pass class_names=... or call set_classes() first")
+        device = self.device
+        dropout = []
+        for episode in self.episodes:
+            episode.generator = torch.Generator().manual_seed(stream_seed(episode.seed, 0))
+            episode.memory, episode.views, episode.terms = {}, None, {}
+            dropout.append(torch.Generator(device).manual_seed(stream_seed(episode.seed, 1)))
+        if self.lora_config is not None:
+            set_lora_generators(self.backbone.lora_root(), dropout)
+
+    def _episode_views(self, episode: EpisodeState, images: Tensor) -> tuple[Tensor, Tensor]:
+        if self.view_sampling == "per_episode" and episode.views is not None:
+            return episode.views
+        views = self._augmenter(images, generator=episode.generator)
+        if self.view_sampling == "per_episode":
+            episode.views = views
+        return views
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = _unpack(batch)
-        view_ids = None
+        count = len(self.episodes)
+        if images.shape[0] % count:
+            raise CdfslError(
+                f"training batch of {images.shape[0]} images for {count} episodes: expected "
+                "equal contiguous groups, one per episode"
+            )
+        groups = list(zip(images.chunk(count), labels.chunk(count), strict=True))
+        view_ids: list[Tensor | None] = [None] * count
         if self._augmenter is not None:
-            images, view_ids = self._augmenter(images, generator=self._generator)
-            labels = labels.repeat(len(self.views))
-        feats = self.image_features(images)
-        terms = self.loss_terms(feats, labels, view_ids)
-        with torch.no_grad():
-            terms["modality_gap"] = alignment.modality_gap(feats, self.text_feats)
-            terms["intra_inter_gap"] = alignment.intra_inter_cosine_gap(feats, labels)
-            terms["image_text_margin"] = alignment.image_text_margin(feats, self.text_feats, labels)
-        for key, value in terms.items():
-            self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=False)
-        self.last_terms = {key: float(value.detach()) for key, value in terms.items()}
-        return terms["loss"]
+            viewed = [
+                self._episode_views(ep, im)
+                for ep, (im, _) in zip(self.episodes, groups, strict=True)
+            ]
+            groups = [
+                (v, y.repeat(len(self.views)))
+                for (v, _), (_, y) in zip(viewed, groups, strict=True)
+            ]
+            view_ids = [ids for _, ids in viewed]
+        feats = self.image_features(torch.cat([im for im, _ in groups])).chunk(count)
+        total = 0.0
+        for episode, f, (_, y), ids in zip(self.episodes, feats, groups, view_ids, strict=True):
+            terms = self.loss_terms(f, y, ids, episode)
+            with torch.no_grad():
+                text = episode.text_feats
+                terms["modality_gap"] = alignment.modality_gap(f, text)
+                terms["intra_inter_gap"] = alignment.intra_inter_cosine_gap(f, y)
+                terms["image_text_margin"] = alignment.image_text_margin(f, text, y)
+            episode.terms = {key: value.detach() for key, value in terms.items()}
+            total = total + terms["loss"]
+        for key in self.episodes[0].terms:
+            mean = torch.stack([ep.terms[key] for ep in self.episodes]).mean()
+            self.log(f"train/{key}", mean, on_step=True, on_epoch=False)
+        return total
 
     def total_steps(self) -> int:
         """The run's number of optimiser steps, as the Trainer was configured."""

@@ -5,14 +5,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from cdfsl.losses import vlm_cross_entropy
-from cdfsl.methods.base import FewShotMethod
+from cdfsl.methods.base import EpisodeState, FewShotMethod
 
 
 class LoRAFineTune(FewShotMethod):
     """Minimise L_vlm = CE(s·F·Tᵀ, y) over the support views with LoRA on the vision tower."""
 
     def loss_terms(
-        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None
+        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, episode: EpisodeState
     ) -> dict[str, Tensor]:
-        vlm = vlm_cross_entropy(feats, self.text_feats, labels, self.scale)
+        vlm = vlm_cross_entropy(feats, episode.text_feats, labels, self.scale)
         return {"loss": vlm, "vlm": vlm}

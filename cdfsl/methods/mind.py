@@ -17,7 +17,7 @@ from cdfsl.losses import (
     visual_relation,
     vlm_cross_entropy,
 )
-from cdfsl.methods.base import FewShotMethod
+from cdfsl.methods.base import EpisodeState, FewShotMethod
 
 
 class Mind(FewShotMethod):
@@ -46,22 +46,18 @@ class Mind(FewShotMethod):
         self.svl_weight = svl_weight
         self.ra_weight = ra_weight
         self.divergence = divergence
-        self._prev_relation: Tensor | None = None
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self._prev_relation = None
 
     def loss_terms(
-        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None
+        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, episode: EpisodeState
     ) -> dict[str, Tensor]:
         step = mind_schedule(int(self.global_step), self.total_steps())
-        vlm = vlm_cross_entropy(feats, self.text_feats, labels, self.scale)
+        text = episode.text_feats
+        vlm = vlm_cross_entropy(feats, text, labels, self.scale)
         terms = {"vlm": vlm, "fusion_weight": torch.tensor(step.fusion_weight)}
         loss = vlm
         if step.svl:
             svl = suppressed_visual_cross_entropy(
-                feats, labels, len(self.class_names), self.scale, self._generator
+                feats, labels, len(text), self.scale, episode.generator
             )
             terms["svl"] = svl
             loss = loss + self.svl_weight * svl
@@ -72,19 +68,20 @@ class Mind(FewShotMethod):
             )
             relation = visual_relation(feats, support)
             if step.ra:
-                if self._prev_relation is None or self._prev_relation.shape != relation.shape:
+                previous = episode.memory.get("relation")
+                if previous is None or previous.shape != relation.shape:
                     raise CdfslError(
                         "Mind needs every training batch to hold the same images in the same "
                         "order (the whole support set); the batch shape changed between steps"
                     )
                 target = fusion_target(
-                    self._prev_relation,
-                    text_relation(self.text_feats, labels, support_labels),
+                    previous,
+                    text_relation(text, labels, support_labels),
                     step.fusion_weight,
                 )
                 ra = relation_alignment(relation, target, self.divergence)
                 terms["ra"] = ra
                 loss = loss + self.ra_weight * ra
-            self._prev_relation = relation.detach()
+            episode.memory["relation"] = relation.detach()
         terms["loss"] = loss
         return terms

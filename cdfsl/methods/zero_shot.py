@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from cdfsl.errors import CdfslError
-from cdfsl.methods.base import FewShotMethod
+from cdfsl.methods.base import EpisodeState, FewShotMethod
 
 
 class ZeroShot(FewShotMethod):
@@ -14,6 +14,6 @@ class ZeroShot(FewShotMethod):
     trainable = False
 
     def loss_terms(
-        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None
+        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, episode: EpisodeState
     ) -> dict[str, Tensor]:
         raise CdfslError("ZeroShot does not train; evaluate it without fitting")

@@ -1,0 +1,96 @@
+"""Many episodes per training step: a row is a function of (seed, index, configuration) alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cdfsl.data.folder import ImageFolder
+from cdfsl.data.views import ViewSpec
+from cdfsl.errors import CdfslError
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig
+from cdfsl.lora import LoRAConfig, lora_state_dict
+from cdfsl.methods import LoRAFineTune, Mind, ZeroShot
+
+# T = 6: step 0 SVL, steps 1-2 SVL + RA, steps 3-5 CE only; dropout and two views on, so every
+# per-episode random stream (views, SVL prototypes, LoRA dropout) is exercised.
+FIT = FitConfig(steps=6, precision="32-true", accelerator="cpu")
+VIEWS = (ViewSpec("clean"), ViewSpec("rotate_jitter_flip", rotation=45.0, jitter=0.4, hflip=True))
+EPISODES = 8
+
+
+def build(cls, **kwargs):
+    torch.manual_seed(0)  # the random-init backbone draws from the global RNG
+    if cls is ZeroShot:
+        return cls(backbone="tiny-clip", pretrained=None)
+    return cls(
+        backbone="tiny-clip", pretrained=None, views=VIEWS, lora=LoRAConfig(rank=4), **kwargs
+    )
+
+
+def rows_by_groups(method, folder, tmp_path, groups: list[list[int]]) -> dict[int, dict]:
+    protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=EPISODES, seed=0)
+    evaluator = EpisodicEvaluator(method, ImageFolder(folder), protocol, tmp_path, FIT)
+    return {row["episode"]: row for group in groups for row in evaluator.run_episodes(group)}
+
+
+def assert_same_rows(reference: dict[int, dict], other: dict[int, dict]) -> None:
+    assert sorted(reference) == sorted(other)
+    for index, row in reference.items():
+        twin = other[index]
+        for key in ("seed", "classes", "support_ids", "query_ids", "accuracy", "steps"):
+            assert twin[key] == row[key], (index, key)
+        assert twin["terms"].keys() == row["terms"].keys()
+        for term, value in row["terms"].items():
+            assert twin["terms"][term] == pytest.approx(value, rel=1e-4, abs=1e-5), (index, term)
+
+
+@pytest.mark.parametrize("cls", [ZeroShot, LoRAFineTune, Mind])
+def test_rows_do_not_depend_on_how_episodes_are_grouped(cls, four_class_folder, tmp_path):
+    method = build(cls)
+    alone = rows_by_groups(method, four_class_folder, tmp_path, [[i] for i in range(EPISODES)])
+    # E = 3 (a short last group), E = 8, and E = 8 in reverse order (every position changes).
+    threes = [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert_same_rows(alone, rows_by_groups(method, four_class_folder, tmp_path, threes))
+    eight = [list(range(EPISODES))]
+    assert_same_rows(alone, rows_by_groups(method, four_class_folder, tmp_path, eight))
+    backwards = [list(reversed(range(EPISODES)))]
+    assert_same_rows(alone, rows_by_groups(method, four_class_folder, tmp_path, backwards))
+    if cls is not ZeroShot:
+        # Training changed the predictions: the test compares trained episodes, not zero-shot.
+        zero = rows_by_groups(build(ZeroShot), four_class_folder, tmp_path, eight)
+        assert any(zero[i]["accuracy"] != alone[i]["accuracy"] for i in alone) or any(
+            alone[i]["terms"]["loss"] != alone[0]["terms"]["loss"] for i in alone
+        )
+
+
+def test_per_episode_views_hold_for_every_grouping(four_class_folder, tmp_path):
+    method = build(Mind, view_sampling="per_episode")
+    alone = rows_by_groups(method, four_class_folder, tmp_path, [[i] for i in range(3)])
+    assert_same_rows(alone, rows_by_groups(method, four_class_folder, tmp_path, [[2, 0, 1]]))
+    per_step = rows_by_groups(build(Mind), four_class_folder, tmp_path, [[0, 1, 2]])
+    assert any(per_step[i]["terms"]["loss"] != alone[i]["terms"]["loss"] for i in alone)
+
+
+def test_each_adapter_set_gets_only_its_own_gradient(four_class_folder, tmp_path):
+    """Set e after a grouped run equals the adapters episode e trains alone."""
+    method = build(LoRAFineTune)
+    rows_by_groups(method, four_class_folder, tmp_path, [[4]])
+    alone = lora_state_dict(method.backbone.lora_root())
+    rows_by_groups(method, four_class_folder, tmp_path, [[1, 4, 6]])
+    together = lora_state_dict(method.backbone.lora_root(), adapter_index=1)
+    for key, value in alone.items():
+        torch.testing.assert_close(together[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_start_episodes_needs_one_way(tmp_path):
+    method = build(LoRAFineTune)
+    with pytest.raises(CdfslError, match="one size"):
+        method.start_episodes([0, 1], [["a", "b"], ["a", "b", "c"]])
+    with pytest.raises(CdfslError, match="one class list per seed"):
+        method.start_episodes([0, 1], [["a", "b"]])
+    method.start_episodes([0, 1], [["a", "b"], ["c", "d"]])
+    with pytest.raises(CdfslError, match="2 episodes"):
+        _ = method.text_feats
+    method.set_classes(["x", "y"])  # back to one episode
+    assert method.text_feats.shape[0] == 2
