@@ -47,11 +47,9 @@ def test_cells_from_worker_processes_equal_cells_run_in_process(tmp_path):
         )
         assert len(rows_a) == 2
         for ra, rb in zip(rows_a, rows_b, strict=True):
-            assert (ra["query_ids"], ra["accuracy"], ra["terms"]) == (
-                rb["query_ids"],
-                rb["accuracy"],
-                rb["terms"],
-            )
+            assert (ra["query_ids"], ra["accuracy"]) == (rb["query_ids"], rb["accuracy"])
+            # Equal to float tolerance: one thread or two block the matmuls differently.
+            assert ra["terms"] == pytest.approx(rb["terms"], rel=1e-4, abs=1e-6)
 
 
 @needs_micro_clip

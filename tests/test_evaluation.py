@@ -90,7 +90,7 @@ def test_killed_run_resumes_with_every_episode_exactly_once(four_class_folder, t
     cmd = [
         sys.executable, "-m", "cdfsl.cli", "eval", "--config", str(ROOT / "recipes/tiny/mind.yaml"),
         "--data.root", str(four_class_folder), "--output", str(out), "--episodes", "6",
-        "--steps", "8", "--progress", "false",
+        "--steps", "8", "--progress", "false", "--episodes_per_step", "1",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

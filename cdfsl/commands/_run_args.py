@@ -26,6 +26,10 @@ def add_run_arguments(parser: ArgumentParser) -> None:
         "--batch_size", type=int | None, default=None,
         help="support images per step; null: all of them (episodes, Mind)",
     )  # fmt: skip
+    parser.add_argument(
+        "--episodes_per_step", type=int | None, default=None,
+        help="episodes trained side by side; null: as many as memory allows (rows do not change)",
+    )  # fmt: skip
     parser.add_argument("--precision", type=str, default="bf16-mixed")
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--output", type=str, default="runs/cdfsl", help="results directory")
@@ -33,7 +37,10 @@ def add_run_arguments(parser: ArgumentParser) -> None:
 
 
 def fit_config(cfg: Namespace) -> FitConfig:
-    return FitConfig(cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator, cfg.batch_size)
+    return FitConfig(
+        cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator, cfg.batch_size,
+        cfg.episodes_per_step,
+    )  # fmt: skip
 
 
 def dataset(cfg: Namespace) -> tuple[DataConfig, LabelledImages]:

@@ -48,6 +48,8 @@ class FitConfig:
     the same autocast. ``batch_size`` None trains on the whole support set every step (the
     paper's episodes; Mind requires it); a number draws that many support images per step,
     for support sets too large for one batch (all-way protocols on big datasets).
+    ``episodes_per_step`` episodes train side by side in one pass over the frozen backbone
+    (None: as many as memory allows, see :func:`episodes_per_step`); rows do not depend on it.
     """
 
     steps_per_shot: int = 250
@@ -55,6 +57,7 @@ class FitConfig:
     precision: str = "bf16-mixed"
     accelerator: str = "auto"
     batch_size: int | None = None
+    episodes_per_step: int | None = None
 
     def total_steps(self, k_shot: int) -> int:
         steps = self.steps if self.steps is not None else self.steps_per_shot * k_shot
@@ -69,6 +72,71 @@ class FitConfig:
             if self.accelerator != "auto":
                 raise CdfslError(f"accelerator {self.accelerator!r} requested but CUDA is absent")
         return torch.device("cpu")
+
+
+#: Bytes kept for the backward pass per element of a LoRA projection's input: a ViT block
+#: saves about 16 activations of the residual's size (norms, q/k/v, attention, MLP at 4x),
+#: 4 bytes each in fp32. An estimate for choosing E, not a measurement.
+_BYTES_PER_PROJECTED_ELEMENT = 64
+_MAX_EPISODES_PER_STEP = {"cpu": 8, "cuda": 32}
+
+
+def episodes_per_step(method: FewShotMethod, protocol: EpisodeProtocol, fit: FitConfig) -> int:
+    """How many episodes train side by side: ``fit.episodes_per_step``, or from memory.
+
+    Automatic: the activation memory of one training image is estimated from the inputs of the
+    LoRA projections in a one-image forward (see ``_BYTES_PER_PROJECTED_ELEMENT``), and E is
+    what half the free memory (CUDA: free device memory; CPU: MemAvailable) holds for
+    ``n_way·k_shot·views`` images per episode, between 1 and 8 (CPU) or 32 (CUDA).
+    Mini-batched support sets (``fit.batch_size``) train one episode at a time.
+    """
+    if fit.episodes_per_step is not None:
+        if fit.episodes_per_step < 1:
+            raise CdfslError(
+                f"episodes_per_step={fit.episodes_per_step}: expected an integer >= 1, or null "
+                "to choose from memory"
+            )
+        return fit.episodes_per_step
+    device = fit.device()
+    cap = _MAX_EPISODES_PER_STEP.get(device.type, 1)
+    if not method.trainable:
+        return cap
+    if fit.batch_size is not None:
+        return 1
+    images = protocol.n_way * protocol.k_shot * max(1, len(method.views or ()))
+    need = images * _BYTES_PER_PROJECTED_ELEMENT * _projected_elements(method, device)
+    return int(max(1, min(cap, _free_bytes(device) // 2 // max(1, need))))
+
+
+def _projected_elements(method: FewShotMethod, device: torch.device) -> int:
+    """Sum of the LoRA projections' input sizes in a forward of one image."""
+    from cdfsl.lora import LoRAProjection
+
+    seen: list[int] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].numel()))
+        for m in method.backbone.lora_root().modules()
+        if isinstance(m, LoRAProjection)
+    ]
+    size = method.backbone.preprocess.size
+    try:
+        with torch.no_grad():
+            method.backbone.to(device).encode_image(torch.zeros(1, 3, *size, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(seen)
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            info = dict(line.split(":", 1) for line in handle)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 4 << 30  # no /proc (macOS, Windows): assume 4 GiB
 
 
 def episode_seed(seed: int, index: int) -> int:
@@ -201,6 +269,9 @@ class EpisodicEvaluator:
         self.store = ResultStore(self.output_dir / "results.jsonl")
         self.config = {
             "method": type(method).__name__,
+            # Rows of engine 1 (dropout from the global RNG) differ from engine 2's
+            # per-episode random streams; a resumed run must not mix the two.
+            "engine": 2,
             # A resumed run must not mix episodes trained with other hyper-parameters.
             "method_args": plain_json(dict(method.hparams)),
             "protocol": asdict(protocol),
@@ -217,6 +288,7 @@ class EpisodicEvaluator:
         """The configuration a resumed run must share; the episode count may grow or shrink."""
         config = json.loads(json.dumps(self.config, sort_keys=True))
         config["protocol"].pop("episodes")
+        config["fit"].pop("episodes_per_step", None)  # rows do not depend on it
         return config
 
     def run_episodes(
@@ -281,8 +353,9 @@ class EpisodicEvaluator:
             unit="ep",
         )  # fmt: skip
         with bar:
-            for index in todo:
-                for row in self.run_episodes([index]):
+            size = episodes_per_step(self.method, self.protocol, self.fit)
+            for group in (todo[i : i + size] for i in range(0, len(todo), size)):
+                for row in self.run_episodes(group):
                     self.store.append(row)
                     if on_episode is not None:
                         on_episode(row)

@@ -1,0 +1,220 @@
+"""The episode engine against this machine's limits, all figures measured in one run.
+
+    python benchmarks/engine_speed.py                   # everything (ViT-B/16 bf16 is slow on
+                                                        # CPUs without bf16 matrix units)
+    python benchmarks/engine_speed.py --skip-vit        # micro-clip only
+    python benchmarks/engine_speed.py --reference-steps 25 --episodes 8
+
+1. GEMM peak: a 1024² matmul per dtype, one thread.
+2. A LoRA q/k/v training step (forward + backward to the adapters) for ViT-B/16 (random init,
+   5 images) and micro-clip (25 images = 5-way 1-shot, five views): FLOPs per image-step
+   counted by ``torch.utils.flop_counter``, seconds per step, GFLOP/s and the fraction of each
+   GEMM peak, for fp32 and bf16 autocast.
+3. Mind on micro-clip, 5-way 1-shot and 5-shot, five views: a faithful reference loop (one
+   episode at a time, a deep copy of the model per episode, views drawn once per episode, the
+   clean support forwarded a second time for S, a plain PyTorch loop, as the public Mind code
+   does it; written here) against cdfsl's engine (``EpisodicEvaluator.run_episodes``, E episodes
+   side by side). Both run ``--reference-steps`` steps; episodes per hour at the paper's
+   T = 250·K are extrapolated from each loop's measured fixed cost and cost per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from cdfsl.data.episodes import EpisodeSampler, load_episode
+from cdfsl.data.micro_world import MicroWorld
+from cdfsl.data.views import DEFAULT_VIEWS, ViewAugmenter
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig, episode_seed
+from cdfsl.lora import LoRAConfig, reset_lora
+from cdfsl.losses import (
+    fusion_target,
+    mind_schedule,
+    relation_alignment,
+    suppressed_visual_cross_entropy,
+    text_relation,
+    visual_relation,
+    vlm_cross_entropy,
+)
+from cdfsl.methods import LoRAFineTune, Mind
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def gemm_peaks(repeats: int) -> dict[str, float]:
+    """GFLOP/s of a 1024² matmul per dtype."""
+    peaks = {}
+    for name, dtype in DTYPES.items():
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        peaks[name] = 2 * 1024**3 / seconds(lambda a=a, b=b: a @ b, repeats) / 1e9
+    return peaks
+
+
+def step_figures(backbone: str, images: int, precision: str, repeats: int) -> dict[str, float]:
+    """FLOPs per image-step and seconds per LoRA training step."""
+    torch.manual_seed(0)
+    method = LoRAFineTune(
+        backbone=backbone, pretrained=None, class_names=[f"c{i}" for i in range(5)], views=None
+    )
+    method.train()
+    method.on_train_start()
+    x = torch.rand(images, 3, *method.backbone.preprocess.size)
+    y = torch.arange(images) % 5
+    dtype = DTYPES[precision]
+    cast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def step() -> None:
+        with cast:
+            feats = method.image_features(x)
+        vlm_cross_entropy(feats, method.text_feats, y, method.scale).backward()
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    return {
+        "gflop_per_image": flops / images / 1e9,
+        "s_per_step": seconds(step, repeats),
+        "flops": flops,
+    }
+
+
+def reference_episode(
+    model: Mind, dataset: MicroWorld, sampler: EpisodeSampler, index: int, steps: int
+) -> float:
+    """One episode as the public Mind code runs it; returns query accuracy."""
+    model = copy.deepcopy(model)  # the reference copies the whole model per episode
+    seed = episode_seed(0, index)
+    torch.manual_seed(seed)
+    reset_lora(model.backbone.lora_root(), seed)
+    episode = load_episode(dataset, sampler.episode(index), model.backbone.preprocess.to_tensor())
+    model.set_classes(episode.class_names)
+    text = model.text_feats
+    augmenter = ViewAugmenter(DEFAULT_VIEWS)
+    views, _ = augmenter(episode.support_images)  # drawn once per episode, reused every step
+    labels = episode.support_labels.repeat(len(DEFAULT_VIEWS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 8 * steps, 1e-6)
+    previous = None
+    model.train()
+    for k in range(steps):
+        plan = mind_schedule(k, steps)
+        feats = model.image_features(views)
+        loss = vlm_cross_entropy(feats, text, labels, model.scale)
+        if plan.svl:
+            loss = loss + 0.1 * suppressed_visual_cross_entropy(feats, labels, len(text), 100.0)
+        if plan.svl or plan.ra:
+            support = model.image_features(episode.support_images)  # S: a second forward
+            relation = visual_relation(feats, support)
+            if plan.ra:
+                a_t = text_relation(text, labels, episode.support_labels)
+                target = fusion_target(previous, a_t, plan.fusion_weight)
+                loss = loss + 3.0 * relation_alignment(relation, target)
+            previous = relation.detach()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(episode.query_images)
+    return float((logits.argmax(1) == episode.query_labels).float().mean())
+
+
+def loop_costs(run: Callable[[int], None], short: int, long: int) -> tuple[float, float]:
+    """(fixed seconds, seconds per step) of ``run(steps)`` from two step counts."""
+    t_short = seconds(lambda: run(short), 1, warmup=0)
+    t_long = seconds(lambda: run(long), 1, warmup=0)
+    per_step = (t_long - t_short) / (long - short)
+    return max(0.0, t_short - per_step * short), per_step
+
+
+def compare_loops(shot: int, steps: int, episodes: int) -> dict[str, float]:
+    dataset = MicroWorld("chestx-like", images_per_class=40, seed=0)
+    protocol = EpisodeProtocol(5, shot, 15, episodes, seed=0)
+    sampler = EpisodeSampler(dataset.targets, 5, shot, 15, episodes, 0)
+    lora = LoRAConfig(rank=16, alpha=8.0, dropout=0.25)
+    torch.manual_seed(0)
+    model = Mind(backbone="micro-clip", lora=lora, views=DEFAULT_VIEWS)
+    reference = Mind(backbone="micro-clip", lora=lora, views=DEFAULT_VIEWS)
+
+    def run_reference(t: int) -> None:
+        for index in range(episodes):
+            reference_episode(reference, dataset, sampler, index, t)
+
+    def run_engine(t: int) -> None:
+        fit = FitConfig(steps=t, precision="32-true", accelerator="cpu", episodes_per_step=episodes)
+        evaluator = EpisodicEvaluator(
+            model, dataset, protocol, "/tmp/cdfsl-bench", fit, progress=False
+        )
+        evaluator.run_episodes(list(range(episodes)))
+
+    run_engine(2)  # warm-up: first-call allocations
+    out = {}
+    for name, run in (("reference", run_reference), ("engine", run_engine)):
+        fixed, per_step = loop_costs(run, max(2, steps // 5), steps)
+        out[f"{name}_fixed"] = fixed / episodes
+        out[f"{name}_step"] = per_step / episodes
+        out[f"{name}_eph"] = 3600 / ((fixed + per_step * 250 * shot) / episodes)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-vit", action="store_true")
+    parser.add_argument("--vit-repeats", type=int, default=1)
+    parser.add_argument("--reference-steps", type=int, default=20)
+    parser.add_argument("--episodes", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
+    peaks = gemm_peaks(repeats=3)
+    print("GEMM 1024² peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+    models = [("micro-clip", 25, 5)] + (
+        [] if args.skip_vit else [("clip-vit-b16", 5, args.vit_repeats)]
+    )
+    for backbone, images, repeats in models:
+        for precision in DTYPES:
+            fig = step_figures(backbone, images, precision, repeats)
+            rate = fig["flops"] / fig["s_per_step"] / 1e9
+            print(
+                f"{backbone:<13} {images:>3} images {precision}: {fig['gflop_per_image']:.3f} "
+                f"GFLOP/image-step, {fig['s_per_step']:.3f} s/step, {rate:.1f} GFLOP/s = "
+                f"{100 * rate / peaks['bf16']:.1f}% of bf16 peak, "
+                f"{100 * rate / peaks['fp32']:.1f}% of fp32 peak"
+            )
+    for shot in (1, 5):
+        c = compare_loops(shot, args.reference_steps, args.episodes)
+        print(
+            f"Mind micro-clip 5-way {shot}-shot, 5 views, fp32, E={args.episodes}: reference loop "
+            f"{c['reference_fixed']:.2f} s/episode fixed + {1e3 * c['reference_step']:.1f} ms/step; "
+            f"engine {c['engine_fixed']:.2f} s + {1e3 * c['engine_step']:.1f} ms/step per episode; "
+            f"at T={250 * shot}: {c['reference_eph']:.0f} vs {c['engine_eph']:.0f} episodes/hour "
+            f"({c['engine_eph'] / c['reference_eph']:.2f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
