@@ -27,7 +27,6 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
-from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cdfsl.data.episodes import EpisodeSampler, load_episode
@@ -208,8 +207,9 @@ def main() -> None:
     for shot in (1, 5):
         c = compare_loops(shot, args.reference_steps, args.episodes)
         print(
-            f"Mind micro-clip 5-way {shot}-shot, 5 views, fp32, E={args.episodes}: reference loop "
-            f"{c['reference_fixed']:.2f} s/episode fixed + {1e3 * c['reference_step']:.1f} ms/step; "
+            f"Mind micro-clip 5-way {shot}-shot, 5 views, fp32, E={args.episodes}: reference "
+            f"loop {c['reference_fixed']:.2f} s/episode fixed + "
+            f"{1e3 * c['reference_step']:.1f} ms/step; "
             f"engine {c['engine_fixed']:.2f} s + {1e3 * c['engine_step']:.1f} ms/step per episode; "
             f"at T={250 * shot}: {c['reference_eph']:.0f} vs {c['engine_eph']:.0f} episodes/hour "
             f"({c['engine_eph'] / c['reference_eph']:.2f}x)"
