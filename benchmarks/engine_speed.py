@@ -180,6 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-vit", action="store_true")
+    parser.add_argument("--skip-loops", action="store_true", help="no reference-vs-engine part")
     parser.add_argument("--vit-repeats", type=int, default=1)
     parser.add_argument("--reference-steps", type=int, default=20)
     parser.add_argument("--episodes", type=int, default=8)
@@ -204,7 +205,7 @@ def main() -> None:
                 f"{100 * rate / peaks['bf16']:.1f}% of bf16 peak, "
                 f"{100 * rate / peaks['fp32']:.1f}% of fp32 peak"
             )
-    for shot in (1, 5):
+    for shot in () if args.skip_loops else (1, 5):
         c = compare_loops(shot, args.reference_steps, args.episodes)
         print(
             f"Mind micro-clip 5-way {shot}-shot, 5 views, fp32, E={args.episodes}: reference "

@@ -165,13 +165,11 @@ class LoRADropout(nn.Module):
                 "expected one per group; call set_lora_generators with num_adapters generators"
             )
         numel = x[0].numel()
-        words = (numel + 3) // 4  # four int16 draws per int64 word
-        drops = []
-        for generator in generators:
-            bits = torch.empty(words, dtype=torch.int64, device=x.device)
-            bits.random_(generator=generator)
-            drops.append(bits.view(torch.int16)[:numel].view(x.shape[1:]) < self._threshold)
-        return x.masked_fill(torch.stack(drops), 0)
+        words = torch.empty(groups, (numel + 3) // 4, dtype=torch.int64, device=x.device)
+        for row, generator in zip(words, generators, strict=True):
+            row.random_(generator=generator)  # four int16 draws per int64 word
+        drop = words.view(torch.int16)[:, :numel] < self._threshold
+        return x.masked_fill(drop.view(x.shape), 0)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}"
