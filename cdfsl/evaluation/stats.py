@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,8 +22,9 @@ class EpisodeAccuracy(Metric):
 
     full_state_update = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: Any) -> None:
+        """``kwargs`` go to torchmetrics' ``Metric`` (e.g. ``sync_on_compute``)."""
+        super().__init__(**kwargs)
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total_sq", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -46,7 +48,9 @@ class EpisodeAccuracy(Metric):
 
 def mean_ci95(accuracies: list[float]) -> dict[str, float]:
     """:class:`EpisodeAccuracy` over a list, for summaries of stored rows."""
-    metric = EpisodeAccuracy()
+    # The list is all the rows; in a process group (a sharded run) torchmetrics would otherwise
+    # sum it with the other ranks' lists, and wait for ranks that never compute one.
+    metric = EpisodeAccuracy(sync_on_compute=False)
     if accuracies:
         metric.update(torch.tensor(accuracies, dtype=torch.float64))
     return metric.compute()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -22,13 +23,17 @@ class ResultStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def rows(self) -> list[dict[str, Any]]:
-        """All complete rows; a torn trailing line (no newline) is truncated from the file."""
+    def rows(self, repair: bool = True) -> list[dict[str, Any]]:
+        """All complete rows; a torn trailing line (no newline) is truncated from the file.
+
+        ``repair`` False leaves the file as it is and skips a torn line: for files that another
+        process may still be appending to (the shards of a sharded run).
+        """
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data):
+        if end < len(data) and repair:
             with open(self.path, "r+b") as handle:
                 handle.truncate(end)
         rows = []
@@ -47,6 +52,22 @@ class ResultStore:
     def completed(self) -> set[int]:
         return {int(row["episode"]) for row in self.rows()}
 
+    def replace(self, rows: list[dict[str, Any]]) -> None:
+        """Make ``rows`` the whole file at once (a temporary file, fsync'd, then a rename).
+
+        A file that already holds exactly these rows is left alone.
+        """
+        data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
+        if self.path.exists() and self.path.read_bytes() == data:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary(self.path)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+
     def append(self, row: dict[str, Any]) -> None:
         line = (json.dumps(row, sort_keys=True) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,9 +83,15 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as JSON through a temporary file and a rename: readers never see half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = _temporary(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def _temporary(path: Path) -> Path:
+    """A temporary name beside ``path``, its own per process: shards of one run may write the
+    same file (run.json) at once, on one host or several sharing the folder."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
 def plain_json(value: Any) -> Any:
