@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from cdfsl.data.base import LabelledImages
@@ -49,10 +50,16 @@ def dataset(cfg: Namespace) -> tuple[DataConfig, LabelledImages]:
 
 
 def method(cfg: Namespace) -> FewShotMethod:
-    """Instantiate ``cfg.method`` (``class_path`` + ``init_args``)."""
+    """Instantiate ``cfg.method`` (``class_path`` + ``init_args``).
+
+    A random-initialised backbone (``tiny-*``) is drawn from a fixed seed, so that every rank of
+    a sharded run and every resume evaluates the same one.
+    """
     parser = ArgumentParser()
     parser.add_subclass_arguments(FewShotMethod, "method")
-    return parser.instantiate(Namespace(method=cfg.method)).method
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return parser.instantiate(Namespace(method=cfg.method)).method
 
 
 def plain(obj):

@@ -15,6 +15,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser, Namespace
 
 from cdfsl.commands import _run_args
+from cdfsl.errors import CdfslError
 
 NAME = "allway"
 HELP = "all-way K-shot evaluation on train/val/test splits, over shots and seeds (resumable)"
@@ -35,7 +36,15 @@ def run(cfg: Namespace) -> None:
     from cdfsl.data.layout import prompt_template
     from cdfsl.data.sources import DataConfig, build_splits
     from cdfsl.evaluation.allway import AllWayEvaluator, AllWayProtocol, allway_table
+    from cdfsl.evaluation.distributed import launched_ranks
 
+    ranks = launched_ranks()
+    if ranks is not None:
+        # Every rank would run every (K, seed) and append the same rows to one file.
+        raise CdfslError(
+            f"cdfsl allway under a launcher of WORLD_SIZE={ranks.world}; expected one process "
+            "(all-way runs are not sharded); fix: run cdfsl allway without torchrun"
+        )
     protocol = AllWayProtocol(tuple(cfg.shots), tuple(cfg.seeds), cfg.max_val_shots)
     data = DataConfig(**vars(cfg.data))
     splits = build_splits(data)

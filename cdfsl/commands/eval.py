@@ -1,12 +1,21 @@
-"""``cdfsl eval``: episodic N-way K-shot evaluation of a recipe on a dataset (resumable)."""
+"""``cdfsl eval``: episodic N-way K-shot evaluation of a recipe on a dataset (resumable).
+
+Under ``torchrun --nproc_per_node N --no-python cdfsl eval ...`` the ranks split the episodes
+and rank 0 merges them; ``--shard K/N`` runs one share alone, for ``cdfsl merge`` to merge.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jsonargparse import ArgumentParser, Namespace
 
 from cdfsl.commands import _run_args
+from cdfsl.errors import CdfslError
+
+if TYPE_CHECKING:
+    from cdfsl.evaluation.shards import Shard
 
 NAME = "eval"
 HELP = "episodic N-way K-shot evaluation (resumable)"
@@ -14,11 +23,31 @@ HELP = "episodic N-way K-shot evaluation (resumable)"
 
 def configure(parser: ArgumentParser) -> None:
     _run_args.add_run_arguments(parser)
+    parser.add_argument(
+        "--shard", type=str | None, default=None,
+        help="K/N: run only episodes i with i mod N = K, into OUTPUT/shards (then cdfsl merge)",
+    )  # fmt: skip
 
 
 def run(cfg: Namespace) -> None:
+    from cdfsl.evaluation import distributed
+    from cdfsl.evaluation.shards import Shard
+
+    shard = Shard.parse(cfg.shard) if cfg.shard is not None else None
+    ranks = distributed.launched_ranks()
+    if shard is not None and ranks is not None:
+        raise CdfslError(
+            f"--shard {cfg.shard} under a launcher of WORLD_SIZE={ranks.world}; expected one of "
+            "the two; fix: drop --shard (the ranks split the episodes) or run without torchrun"
+        )
+    with distributed.process_group():
+        _evaluate(cfg, shard or distributed.ranked_shard())
+
+
+def _evaluate(cfg: Namespace, shard: Shard | None) -> None:
     from cdfsl.data.layout import check_episode_supply, prompt_template
     from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, summary_table
+    from cdfsl.evaluation.shards import finished_rows
 
     protocol = EpisodeProtocol(cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed)
     # build_dataset has validated the folder; classes too small for the episodes are named
@@ -36,9 +65,19 @@ def run(cfg: Namespace) -> None:
             "method_args": _run_args.plain(cfg.method.init_args),
             "data": _run_args.plain(vars(cfg.data)),
         },
-        progress=cfg.progress,
+        progress=cfg.progress, shard=shard,
     )  # fmt: skip
     summary = evaluator.run()
-    print(summary_table([summary]))
     out = Path(cfg.output)
+    if summary is None:  # a static shard
+        share = [i for i in range(protocol.episodes) if shard.owns(i)]
+        done = len(set(share) & set(finished_rows(out)))
+        print(
+            f"shard {shard.index}/{shard.count}: {done} of its {len(share)} episodes done, rows "
+            f"in {shard.rows_path(out)}; once all {shard.count} shards are done: cdfsl merge {out}"
+        )
+        return
+    if shard is not None and shard.index != 0:
+        return  # rank 0 reports for the group
+    print(summary_table([summary]))
     print(f"results: {out / 'results.jsonl'}  summary: {out / 'summary.json'}")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,11 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
-from tqdm.auto import tqdm
 
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.episodes import EpisodeSampler, load_episode
 from cdfsl.errors import CdfslError
+from cdfsl.evaluation import distributed, shards
+from cdfsl.evaluation.progress import RowProgress
+from cdfsl.evaluation.shards import Shard
 from cdfsl.evaluation.stats import mean_ci95
 from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, write_json_atomic
 from cdfsl.methods.base import FewShotMethod
@@ -66,8 +69,11 @@ class FitConfig:
         return steps
 
     def device(self) -> torch.device:
+        """CUDA when asked for and present, else the CPU; under a launcher, cuda:LOCAL_RANK."""
         if self.accelerator in ("auto", "gpu", "cuda"):
             if torch.cuda.is_available():
+                if "LOCAL_RANK" in os.environ:
+                    return torch.device("cuda", distributed.cuda_index())
                 return torch.device("cuda")
             if self.accelerator != "auto":
                 raise CdfslError(f"accelerator {self.accelerator!r} requested but CUDA is absent")
@@ -203,7 +209,8 @@ def fit_episode(
     with _quiet_lightning():
         trainer = L.Trainer(
             accelerator=device.type,
-            devices=1,
+            # devices=1 would be cuda:0 for every rank of a launcher.
+            devices=[device.index] if device.index is not None else 1,
             precision=fit.precision,
             max_steps=steps,
             logger=False,
@@ -243,12 +250,28 @@ def predict_logits(
     return torch.cat(out, dim=1).flatten(0, 1)
 
 
+def summarize_rows(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> dict[str, Any]:
+    """An episodic run's summary: ``config`` with mean accuracy, CI95, std, episodes done and
+    mean seconds per episode over ``rows``."""
+    stats = mean_ci95([row["accuracy"] for row in rows])
+    return {
+        **config,
+        "accuracy": stats["mean"],
+        "ci95": stats["ci95"],
+        "std": stats["std"],
+        "episodes_done": stats["episodes"],
+        "seconds_per_episode": float(np.mean([r["seconds"] for r in rows])) if rows else None,
+    }
+
+
 class EpisodicEvaluator:
     """Run (or resume) an episodic evaluation into ``output_dir``.
 
-    Writes ``results.jsonl`` (one row per finished episode), ``run.json`` (the configuration,
-    checked on resume) and ``summary.json``. Nothing is ever selected on query labels: the
-    queries are predicted once, after training, and only then scored.
+    Writes ``results.jsonl`` (one row per finished episode, sorted by episode), ``run.json``
+    (the configuration, checked on resume) and ``summary.json``. ``shard`` runs only episodes
+    ``i % shard.count == shard.index``, into ``shards/`` (see :meth:`run`). Nothing is ever
+    selected on query labels: the queries are predicted once, after training, and only then
+    scored.
     """
 
     def __init__(
@@ -260,8 +283,10 @@ class EpisodicEvaluator:
         fit: FitConfig | None = None,
         config: dict[str, Any] | None = None,
         progress: bool = True,
+        shard: Shard | None = None,
     ) -> None:
         self.method = method
+        self.shard = shard
         self.dataset = dataset
         self.protocol = protocol
         self.fit = fit or FitConfig()
@@ -337,43 +362,76 @@ class EpisodicEvaluator:
         """Fit and score episode ``index`` alone; returns its result row (not stored)."""
         return self.run_episodes([index], callbacks)[0]
 
-    def run(self, on_episode: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Evaluate every unfinished episode, then write and return the summary.
+    def run(
+        self, on_episode: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any] | None:
+        """Evaluate every unfinished episode of this process's share, then merge and summarize.
 
+        Episodes in results.jsonl or in any shard file count as finished, whatever world size or
+        shard count wrote them. Without a shard the rows go to results.jsonl, then any shard
+        files are merged into it and the summary is written and returned. A ranked shard (one
+        rank of a torch.distributed group) appends to its own file; once every rank is done,
+        rank 0 merges and writes the summary, which every rank returns. A static shard only
+        appends to its file and returns None: ``cdfsl merge`` merges once all shards are done.
         ``on_episode`` is called with each stored row (e.g. to report progress elsewhere).
         """
+        shard = self.shard
+        ranked = shard is not None and shard.ranked
+        if ranked:
+            self._check_group(shard)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        check_run_config(self.output_dir, self._fingerprint())
-        done = self.store.completed()
-        todo = [i for i in range(self.protocol.episodes) if i not in done]
-        accs = [row["accuracy"] for row in self.store.rows()]
-        bar = tqdm(
-            total=self.protocol.episodes, initial=len(done), disable=not self.progress,
-            desc=f"{self.config['method']} {self.protocol.n_way}w{self.protocol.k_shot}s",
-            unit="ep",
+        # In a group rank 0 alone reads what is finished (and records run.json), before any rank
+        # writes: every rank then splits the same list.
+        done = distributed.on_rank0(self._finished) if ranked else self._finished()
+        store = self.store if shard is None else ResultStore(shard.rows_path(self.output_dir))
+        store.rows()  # cuts this process's own torn last line before appending to the file
+        if shard is not None:
+            shards.record_config(self.output_dir, shard, self.config, self._fingerprint())
+        share = [i for i in range(self.protocol.episodes) if shard is None or shard.owns(i)]
+        todo = [i for i in share if i not in done]
+        # One bar per run: rank 0's counts every rank's episodes (from their files, also while it
+        # waits for them); a static shard's counts its share.
+        bar = RowProgress(
+            [self.output_dir], range(self.protocol.episodes) if ranked else share,
+            f"{self.config['method']} {self.protocol.n_way}w{self.protocol.k_shot}s"
+            + (f" {shard.name}" if shard is not None and not ranked else ""),
+            enabled=self.progress and not (ranked and shard.index != 0), accuracy=True,
         )  # fmt: skip
         with bar:
             size = episodes_per_step(self.method, self.protocol, self.fit)
             for group in (todo[i : i + size] for i in range(0, len(todo), size)):
                 for row in self.run_episodes(group):
-                    self.store.append(row)
+                    store.append(row)
                     if on_episode is not None:
                         on_episode(row)
-                    accs.append(row["accuracy"])
-                    bar.update(1)
-                    bar.set_postfix(acc=f"{100 * np.mean(accs):.2f}")
+            if shard is None:
+                shards.merge(self.output_dir)
+                return self.summarize()
+            if not ranked:
+                return None
+            distributed.barrier()
+        return distributed.on_rank0(self._merge_and_summarize)
+
+    def _check_group(self, shard: Shard) -> None:
+        group = distributed.ranked_shard()
+        if group != shard:
+            raise CdfslError(
+                f"ranked shard {shard.name} but the process group is "
+                f"{group.name if group else 'absent'}; expected the group's own rank and size; "
+                "fix: pass distributed.ranked_shard() inside distributed.process_group()"
+            )
+
+    def _finished(self) -> set[int]:
+        """Check (or record) run.json; the episodes finished in results.jsonl or any shard."""
+        check_run_config(self.output_dir, self._fingerprint())
+        return set(shards.finished_rows(self.output_dir))
+
+    def _merge_and_summarize(self) -> dict[str, Any]:
+        shards.merge(self.output_dir)
         return self.summarize()
 
     def summarize(self) -> dict[str, Any]:
-        rows = self.store.rows()
-        stats = mean_ci95([row["accuracy"] for row in rows])
-        summary = {
-            **self.config,
-            "accuracy": stats["mean"],
-            "ci95": stats["ci95"],
-            "std": stats["std"],
-            "episodes_done": stats["episodes"],
-            "seconds_per_episode": float(np.mean([r["seconds"] for r in rows])) if rows else None,
-        }
+        """Write and return the summary of results.jsonl (see :func:`summarize_rows`)."""
+        summary = summarize_rows(self.store.rows(), self.config)
         write_json_atomic(self.output_dir / "summary.json", summary)
         return summary

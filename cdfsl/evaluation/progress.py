@@ -1,0 +1,90 @@
+"""A progress bar over the finished episodes of runs, read from their row files by a thread.
+
+Ranks in other processes report through the rows they write anyway, so one bar (on rank 0, or
+in the process that launched the ranks) counts every rank's episodes, also while its own
+process waits for the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cdfsl.evaluation.shards import RESULTS, shard_files
+
+
+class RowProgress:
+    """A tqdm bar of the episodes ``wanted`` that are finished in each of ``dirs``.
+
+    A context manager: entering shows the bar at the episodes already finished and starts a
+    thread that rereads the files every ``interval`` seconds (only what was appended since,
+    whole lines only); leaving counts once more and closes the bar. ``accuracy`` adds the mean
+    accuracy of the counted rows. Disabled, it does nothing.
+    """
+
+    def __init__(
+        self, dirs: Sequence[str | Path], wanted: Iterable[int], desc: str, enabled: bool = True,
+        accuracy: bool = False, interval: float = 0.5,
+    ) -> None:  # fmt: skip
+        self.dirs = [Path(d) for d in dirs]
+        self.wanted = set(wanted)
+        self.desc, self.enabled, self.accuracy, self.interval = desc, enabled, accuracy, interval
+        self._seen: dict[Path, dict[int, float]] = {d: {} for d in self.dirs}
+        self._read: dict[Path, tuple[int, int]] = {}  # file -> (inode, bytes read)
+        self._stop = threading.Event()
+
+    def _update(self) -> None:
+        for folder, seen in self._seen.items():
+            for path in [folder / RESULTS, *shard_files(folder)]:
+                try:
+                    self._read_new(path, seen)
+                except (OSError, ValueError):  # merged away mid-read: the next poll recounts
+                    self._read.pop(path, None)
+        count = sum(len(seen) for seen in self._seen.values())
+        if count != self.bar.n:
+            self.bar.n = count
+            if self.accuracy and count:
+                accs = [a for seen in self._seen.values() for a in seen.values()]
+                self.bar.set_postfix(acc=f"{100 * sum(accs) / len(accs):.2f}", refresh=False)
+            self.bar.refresh()
+
+    def _read_new(self, path: Path, seen: dict[int, float]) -> None:
+        with open(path, "rb") as handle:
+            inode = os.fstat(handle.fileno()).st_ino
+            known, offset = self._read.get(path, (inode, 0))
+            if known != inode:  # replaced (a merge rewrote it): read it again from the start
+                offset = 0
+            handle.seek(offset)
+            data = handle.read()
+        end = data.rfind(b"\n") + 1  # a torn last line waits for the next poll
+        for line in data[:end].splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row["episode"] in self.wanted:
+                    seen[row["episode"]] = row.get("accuracy", 0.0)
+        self._read[path] = (inode, offset + end)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._update()
+
+    def __enter__(self) -> RowProgress:
+        total = len(self.dirs) * len(self.wanted)
+        self.bar = tqdm(total=total, desc=self.desc, unit="ep", disable=not self.enabled)
+        if self.enabled:
+            self._update()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+            self._update()
+        self.bar.close()
