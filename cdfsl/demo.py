@@ -5,21 +5,25 @@ Computation only; ``cdfsl.commands.demo`` reads the recipe and writes the files.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import multiprocessing
-from collections.abc import Callable, Sequence
+import logging
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cdfsl.data.micro_world import MicroWorld
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig, distributed
 from cdfsl.evaluation.history import TermHistory
+from cdfsl.evaluation.progress import RowProgress
 from cdfsl.evaluation.stats import mean_ci95
 from cdfsl.evaluation.store import ResultStore
 from cdfsl.methods.base import FewShotMethod
@@ -55,7 +59,11 @@ def method_name(spec: MethodSpec) -> str:
 
 
 def build_methods(specs: Sequence[MethodSpec], backbone: str) -> dict[str, FewShotMethod]:
-    """Instantiate each method config on ``backbone``, keyed by :func:`method_name`."""
+    """Instantiate each method config on ``backbone``, keyed by :func:`method_name`.
+
+    A random-initialised backbone (``tiny-*``) is drawn from a fixed seed: every rank builds the
+    same one.
+    """
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser()
@@ -65,15 +73,17 @@ def build_methods(specs: Sequence[MethodSpec], backbone: str) -> dict[str, FewSh
         # A deep copy: jsonargparse turns the nested dicts of what it parses into Namespaces.
         init_args = {**copy.deepcopy(spec.get("init_args", {})), "backbone": backbone}
         spec = {**spec, "init_args": init_args}
-        methods[method_name(spec)] = parser.instantiate(
-            parser.parse_object({"method": spec})
-        ).method
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            methods[method_name(spec)] = parser.instantiate(
+                parser.parse_object({"method": spec})
+            ).method
     return methods
 
 
 @dataclass(frozen=True)
 class _Grid:
-    """Everything a worker needs to evaluate any cell of the grid (picklable)."""
+    """Everything a rank needs to evaluate its share of every cell of the grid (picklable)."""
 
     specs: tuple[MethodSpec, ...]
     backbone: str
@@ -83,34 +93,10 @@ class _Grid:
     images_per_class: int
     config: dict[str, Any]
     threads: int | None
+    jobs: tuple[tuple[str, int, str], ...]
 
-
-_WORKER: dict[str, Any] = {}
-
-
-def _start_worker(grid: _Grid, episodes: Any = None) -> None:
-    if grid.threads is not None:
-        torch.set_num_threads(grid.threads)
-    methods = build_methods(grid.specs, grid.backbone)
-    _WORKER.update(grid=grid, methods=methods, data={}, episodes=episodes)
-
-
-def _run_cell(domain: str, shot: int, name: str, progress: bool = False) -> DemoCell:
-    grid: _Grid = _WORKER["grid"]
-    if domain not in _WORKER["data"]:
-        _WORKER["data"][domain] = MicroWorld(
-            domain, images_per_class=grid.images_per_class, seed=grid.protocol.seed
-        )
-    p = grid.protocol
-    output = grid.output / domain / f"{shot}shot" / name
-    evaluator = EpisodicEvaluator(
-        _WORKER["methods"][name], _WORKER["data"][domain],
-        EpisodeProtocol(p.n_way, shot, p.n_query, p.episodes, p.seed), output, grid.fit,
-        config={"dataset": domain, **grid.config}, progress=progress,
-    )  # fmt: skip
-    queue = _WORKER.get("episodes")
-    report = None if queue is None else (lambda row: queue.put(row["accuracy"]))
-    return DemoCell(domain, shot, name, evaluator.run(on_episode=report), output)
+    def cell_dir(self, domain: str, shot: int, name: str) -> Path:
+        return self.output / domain / f"{shot}shot" / name
 
 
 def run_grid(
@@ -129,58 +115,130 @@ def run_grid(
 ) -> list[DemoCell]:
     """Evaluate each method on each domain and shot into ``output/<domain>/<k>shot/<method>``.
 
-    ``workers > 1`` spreads the cells over that many processes with ``threads`` torch threads
-    each. Every episode is a pure function of its seed, so a cell's rows do not depend on
-    which process ran it. Cells come back in grid order (domain, shot, method).
+    ``workers > 1`` launches that many ranks with torch's elastic launcher (gloo, rendezvous on
+    a free localhost port); started under torchrun, its ranks are the workers instead. Each rank
+    runs every cell with its share of the episodes (``i % ranks == rank``) and ``threads`` torch
+    threads; rank 0 merges each cell. Every episode is a pure function of its seed, so the rows
+    do not depend on the number of ranks. Cells come back in grid order (domain, shot, method),
+    to rank 0 or the one process; the other ranks of a torchrun group get an empty list.
     """
+    jobs = tuple((d, k, method_name(s)) for d in domains for k in shots for s in specs)
     grid = _Grid(
         tuple(specs), backbone, protocol, fit, Path(output), images_per_class,
-        {"backbone": backbone, **(config or {})}, threads,
+        {"backbone": backbone, **(config or {})}, threads, jobs,
     )  # fmt: skip
-    jobs = [(d, k, method_name(s)) for d in domains for k in shots for s in specs]
-    if workers <= 1:
-        _start_worker(grid)
+    ranks = distributed.launched_ranks()
+    launch = workers > 1 and ranks is None
+    count = workers if launch else ranks.world if ranks else 1
+    # One bar over every cell's episodes, read from the files that every rank writes.
+    bar = RowProgress(
+        [grid.cell_dir(*job) for job in jobs], range(protocol.episodes),
+        f"demo, {len(jobs)} cells on {count} rank{'s' * (count > 1)}",
+        enabled=progress and (ranks is None or ranks.rank == 0),
+    )  # fmt: skip
+    with bar:
+        return _launch(grid, workers) if launch else _run_ranked(grid)
+
+
+def _run_ranked(grid: _Grid) -> list[DemoCell]:
+    """This process's share of every cell: all of it alone, or one rank's in a launcher's group."""
+    with distributed.process_group(backend="gloo"):
+        return _run_cells(grid)
+
+
+def _run_cells(grid: _Grid) -> list[DemoCell]:
+    if grid.threads is not None:
+        torch.set_num_threads(grid.threads)
+    methods = build_methods(grid.specs, grid.backbone)
+    shard = distributed.ranked_shard()
+    data: dict[str, MicroWorld] = {}
+    p = grid.protocol
+    cells = []
+    for domain, shot, name in grid.jobs:
+        if domain not in data:
+            data[domain] = MicroWorld(domain, images_per_class=grid.images_per_class, seed=p.seed)
+        output = grid.cell_dir(domain, shot, name)
+        evaluator = EpisodicEvaluator(
+            methods[name], data[domain],
+            EpisodeProtocol(p.n_way, shot, p.n_query, p.episodes, p.seed), output, grid.fit,
+            config={"dataset": domain, **grid.config}, progress=False, shard=shard,
+        )  # fmt: skip
+        summary = evaluator.run()
+        cells.append(DemoCell(domain, shot, name, summary, output))
+    return cells if shard is None or shard.index == 0 else []
+
+
+def _launch(grid: _Grid, workers: int) -> list[DemoCell]:
+    """Run the grid on ``workers`` local ranks through torch's elastic launcher; rank 0's cells."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The launcher installs its own handlers (a signal becomes SignalException); the demo's
+    # tables and plots that follow should see Ctrl-C as usual.
+    handlers = {sig: signal.getsignal(sig) for sig in _LAUNCH_SIGNALS}
+    with tempfile.TemporaryDirectory(prefix="cdfsl-demo-") as logs, _quiet_launcher():
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=workers, run_id=f"cdfsl-demo-{os.getpid()}",
+            # Port 0: the rendezvous store binds a free port itself, with no race for one.
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+            monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=logs),
+            # On Ctrl-C a rank may sit in a barrier, deaf to signals; its rows are safe on disk.
+            shutdown_timeout=1,
+        )  # fmt: skip
         try:
-            return [_run_cell(*job, progress=progress) for job in jobs]
+            results = elastic_launch(config, _rank_entry)(grid)
+        except SignalException:
+            # The launcher has stopped every rank; finished episodes are on disk, one fsync'd
+            # row each, and a row torn by the stop is cut on resume.
+            raise KeyboardInterrupt from None
+        except ChildFailedError as err:
+            raise _rank_failure(err) from None
         finally:
-            _WORKER.clear()
-    # Most shots first: 5-shot training cells dominate; zero-shot cells take a second anywhere.
-    order = sorted(jobs, key=lambda j: -j[1])
-    done: dict[tuple[str, int, str], DemoCell] = {}
-    context = multiprocessing.get_context("spawn")  # fork after torch/OpenMP start is unsafe
-    episodes = context.Queue()  # workers put one item per finished episode, for the bar
-    # Pool's exit terminates the workers, so Ctrl-C (or a failed cell) stops at once: finished
-    # episodes are on disk, one fsync'd row each, and a row torn by the kill is cut on resume.
-    with (
-        context.Pool(workers, initializer=_start_worker, initargs=(grid, episodes)) as pool,
-        tqdm(
-            total=len(jobs) * protocol.episodes, disable=not progress, unit="ep",
-            desc=f"demo, {len(jobs)} cells on {workers} workers",
-        ) as bar,
-    ):  # fmt: skip
-        pending = pool.imap_unordered(_run_job, order)
-        while len(done) < len(jobs):
-            try:
-                job, cell = pending.next(timeout=0.5)
-            except multiprocessing.TimeoutError:
-                pass
-            else:
-                done[job] = cell
-                bar.set_postfix_str(f"cells {len(done)}/{len(jobs)}")
-            while not episodes.empty():
-                episodes.get()
-                bar.update(1)
-        # Resumed episodes were never reported; the bar ends full either way.
-        bar.update(bar.total - bar.n)
-    return [done[job] for job in jobs]
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    return results[0]
 
 
-def _run_job(job: tuple[str, int, str]) -> tuple[tuple[str, int, str], DemoCell]:
+_LAUNCH_SIGNALS = [signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)]
+
+
+def _rank_entry(grid: _Grid) -> list[DemoCell]:
+    """A launched rank: its share of the grid; a CdfslError leaves it as its one line."""
     try:
-        return job, _run_cell(*job)
-    except KeyboardInterrupt:
-        # A pool worker dies on BaseException and its task never returns; report it instead.
-        raise CdfslError(f"worker interrupted in {job}") from None
+        return _run_ranked(grid)
+    except CdfslError as err:
+        # The launcher records a failure as "<class name>: <text>"; one class to recognise.
+        raise CdfslError(str(err)) from None
+
+
+def _rank_failure(err: Any) -> BaseException:
+    """The first failed rank's error: its CdfslError, or its traceback in a RuntimeError."""
+    rank, failure = err.get_first_failure()
+    data = failure.message
+    text = str(data.get("message", "") if isinstance(data, dict) else data)
+    if text.startswith("CdfslError: "):
+        return CdfslError(text.removeprefix("CdfslError: "))
+    stack = data.get("extraInfo", {}).get("py_callstack", "") if isinstance(data, dict) else ""
+    return RuntimeError(f"demo rank {rank} failed: {text}\n{stack}".rstrip())
+
+
+@contextlib.contextmanager
+def _quiet_launcher() -> Iterator[None]:
+    """Silence the launcher's own logging: a rank's error is reported once, as ours."""
+    names = [
+        n for n in logging.root.manager.loggerDict
+        if n.startswith(("torch.distributed.elastic", "torch.distributed.launcher"))
+    ]  # fmt: skip
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def training_curves(

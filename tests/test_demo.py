@@ -27,32 +27,6 @@ def _rows(path: Path) -> list[dict]:
 
 
 @needs_micro_clip
-def test_cells_from_worker_processes_equal_cells_run_in_process(tmp_path):
-    """Episodes are pure functions of their seed: two spawned workers reproduce them exactly."""
-    protocol = EpisodeProtocol(5, 1, 15, 2, seed=3)
-    fit = FitConfig(steps=3, precision="32-true")
-    args = (["chestx-like"], [1], protocol, fit)
-    one = demo.run_grid([ZERO, MIND], "micro-clip", *args, tmp_path / "a", 20, progress=False)
-    two = demo.run_grid(
-        [ZERO, MIND], "micro-clip", *args, tmp_path / "b", 20, progress=False, workers=2, threads=1
-    )
-    assert [(c.domain, c.shot, c.method) for c in two] == [
-        ("chestx-like", 1, "ZeroShot"),
-        ("chestx-like", 1, "Mind"),
-    ]
-    for a, b in zip(one, two, strict=True):
-        rows_a, rows_b = (
-            _rows(a.output_dir / "results.jsonl"),
-            _rows(b.output_dir / "results.jsonl"),
-        )
-        assert len(rows_a) == 2
-        for ra, rb in zip(rows_a, rows_b, strict=True):
-            assert (ra["query_ids"], ra["accuracy"]) == (rb["query_ids"], rb["accuracy"])
-            # Equal to float tolerance: one thread or two block the matmuls differently.
-            assert ra["terms"] == pytest.approx(rb["terms"], rel=1e-4, abs=1e-6)
-
-
-@needs_micro_clip
 def test_short_mind_run_changes_query_accuracy(tmp_path):
     """Mind for 20 steps on the farthest target, against zero-shot on the same 3 episodes.
 

@@ -1,8 +1,9 @@
 """Sharded episodic evaluation: torchrun ranks, static --shard K/N with cdfsl merge, resume of
-stopped shards with another shard count. Every way must give the rows of one process.
+stopped shards with another shard count, and the demo on launched ranks. Every way must give
+the rows of one process.
 
 Every Python process here spends seconds of CPU importing torch and Lightning, so the file has
-one torchrun run (in the background); the rest runs in this process.
+one torchrun run (in the background) and one launched demo; the rest runs in this process.
 """
 
 import json
@@ -208,3 +209,33 @@ def test_stopped_shards_resume_with_another_shard_count(capsys, monkeypatch, fou
     # Episodes finished before the stop were kept, not run again (their timings are the old).
     assert all(merged[i] == row for i, row in before.items())
     assert not (out / "shards").exists()
+
+
+SHIPPED = ROOT / "assets" / "micro-clip" / "open_clip_model.safetensors"
+TWO_VIEWS = [{"name": "clean"}, {"name": "rj", "rotation": 45.0, "jitter": 0.4, "hflip": True}]
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="micro-clip not shipped")
+def test_demo_on_two_launched_ranks_equals_one_process(tmp_path):
+    """Every cell split over two elastic-launched ranks gives the one-process rows."""
+    from cdfsl import demo
+    from cdfsl.evaluation import EpisodeProtocol, FitConfig
+
+    specs = [
+        {"class_path": "cdfsl.methods.ZeroShot"},
+        {"class_path": "cdfsl.methods.Mind", "init_args": {"views": TWO_VIEWS}},
+    ]
+    args = (["chestx-like"], [1], EpisodeProtocol(5, 1, 15, 3, seed=3))
+    fit = FitConfig(steps=3, precision="32-true")
+    one = demo.run_grid(specs, "micro-clip", *args, fit, tmp_path / "a", 20, progress=False)
+    two = demo.run_grid(
+        specs, "micro-clip", *args, fit, tmp_path / "b", 20, progress=False, workers=2, threads=1
+    )
+    assert [(c.domain, c.shot, c.method) for c in two] == [
+        ("chestx-like", 1, "ZeroShot"),
+        ("chestx-like", 1, "Mind"),
+    ]
+    for a, b in zip(one, two, strict=True):
+        assert_same_rows(rows(a.output_dir), rows(b.output_dir))
+        assert a.row() | {"seconds_per_episode": 0} == b.row() | {"seconds_per_episode": 0}
+        assert not (b.output_dir / "shards").exists()

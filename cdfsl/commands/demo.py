@@ -2,7 +2,8 @@
 every micro-world target domain, 5-way 1- and 5-shot, with CI95 table, files and plots.
 
 Defaults come from ``recipes/micro/demo.yaml``; every key there is also a flag. Resumable:
-a rerun with the same settings skips finished episodes.
+a rerun with the same settings skips finished episodes. ``--workers N`` runs N ranks (torch's
+elastic launcher) that share every cell's episodes; started under torchrun, torchrun's ranks do.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--output", type=str, default="runs/demo")
     parser.add_argument("--progress", type=bool, default=True)
     parser.add_argument(
-        "--workers", type=int, default=1, help="processes that evaluate cells side by side"
-    )
+        "--workers", type=int, default=1,
+        help="ranks that split every cell's episodes (under torchrun: torchrun's ranks)",
+    )  # fmt: skip
     parser.add_argument(
-        "--threads", type=int | None, default=None, help="torch threads per worker (null: torch's)"
+        "--threads", type=int | None, default=None, help="torch threads per rank (null: torch's)"
     )
 
 
@@ -63,7 +65,7 @@ def run(cfg: Namespace) -> None:
 
     from cdfsl import demo
     from cdfsl.data.micro_world import list_domains
-    from cdfsl.evaluation import EpisodeProtocol, FitConfig
+    from cdfsl.evaluation import EpisodeProtocol, FitConfig, distributed
     from cdfsl.evaluation.plots import plot_accuracy_by_domain, plot_training_curves
     from cdfsl.evaluation.store import write_json_atomic
 
@@ -82,6 +84,9 @@ def run(cfg: Namespace) -> None:
         cfg.methods, cfg.backbone, domains, cfg.shots, protocol, fit, output,
         cfg.images_per_class, cfg.progress, workers=cfg.workers, threads=cfg.threads,
     )  # fmt: skip
+    ranks = distributed.launched_ranks()
+    if ranks is not None and ranks.rank != 0:
+        return  # started under torchrun: rank 0 writes the tables and plots
     rows = [cell.row() for cell in cells]
 
     table = demo.pivot_table(rows, lambda r: f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}")
