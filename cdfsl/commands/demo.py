@@ -39,6 +39,10 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--precision", type=str, default="bf16-mixed")
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument(
+        "--episodes_per_step", type=int | None, default=None,
+        help="episodes trained side by side per rank; null: as many as memory allows",
+    )  # fmt: skip
+    parser.add_argument(
         "--methods", type=list[dict], default=[], help="method configs (class_path, init_args)"
     )
     parser.add_argument(
@@ -71,7 +75,10 @@ def run(cfg: Namespace) -> None:
 
     domains = cfg.domains or [d for d in list_domains() if d != "source"]
     protocol = EpisodeProtocol(cfg.way, cfg.shots[0], cfg.query, cfg.episodes, cfg.seed)
-    fit = FitConfig(cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator)
+    fit = FitConfig(
+        cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator,
+        episodes_per_step=cfg.episodes_per_step,
+    )  # fmt: skip
     names = [demo.method_name(spec) for spec in cfg.methods]
     if len(set(names)) != len(names):
         raise CdfslError(
