@@ -40,8 +40,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cdfsl = str(Path(sys.executable).with_name("cdfsl"))
     cli = [
-        "cdfsl", "eval", "--config", str(ROOT / "recipes/tiny/mind.yaml"),
+        cdfsl, "eval", "--config", str(ROOT / "recipes/tiny/mind.yaml"),
         "--method.init_args.backbone", "micro-clip", "--method.init_args.pretrained", "default",
         "--method.init_args.lora", json.dumps({"rank": 16, "alpha": 8.0, "dropout": 0.25}),
         "--data.source", "micro", "--data.options", '{"domain": "chestx-like"}',
