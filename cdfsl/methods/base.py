@@ -205,8 +205,6 @@ class FewShotMethod(L.LightningModule):
     @property
     def text_feats(self) -> Tensor:
         """``(N, D)`` text classifier of the single episode."""
-        if not self.episodes:
-            raise CdfslError("no classes set: pass class_names=... or call set_classes() first")
         return self._single().text_feats
 
     @property
@@ -218,7 +216,12 @@ class FewShotMethod(L.LightningModule):
         """Episode ``index``'s loss terms and metrics of the last training step."""
         return {key: float(value) for key, value in self.episodes[index].terms.items()}
 
+    def _require_classes(self) -> None:
+        if not self.episodes:
+            raise CdfslError("no classes set: pass class_names=... or call set_classes() first")
+
     def _single(self) -> EpisodeState:
+        self._require_classes()
         if len(self.episodes) != 1:
             raise CdfslError(
                 f"{len(self.episodes)} episodes are training together: expected one; use "
@@ -235,21 +238,15 @@ class FewShotMethod(L.LightningModule):
     def logits(self, image_feats: Tensor, episode: EpisodeState | None = None) -> Tensor:
         """``image_feats: (B, D)`` normalised -> ``(B, N)`` logits s·cos (+ bias) of ``episode``
         (the single episode when None)."""
-        text = (episode or self._checked_single()).text_feats
+        text = (episode or self._single()).text_feats
         out = self.scale * image_feats @ text.t()
         if self.backbone.logit_bias is not None:
             out = out + self.backbone.logit_bias
         return out
 
-    def _checked_single(self) -> EpisodeState:
-        if not self.episodes:
-            raise CdfslError("no classes set: pass class_names=... or call set_classes() first")
-        return self._single()
-
     def forward(self, images: Tensor) -> Tensor:
         """``images: (E·B, 3, H, W)`` in [0, 1], E contiguous episode groups -> ``(E·B, N)``."""
-        if not self.episodes:
-            raise CdfslError("no classes set: pass class_names=... or call set_classes() first")
+        self._require_classes()
         groups = self.image_features(images).chunk(len(self.episodes))
         return torch.cat([self.logits(f, ep) for f, ep in zip(groups, self.episodes, strict=True)])
 
@@ -266,8 +263,7 @@ class FewShotMethod(L.LightningModule):
         raise NotImplementedError
 
     def on_train_start(self) -> None:
-        if not self.episodes:
-            raise CdfslError("no classes set: pass class_names=... or call set_classes() first")
+        self._require_classes()
         device = self.device
         dropout = []
         for episode in self.episodes:
