@@ -154,12 +154,7 @@ class FewShotMethod(L.LightningModule):
             EpisodeState(int(seed), list(names), self._classifier(names))
             for seed, names in zip(seeds, class_names, strict=True)
         ]
-        if self.lora_config is not None:
-            root = self.backbone.lora_root()
-            if adapter_sets(root) != len(episodes):
-                set_num_adapters(root, len(episodes))
-            for index, episode in enumerate(episodes):
-                reset_lora(root, episode.seed, adapter_index=index)
+        self._reset_adapters([episode.seed for episode in episodes])
         self.episodes = episodes
         self.seed = episodes[0].seed
 
@@ -174,14 +169,20 @@ class FewShotMethod(L.LightningModule):
         """Start a new single episode: adapters back to their initial state (B = 0)."""
         names = self.episodes[0].class_names if len(self.episodes) == 1 else None
         self.seed = seed
-        if self.lora_config is not None:
-            root = self.backbone.lora_root()
-            if adapter_sets(root) != 1:
-                set_num_adapters(root, 1)
-            reset_lora(root, seed)
+        self._reset_adapters([seed])
         self.episodes = (
             [EpisodeState(seed, names, self._classifier(names))] if names is not None else []
         )
+
+    def _reset_adapters(self, seeds: Sequence[int]) -> None:
+        """One adapter set per seed, set ``e`` re-initialised from ``seeds[e]`` alone (B = 0)."""
+        if self.lora_config is None:
+            return
+        root = self.backbone.lora_root()
+        if adapter_sets(root) != len(seeds):
+            set_num_adapters(root, len(seeds))
+        for index, seed in enumerate(seeds):
+            reset_lora(root, seed, adapter_index=index)
 
     def _classifier(self, class_names: Sequence[str]) -> Tensor:
         """``(N, D)`` normalised text features of the prompts; cached per prompt."""
