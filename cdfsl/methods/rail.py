@@ -27,6 +27,34 @@ from cdfsl.errors import CdfslError
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def _uniform_fan_in(generator: torch.Generator, in_dim: int, hidden: int) -> Tensor:
+    """U(-1/sqrt(in_dim), 1/sqrt(in_dim)): ``nn.Linear``'s default initialisation.
+
+    The reference builds its random layer as ``nn.Linear(512, 15000, bias=False)`` and never
+    re-initialises it; PyTorch draws such a weight with ``kaiming_uniform_(a=sqrt(5))``, whose
+    bound is ``sqrt(6 / ((1 + 5) fan_in)) = 1/sqrt(fan_in)``, fan_in = in_dim. A unit-norm x
+    then has pre-activations of variance ``1/(3 in_dim)``.
+    """
+    bound = in_dim**-0.5
+    uniform = torch.rand(in_dim, hidden, generator=generator, dtype=torch.float32)
+    return uniform.mul_(2.0 * bound).sub_(bound)
+
+
+def _standard_normal(generator: torch.Generator, in_dim: int, hidden: int) -> Tensor:
+    """N(0, 1): unit-variance pre-activations for unit-norm x, whatever in_dim (cdfsl's
+    earlier layer). Scaling phi by c acts as dividing lambda by c², so at in_dim = 512 this
+    layer is ~1,500x less regularised than the reference's for one lambda."""
+    return torch.randn(in_dim, hidden, generator=generator, dtype=torch.float32)
+
+
+RANDOM_LAYER_INITS = {
+    "uniform_fan_in": _uniform_fan_in,
+    "normal": _standard_normal,
+}
+"""How :class:`PrimalAdapter` draws its random layer ``W_rhl: (in_dim, hidden)``, float32:
+name -> fn(generator, in_dim, hidden). ``uniform_fan_in`` is the reference's."""
+
+
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -77,8 +105,10 @@ class PrimalAdapter:
         in_dim: feature dimension D of the backbone.
         hidden: H, units of the random layer (the paper's 15000; accuracy saturates near 10k).
         reg: lambda, the ridge penalty.
-        seed: seeds ``projection`` (standard normal, drawn in float32 so that a float32 and a
-            float64 adapter with one seed share the same layer).
+        seed: seeds ``projection`` (drawn in float32 so that a float32 and a float64 adapter
+            with one seed share the same layer).
+        random_init: a row of :data:`RANDOM_LAYER_INITS`: ``"uniform_fan_in"`` (default, the
+            reference's ``nn.Linear`` init, U(±1/sqrt(in_dim))) or ``"normal"`` (N(0, 1)).
         dtype: float64 (default) or float32 for M, W and the update's arithmetic.
         block_size: rows per RLS step; peak extra memory is a few (H, block_size) matrices.
         device: where M, W and the arithmetic live.
@@ -91,6 +121,7 @@ class PrimalAdapter:
         reg: float = 0.1,
         seed: int = 0,
         *,
+        random_init: str = "uniform_fan_in",
         dtype: torch.dtype | str = torch.float64,
         block_size: int = 1024,
         device: str | torch.device = "cpu",
@@ -102,14 +133,18 @@ class PrimalAdapter:
             )
         if not reg > 0:
             raise CdfslError(f"PrimalAdapter reg={reg}: expected lambda > 0 (e.g. 0.1)")
+        draw = RANDOM_LAYER_INITS.get(random_init)
+        if draw is None:
+            raise CdfslError(
+                f"PrimalAdapter random_init={random_init!r}: expected one of "
+                f"{sorted(RANDOM_LAYER_INITS)} (uniform_fan_in is the reference's)"
+            )
         self.in_dim, self.hidden, self.reg, self.seed = in_dim, hidden, float(reg), seed
+        self.random_init = random_init
         self.dtype = _as_dtype(dtype)
         self.block_size = block_size
         self.device = torch.device(device)
-        generator = torch.Generator().manual_seed(seed)
-        # Unit-variance pre-activations for unit-norm features: lambda is then on the scale
-        # of the hidden features whatever D is.
-        weight = torch.randn(in_dim, hidden, generator=generator, dtype=torch.float32)
+        weight = draw(torch.Generator().manual_seed(seed), in_dim, hidden)
         self.projection = weight.to(self.device, self.dtype)
         # M starts as (0 + lambda I)^-1, the joint solution on no data; allocated on first use.
         self.inverse: Tensor | None = None
@@ -180,6 +215,7 @@ class PrimalAdapter:
             "kind": "primal",
             "config": {
                 "in_dim": self.in_dim, "hidden": self.hidden, "reg": self.reg, "seed": self.seed,
+                "random_init": self.random_init,
                 "dtype": str(self.dtype).removeprefix("torch."), "block_size": self.block_size,
             },
             "projection": self.projection.cpu(),
@@ -191,8 +227,9 @@ class PrimalAdapter:
     def from_state_dict(
         cls, state: dict[str, Any], device: str | torch.device = "cpu"
     ) -> PrimalAdapter:
-        """The adapter :meth:`state_dict` describes."""
-        adapter = cls(**state["config"], device=device)
+        """The adapter :meth:`state_dict` describes (states saved before ``random_init`` existed
+        drew their layer from N(0, 1))."""
+        adapter = cls(**{"random_init": "normal", **state["config"]}, device=device)
         adapter.projection = state["projection"].to(adapter.device, adapter.dtype)
         inverse = state["inverse"]
         adapter.inverse = None if inverse is None else inverse.to(adapter.device, adapter.dtype)
