@@ -10,6 +10,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from cdfsl.errors import CdfslError
+
 _INTERPOLATIONS = {
     "bicubic": v2.InterpolationMode.BICUBIC,
     "bilinear": v2.InterpolationMode.BILINEAR,
@@ -32,19 +34,52 @@ class Preprocess:
         size = (size, size) if isinstance(size, int) else tuple(size)
         return cls(size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"))
 
-    def to_tensor(self) -> Callable[[Image.Image], Tensor]:
-        """PIL RGB image -> ``(3, H, W)`` float in [0, 1], resized (not cropped) to ``size``.
+    def to_tensor(self, geometry: str = "squash") -> Callable[[Image.Image], Tensor]:
+        """PIL RGB image -> ``(3, H, W)`` float in [0, 1] at ``size``, framed by ``geometry``.
 
-        Few-shot images are squashed, not centre-cropped, as in the paper's pipeline: a crop can
-        cut away the one lesion or object that defines the class.
+        ``geometry`` names a row of :data:`GEOMETRIES`: ``"squash"`` resizes to ``size`` whatever
+        the aspect ratio; ``"resize_crop"`` resizes to 1.15·size and centre-crops ``size`` (the
+        Mind reference's CDFSL pipeline); ``"short_side_crop"`` resizes the short side to the
+        size and centre-crops (CLIP's own preprocessing, the RAIL reference's test transform).
         """
+        frame = GEOMETRIES.get(geometry)
+        if frame is None:
+            raise CdfslError(f"geometry={geometry!r}: expected one of {sorted(GEOMETRIES)}")
+        interpolation = _INTERPOLATIONS[self.interpolation]
         return v2.Compose(
             [
                 v2.PILToTensor(),
-                v2.Resize(self.size, interpolation=_INTERPOLATIONS[self.interpolation]),
+                *frame(self.size, interpolation),
                 v2.ToDtype(torch.float32, scale=True),
             ]
         )
+
+
+def _squash(size: tuple[int, int], interpolation: v2.InterpolationMode) -> list[nn.Module]:
+    return [v2.Resize(size, interpolation=interpolation)]
+
+
+def _resize_crop(size: tuple[int, int], interpolation: v2.InterpolationMode) -> list[nn.Module]:
+    # The reference's Resize([int(s·1.15), int(s·1.15)]) then CenterCrop(s): a square squash
+    # with a 1.15 margin, so the crop drops the outer ~13% of each side.
+    enlarged = (int(size[0] * RESIZE_CROP_RATIO), int(size[1] * RESIZE_CROP_RATIO))
+    return [v2.Resize(enlarged, interpolation=interpolation), v2.CenterCrop(size)]
+
+
+def _short_side_crop(size: tuple[int, int], interpolation: v2.InterpolationMode) -> list[nn.Module]:
+    return [v2.Resize(min(size), interpolation=interpolation), v2.CenterCrop(size)]
+
+
+#: The Mind reference's resize margin before its centre crop (``Resize(int(224·1.15))``).
+RESIZE_CROP_RATIO = 1.15
+
+#: How an image is framed to the model's input size: name -> fn(size, interpolation) -> the
+#: geometric transforms, applied to a ``uint8`` tensor image before scaling to [0, 1].
+GEOMETRIES: dict[str, Callable[[tuple[int, int], v2.InterpolationMode], list[nn.Module]]] = {
+    "squash": _squash,
+    "resize_crop": _resize_crop,
+    "short_side_crop": _short_side_crop,
+}
 
 
 class Backbone(nn.Module):
