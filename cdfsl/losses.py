@@ -20,6 +20,8 @@ from cdfsl.errors import CdfslError
 __all__ = [
     "DIVERGENCES",
     "MindStep",
+    "class_prototypes",
+    "cross_modal_term",
     "draw_random_prototypes",
     "fusion_target",
     "mind_schedule",
@@ -27,7 +29,9 @@ __all__ = [
     "suppressed_visual_cross_entropy",
     "text_relation",
     "visual_relation",
+    "visual_term",
     "vlm_cross_entropy",
+    "vlm_decomposition",
 ]
 
 
@@ -41,6 +45,84 @@ def vlm_cross_entropy(
     """
     logits = logit_scale * image_feats @ text_feats.T
     return functional.cross_entropy(logits, labels)
+
+
+def class_prototypes(support_feats: Tensor, support_labels: Tensor, num_classes: int) -> Tensor:
+    """v_c: the L2-normalised mean of class c's support features (the spec's "The idea").
+
+    support_feats: (S, D) L2-normalised; support_labels: (S,) int64 in [0, N); every class needs
+    at least one support row. Returns (N, D).
+    """
+    counts = torch.bincount(support_labels, minlength=num_classes)
+    if len(counts) != num_classes or bool((counts == 0).any()):
+        raise CdfslError(
+            f"class_prototypes: support labels cover classes {counts.nonzero().flatten().tolist()}"
+            f" of {num_classes}; expected every class in [0, {num_classes}) at least once"
+        )
+    sums = torch.zeros(num_classes, support_feats.shape[1], dtype=support_feats.dtype)
+    sums = sums.to(support_feats.device).index_add(0, support_labels, support_feats)
+    return functional.normalize(sums, dim=1)
+
+
+def visual_term(image_feats: Tensor, prototypes: Tensor, logit_scale: float | Tensor) -> Tensor:
+    """The visual part of the VLM logits, s · F Vᵀ: image-to-prototype cosines.
+
+    image_feats: (M, D) L2-normalised; prototypes: V (N, D) from :func:`class_prototypes`.
+    Returns (M, N).
+    """
+    return logit_scale * image_feats @ prototypes.T
+
+
+def cross_modal_term(
+    image_feats: Tensor, text_feats: Tensor, prototypes: Tensor, logit_scale: float | Tensor
+) -> Tensor:
+    """The cross-modal part of the VLM logits, s · F Gᵀ with g_c = t_c - v_c (the modality gap).
+
+    ``visual_term + cross_modal_term`` is the VLM logits s · F Tᵀ. image_feats: (M, D)
+    L2-normalised; text_feats: T (N, D) L2-normalised; prototypes: V (N, D). Returns (M, N).
+    """
+    return logit_scale * image_feats @ (text_feats - prototypes).T
+
+
+def vlm_decomposition(
+    image_feats: Tensor,
+    text_feats: Tensor,
+    labels: Tensor,
+    prototypes: Tensor,
+    logit_scale: float | Tensor,
+) -> dict[str, Tensor]:
+    """L_vlm split into its visual and cross-modal parts, and the gradient each sends to F.
+
+    With z = a + b (a the visual term, b the cross-modal term, per image) and p = softmax(z),
+    CE = -z_y + logsumexp(z) = (E_p[a] - a_y) + (E_p[b] - b_y) + H(p) exactly, since
+    logsumexp(z) = E_p[z] + H(p). Keys, each a mean over images (``vlm_visual +
+    vlm_cross_modal + vlm_entropy`` equals :func:`vlm_cross_entropy`):
+
+    - ``vlm_visual``: E_p[a] - a_y, the visual part's contribution;
+    - ``vlm_cross_modal``: E_p[b] - b_y, the cross-modal part's;
+    - ``vlm_entropy``: H(p);
+    - ``grad_visual``, ``grad_cross_modal``: Frobenius norms of ∂L_vlm/∂F through each part,
+      ``s/M · ‖(P - Y) V‖`` and ``s/M · ‖(P - Y) G‖``, with V and G held fixed.
+
+    image_feats: (M, D) L2-normalised; text_feats: (N, D); labels: (M,) int64; prototypes:
+    V (N, D) from :func:`class_prototypes`. Returns detached scalars.
+    """
+    with torch.no_grad():
+        visual = visual_term(image_feats, prototypes, logit_scale)
+        cross = cross_modal_term(image_feats, text_feats, prototypes, logit_scale)
+        probs = torch.softmax(visual + cross, dim=1)
+        rows = torch.arange(len(labels), device=labels.device)
+        residual = probs.clone()
+        residual[rows, labels] -= 1.0
+        scale = torch.as_tensor(logit_scale, dtype=image_feats.dtype) / len(labels)
+        return {
+            "vlm_visual": ((probs * visual).sum(1) - visual[rows, labels]).mean(),
+            "vlm_cross_modal": ((probs * cross).sum(1) - cross[rows, labels]).mean(),
+            "vlm_entropy": torch.special.entr(probs).sum(1).mean(),
+            "grad_visual": scale * torch.linalg.matrix_norm(residual @ prototypes),
+            "grad_cross_modal": scale
+            * torch.linalg.matrix_norm(residual @ (text_feats - prototypes)),
+        }
 
 
 def draw_random_prototypes(

@@ -13,6 +13,8 @@ from cdfsl.errors import CdfslError
 from cdfsl.losses import (
     DIVERGENCES,
     MindStep,
+    class_prototypes,
+    cross_modal_term,
     draw_random_prototypes,
     fusion_target,
     mind_schedule,
@@ -20,7 +22,9 @@ from cdfsl.losses import (
     suppressed_visual_cross_entropy,
     text_relation,
     visual_relation,
+    visual_term,
     vlm_cross_entropy,
+    vlm_decomposition,
 )
 
 # Three unit vectors in 2-D: e1, e2 and (0.6, 0.8); all pairwise dot products are exact by hand.
@@ -306,3 +310,55 @@ def test_schedule_rejects_bad_steps(step: int, total: int):
 def test_mind_step_is_frozen():
     with pytest.raises(AttributeError):
         mind_schedule(0, 250).svl = False  # type: ignore[misc]
+
+
+def test_class_prototypes_are_normalised_class_means_by_hand():
+    # class 0: e1 and e2 -> mean (0.5, 0.5) -> (1, 1)/√2; class 1: (0.6, 0.8) alone.
+    protos = class_prototypes(torch.tensor(FEATS), torch.tensor([0, 0, 1]), 2)
+    r = 1 / math.sqrt(2)
+    assert torch.allclose(protos, torch.tensor([[r, r], [0.6, 0.8]]), atol=1e-6)
+    with pytest.raises(CdfslError, match="every class"):
+        class_prototypes(torch.tensor(FEATS), torch.tensor([0, 0, 0]), 2)
+
+
+def test_visual_and_cross_modal_terms_sum_to_the_vlm_logits_by_hand():
+    # f = e1, v_0 = e1, v_1 = e2, t_0 = (0.6, 0.8), t_1 = e2, s = 10:
+    # visual s·f·v = (10, 0); cross s·f·(t - v) = (10·(0.6 - 1), 0) = (-4, 0); sum (6, 0) = s·f·t.
+    f, v = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    assert torch.allclose(visual_term(f, v, 10.0), torch.tensor([[10.0, 0.0]]))
+    assert torch.allclose(cross_modal_term(f, t, v, 10.0), torch.tensor([[-4.0, 0.0]]))
+    assert torch.allclose(visual_term(f, v, 10.0) + cross_modal_term(f, t, v, 10.0), 10 * f @ t.T)
+
+
+def test_vlm_decomposition_splits_the_loss_exactly_and_its_gradients_match_autograd():
+    gen = torch.Generator().manual_seed(3)
+    feats = nn.functional.normalize(torch.randn(12, 6, generator=gen), dim=1)
+    text = nn.functional.normalize(torch.randn(4, 6, generator=gen), dim=1)
+    labels = torch.arange(4).repeat(3)
+    protos = class_prototypes(feats[:4], labels[:4], 4)
+    parts = vlm_decomposition(feats, text, labels, protos, 7.0)
+    # Hand case, s = 1: f = e1, V = [e1, 0], T = [e1, 2·e1] give visual logits a = (1, 0) and
+    # cross-modal logits b = (0, 2); y = 0, p = softmax(1, 2).
+    hand = vlm_decomposition(
+        torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([0]),
+        torch.tensor([[1.0, 0.0], [0.0, 0.0]]), 1.0,
+    )  # fmt: skip
+    p = [math.exp(1) / (math.exp(1) + math.exp(2)), math.exp(2) / (math.exp(1) + math.exp(2))]
+    assert math.isclose(hand["vlm_visual"], p[0] * 1.0 - 1.0, rel_tol=1e-6)
+    assert math.isclose(hand["vlm_cross_modal"], p[1] * 2.0 - 0.0, rel_tol=1e-6)
+    assert math.isclose(hand["vlm_entropy"], -sum(q * math.log(q) for q in p), rel_tol=1e-6)
+    # ∂CE/∂f through a: (p - y) V = (p0 - 1)·e1; through b: (p - y)(T - V) = p1·2·e1.
+    assert math.isclose(hand["grad_visual"], 1 - p[0], rel_tol=1e-6)
+    assert math.isclose(hand["grad_cross_modal"], 2 * p[1], rel_tol=1e-6)
+    total = parts["vlm_visual"] + parts["vlm_cross_modal"] + parts["vlm_entropy"]
+    assert torch.allclose(total, vlm_cross_entropy(feats, text, labels, 7.0), atol=1e-5)
+    # The gradient through each part, V and G held fixed, from autograd.
+    for key, term in (
+        ("grad_visual", lambda f: visual_term(f, protos, 7.0)),
+        ("grad_cross_modal", lambda f: cross_modal_term(f, text, protos, 7.0)),
+    ):
+        f = feats.clone().requires_grad_(True)
+        other = (7.0 * feats @ text.T - term(feats)).detach()
+        nn.functional.cross_entropy(term(f) + other, labels).backward()
+        assert torch.allclose(parts[key], f.grad.norm(), rtol=1e-5), key
