@@ -104,7 +104,7 @@ def reference_episode(
     seed = episode_seed(0, index)
     torch.manual_seed(seed)
     reset_lora(model.backbone.lora_root(), seed)
-    episode = load_episode(dataset, sampler.episode(index), model.backbone.preprocess.to_tensor())
+    episode = load_episode(dataset, sampler.episode(index), model.to_tensor())
     model.set_classes(episode.class_names)
     text = model.text_feats
     augmenter = ViewAugmenter(DEFAULT_VIEWS)

@@ -4,7 +4,7 @@ import torch
 
 from cdfsl.backbones import Backbone, create_backbone, list_backbones, weights_available
 from cdfsl.backbones.registry import resolve_entry
-from cdfsl.errors import WeightsError
+from cdfsl.errors import CdfslError, WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,31 @@ def test_to_tensor_squashes_to_input_size_in_unit_range(tiny):
     assert tensor.shape == (3, *tiny.preprocess.size)
     assert tensor.dtype == torch.float32
     assert torch.allclose(tensor[:, 5, 5], torch.tensor([1.0, 0.0, 128 / 255]), atol=1e-2)
+
+
+def test_geometries_frame_the_image_as_their_reference_pipelines():
+    from PIL import Image
+
+    from cdfsl.backbones.base import Preprocess
+
+    pre = Preprocess((20, 20), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "nearest")
+    # 200x200 blue with a 6 px red border (3% a side).
+    framed = Image.new("RGB", (200, 200), (255, 0, 0))
+    framed.paste((0, 0, 255), (6, 6, 194, 194))
+    red = torch.tensor([1.0, 0.0, 0.0])
+    # squash keeps the border; resize_crop resizes to int(20·1.15) = 23 and crops the central
+    # 20, dropping 1.5 of 23 px a side (6.5% > 3%), so no red remains.
+    assert torch.equal(pre.to_tensor("squash")(framed)[:, 0, 0], red)
+    cropped = pre.to_tensor("resize_crop")(framed)
+    assert cropped.shape == (3, 20, 20) and (cropped[0] == 0).all()
+    # 300x100: red left and right thirds, blue centre square. short_side_crop keeps the centre
+    # square only; squash keeps the red thirds.
+    wide = Image.new("RGB", (300, 100), (255, 0, 0))
+    wide.paste((0, 0, 255), (100, 0, 200, 100))
+    assert (pre.to_tensor("short_side_crop")(wide)[0] == 0).all()
+    assert torch.equal(pre.to_tensor("squash")(wide)[:, 10, 0], red)
+    with pytest.raises(CdfslError, match="geometry='stretch'"):
+        pre.to_tensor("stretch")
 
 
 def test_local_checkpoint_file_reproduces_the_saved_model(tiny, tmp_path):

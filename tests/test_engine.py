@@ -68,7 +68,9 @@ def test_per_episode_views_hold_for_every_grouping(four_class_folder, tmp_path):
     method = build(Mind, view_sampling="per_episode")
     alone = rows_by_groups(method, four_class_folder, tmp_path, [[i] for i in range(3)])
     assert_same_rows(alone, rows_by_groups(method, four_class_folder, tmp_path, [[2, 0, 1]]))
-    per_step = rows_by_groups(build(Mind), four_class_folder, tmp_path, [[0, 1, 2]])
+    per_step = rows_by_groups(
+        build(Mind, view_sampling="per_step"), four_class_folder, tmp_path, [[0, 1, 2]]
+    )
     assert any(per_step[i]["terms"]["loss"] != alone[i]["terms"]["loss"] for i in alone)
 
 

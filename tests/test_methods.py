@@ -122,3 +122,53 @@ def test_reset_restores_the_initial_predictions():
     method.eval()
     with torch.no_grad():
         assert torch.equal(method(images), initial)
+
+
+def test_reference_defaults_views_once_per_episode_separate_support_and_crop_geometry():
+    method = Mind(backbone="tiny-clip", pretrained=None, class_names=NAMES)
+    assert (method.view_sampling, method.support, method.geometry) == (
+        "per_episode", "separate", "resize_crop",
+    )  # fmt: skip
+    with pytest.raises(CdfslError, match="support='both'"):
+        Mind(backbone="tiny-clip", pretrained=None, support="both")
+    with pytest.raises(CdfslError, match="geometry='stretch'"):
+        LoRAFineTune(backbone="tiny-clip", pretrained=None, geometry="stretch")
+
+
+def _first_relation(support_mode: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mind's A_v after step 0 of a two-view run with LoRA dropout on, and the step's terms."""
+    images, labels = support()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
+    method = Mind(
+        backbone="tiny-clip", pretrained=None, class_names=NAMES, support=support_mode,
+        lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.5),
+        views=[{"name": "clean"}, {"name": "flip", "hflip": True}],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    for p in method.parameters():  # B = 0 would make every dropout mask give the same output
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)
+    trainer(1).fit(method, loader)
+    return method.episodes[0].memory["relation"], method.last_terms
+
+
+def test_separate_support_is_a_second_forward_with_its_own_dropout_mask():
+    # Rows 0..5 of A_v are the clean view of the six support images, columns the support set S.
+    shared, _ = _first_relation("shared")
+    separate, terms = _first_relation("separate")
+    assert shared.shape == separate.shape == (12, 6)
+    # Shared: S is the clean view's own rows, so their self-similarities are exactly 1.
+    assert torch.allclose(shared[:6].diagonal(), torch.ones(6), atol=1e-6)
+    # Separate: same images, another dropout mask, so the self-similarities fall below 1.
+    assert (separate[:6].diagonal() < 1 - 1e-4).all()
+    assert {"vlm_visual", "vlm_cross_modal", "vlm_entropy", "grad_visual"} <= set(terms)
+
+
+def test_every_step_logs_the_two_parts_of_l_vlm_summing_to_it():
+    images, labels = support()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
+    method = LoRAFineTune(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    trainer(2).fit(method, loader)
+    t = method.last_terms
+    assert t["grad_visual"] > 0 and t["grad_cross_modal"] > 0
+    assert abs(t["vlm_visual"] + t["vlm_cross_modal"] + t["vlm_entropy"] - t["vlm"]) < 1e-4

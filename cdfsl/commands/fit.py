@@ -29,7 +29,7 @@ def run(cfg: Namespace) -> None:
 
     _, dataset = _run_args.dataset(cfg)
     method = _run_args.method(cfg)
-    to_tensor = method.backbone.preprocess.to_tensor()
+    to_tensor = method.to_tensor()
     images = torch.stack([to_tensor(dataset.load(i)) for i in range(len(dataset))])
     labels = torch.tensor(dataset.targets)
     fit = _run_args.fit_config(cfg)

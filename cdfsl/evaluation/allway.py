@@ -161,7 +161,7 @@ class AllWayEvaluator:
         if not indices:
             return None
         loader = DataLoader(
-            _Images(dataset, indices, self.method.backbone.preprocess.to_tensor()),
+            _Images(dataset, indices, self.method.to_tensor()),
             batch_size=self.batch_size, num_workers=self.workers,
         )  # fmt: skip
         targets = torch.tensor([dataset.targets[i] for i in indices])
@@ -179,7 +179,7 @@ class AllWayEvaluator:
         else:
             val_set = self.train
             val = draw_per_class(train_targets, val_shots, seed, _VAL_STREAM, frozenset(support))
-        to_tensor = self.method.backbone.preprocess.to_tensor()
+        to_tensor = self.method.to_tensor()
         images = torch.stack([to_tensor(self.train.load(i)) for i in support])
         labels = torch.tensor([train_targets[i] for i in support])
         counts = np.bincount(labels.numpy(), minlength=len(self.class_names))

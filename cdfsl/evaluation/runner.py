@@ -358,7 +358,7 @@ class EpisodicEvaluator:
         """
         start = time.perf_counter()
         method = self.method
-        to_tensor = method.backbone.preprocess.to_tensor()
+        to_tensor = method.to_tensor()
         episodes = [load_episode(self.dataset, self.sampler.episode(i), to_tensor) for i in indices]
         seeds = [episode_seed(self.protocol.seed, i) for i in indices]
         method.to(self.fit.device())

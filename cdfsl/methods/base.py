@@ -2,7 +2,7 @@
 
 Subclasses say only which loss terms a step minimises (:meth:`FewShotMethod.loss_terms`).
 Batches are ``(images, labels)`` (or a dict with those keys) with ``images: (B, 3, H, W)`` in
-[0, 1] at the backbone's input size — ``backbone.preprocess.to_tensor()`` makes them from PIL;
+[0, 1] at the backbone's input size — ``method.to_tensor()`` makes them from PIL;
 the module augments (views) and normalises on the device.
 
 One module trains ``E`` episodes at once (:meth:`FewShotMethod.start_episodes`): ``E`` LoRA
@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from cdfsl import alignment
+from cdfsl import alignment, losses
 from cdfsl.backbones import Backbone, create_backbone
+from cdfsl.backbones.base import GEOMETRIES
 from cdfsl.data.views import DEFAULT_VIEWS, ViewAugmenter, ViewSpec, clean_view_index
 from cdfsl.errors import CdfslError
 from cdfsl.lora import (
@@ -39,9 +40,10 @@ from cdfsl.lora import (
     set_num_adapters,
 )
 
-#: How views are drawn: ``per_step`` redraws every view at every step; ``per_episode`` draws
-#: them once when training starts and reuses them (the reference code's data loader).
-VIEW_SAMPLING = ("per_step", "per_episode")
+#: How views are drawn: ``per_episode`` draws them once when training starts and reuses them at
+#: every step (the reference code: its data loader yields an episode's views once, and every
+#: step trains on the same augmented images); ``per_step`` redraws every view at every step.
+VIEW_SAMPLING = ("per_episode", "per_step")
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -59,7 +61,9 @@ class EpisodeState:
 
     ``text_feats: (N, D)`` its classifier; ``generator`` its views and method draws (SVL
     prototypes); ``memory`` the method's state across steps (Mind's previous A_v);
-    ``terms`` the last step's loss terms and metrics (detached scalars).
+    ``terms`` the last step's loss terms and metrics (detached scalars); ``support`` this
+    step's separately forwarded clean support features ``(S, D)`` and labels, when the method
+    asks for them (:attr:`FewShotMethod.forwards_support`).
     """
 
     seed: int
@@ -69,6 +73,7 @@ class EpisodeState:
     memory: dict[str, Any] = field(default_factory=dict)
     views: tuple[Tensor, Tensor] | None = None
     terms: dict[str, Tensor] = field(default_factory=dict)
+    support: tuple[Tensor, Tensor] | None = None
 
 
 class FewShotMethod(L.LightningModule):
@@ -82,8 +87,13 @@ class FewShotMethod(L.LightningModule):
         logit_scale: classifier temperature s; None takes the backbone's own (100 for CLIP).
         lora: adapter config for the vision tower; None trains nothing (zero-shot).
         views: augmentation views applied to each training batch; None uses batches as given.
-        view_sampling: ``"per_step"`` (new views every step) or ``"per_episode"`` (drawn once
-            when training starts, reused every step); see :data:`VIEW_SAMPLING`.
+        view_sampling: ``"per_episode"`` (the reference's: drawn once when training starts,
+            reused every step) or ``"per_step"`` (new views every step); see
+            :data:`VIEW_SAMPLING`.
+        geometry: how images are framed to the input size, a row of
+            ``cdfsl.backbones.base.GEOMETRIES``; ``"resize_crop"`` (the reference CDFSL
+            pipeline: resize to 1.15·224 square, centre-crop 224, before every view and for
+            queries) or ``"squash"`` (resize to the input size).
         lr, weight_decay: AdamW settings for the adapter weights.
         t_max_factor: cosine schedule period as a multiple of the run's total steps.
         eta_min: the cosine schedule's floor.
@@ -91,6 +101,10 @@ class FewShotMethod(L.LightningModule):
     """
 
     trainable: bool = True
+
+    #: True when :meth:`loss_terms` needs the clean support set forwarded a second time in each
+    #: step (``episode.support``), beside its views.
+    forwards_support: bool = False
 
     def __init__(
         self,
@@ -101,7 +115,8 @@ class FewShotMethod(L.LightningModule):
         logit_scale: float | None = None,
         lora: LoRAConfig | None = LoRAConfig(),  # noqa: B008  (frozen value, never mutated)
         views: Sequence[ViewSpec] | None = tuple(DEFAULT_VIEWS),
-        view_sampling: str = "per_step",
+        view_sampling: str = "per_episode",
+        geometry: str = "resize_crop",
         lr: float = 2e-4,
         weight_decay: float = 1e-2,
         t_max_factor: float = 8.0,
@@ -114,6 +129,9 @@ class FewShotMethod(L.LightningModule):
             raise CdfslError(f"template {template!r} has no '{{}}' for the class name")
         if view_sampling not in VIEW_SAMPLING:
             raise CdfslError(f"view_sampling={view_sampling!r}: expected one of {VIEW_SAMPLING}")
+        if geometry not in GEOMETRIES:
+            raise CdfslError(f"geometry={geometry!r}: expected one of {sorted(GEOMETRIES)}")
+        self.geometry = geometry
         self.backbone: Backbone = create_backbone(backbone, pretrained)
         self.backbone.requires_grad_(False)
         self.lora_config = lora if self.trainable else None
@@ -251,6 +269,10 @@ class FewShotMethod(L.LightningModule):
         groups = self.image_features(images).chunk(len(self.episodes))
         return torch.cat([self.logits(f, ep) for f, ep in zip(groups, self.episodes, strict=True)])
 
+    def to_tensor(self) -> Any:
+        """PIL RGB image -> ``(3, H, W)`` in [0, 1] at the input size, framed by ``geometry``."""
+        return self.backbone.preprocess.to_tensor(self.geometry)
+
     # -- training ------------------------------------------------------------------------------
     def loss_terms(
         self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, episode: EpisodeState
@@ -290,33 +312,70 @@ class FewShotMethod(L.LightningModule):
                 f"training batch of {images.shape[0]} images for {count} episodes: expected "
                 "equal contiguous groups, one per episode"
             )
-        groups = list(zip(images.chunk(count), labels.chunk(count), strict=True))
+        clean = list(zip(images.chunk(count), labels.chunk(count), strict=True))
+        groups: list[tuple[Tensor, Tensor]] = clean
         view_ids: list[Tensor | None] = [None] * count
         if self._augmenter is not None:
             viewed = [
                 self._episode_views(ep, im)
-                for ep, (im, _) in zip(self.episodes, groups, strict=True)
+                for ep, (im, _) in zip(self.episodes, clean, strict=True)
             ]
             groups = [
-                (v, y.repeat(len(self.views)))
-                for (v, _), (_, y) in zip(viewed, groups, strict=True)
+                (v, y.repeat(len(self.views))) for (v, _), (_, y) in zip(viewed, clean, strict=True)
             ]
             view_ids = [ids for _, ids in viewed]
-        feats = self.image_features(torch.cat([im for im, _ in groups])).chunk(count)
+        # The separate clean support rows ride in the same forward: every row draws its own
+        # LoRA-dropout mask, so this is a second forward of the support set in all but cost.
+        inputs = [
+            [im, sup] if self.forwards_support else [im]
+            for (im, _), (sup, _) in zip(groups, clean, strict=True)
+        ]
+        flat = [part for parts in inputs for part in parts]
+        feats = iter(self.image_features(torch.cat(flat)).split([len(t) for t in flat]))
         total = 0.0
-        for episode, f, (_, y), ids in zip(self.episodes, feats, groups, view_ids, strict=True):
+        for episode, (_, y), (_, support_y), ids in zip(
+            self.episodes, groups, clean, view_ids, strict=True
+        ):
+            f = next(feats)
+            if self.forwards_support:
+                episode.support = (next(feats), support_y)
             terms = self.loss_terms(f, y, ids, episode)
             with torch.no_grad():
-                text = episode.text_feats
-                terms["modality_gap"] = alignment.modality_gap(f, text)
-                terms["intra_inter_gap"] = alignment.intra_inter_cosine_gap(f, y)
-                terms["image_text_margin"] = alignment.image_text_margin(f, text, y)
+                terms.update(self._alignment_terms(f, y, ids, episode))
             episode.terms = {key: value.detach() for key, value in terms.items()}
+            episode.support = None
             total = total + terms["loss"]
         for key in self.episodes[0].terms:
             mean = torch.stack([ep.terms[key] for ep in self.episodes]).mean()
             self.log(f"train/{key}", mean, on_step=True, on_epoch=False)
         return total
+
+    def support_features(
+        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, episode: EpisodeState
+    ) -> tuple[Tensor, Tensor]:
+        """The clean support features S ``(S, D)`` and labels of this step.
+
+        The separately forwarded support set when the method asks for one, else the rows of the
+        clean view, else (no views, or none clean) every row.
+        """
+        if episode.support is not None:
+            return episode.support
+        rows = self.clean_rows(view_ids)
+        return (feats, labels) if rows is None else (feats[rows], labels[rows])
+
+    def _alignment_terms(
+        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, episode: EpisodeState
+    ) -> dict[str, Tensor]:
+        """The paper's analysis quantities for one episode's step (see ``shared/specs``)."""
+        text = episode.text_feats
+        support, support_labels = self.support_features(feats, labels, view_ids, episode)
+        prototypes = losses.class_prototypes(support.detach(), support_labels, len(text))
+        return {
+            "modality_gap": alignment.modality_gap(feats, text),
+            "intra_inter_gap": alignment.intra_inter_cosine_gap(feats, labels),
+            "image_text_margin": alignment.image_text_margin(feats, text, labels),
+            **losses.vlm_decomposition(feats, text, labels, prototypes, self.scale),
+        }
 
     def total_steps(self) -> int:
         """The run's number of optimiser steps, as the Trainer was configured."""

@@ -19,19 +19,27 @@ from cdfsl.losses import (
 )
 from cdfsl.methods.base import EpisodeState, FewShotMethod
 
+#: Mind's sources of the clean support features S: name -> whether the support set is
+#: forwarded separately (``FewShotMethod.forwards_support``).
+SUPPORT_FEATURES: dict[str, bool] = {"separate": True, "shared": False}
+
 
 class Mind(FewShotMethod):
     """L_vlm + λ_svl·L_svl + λ_ra·L_ra on the schedule of ``cdfsl.losses.mind_schedule``.
 
     The relation target fuses the previous step's visual relation matrix, so every training
     batch must hold the same images in the same order (the whole support set, as the episodic
-    evaluator feeds it). Rows of the clean view give the support features S; a batch without
-    views uses all its rows.
+    evaluator feeds it).
 
     Args (beyond :class:`FewShotMethod`, whose arguments pass through ``kwargs``):
         svl_weight: λ_svl (the reference code's ``beta``).
         ra_weight: λ_ra (the reference code's ``gamma``; the paper's β).
         divergence: the relation-alignment divergence, see ``cdfsl.losses.relation_alignment``.
+        support: where the clean support features S come from, a key of
+            :data:`SUPPORT_FEATURES`: ``"separate"`` (the reference's: "S ... the normalised
+            features of the clean (un-augmented) support images, forwarded with gradient in the
+            same step", a second forward with its own LoRA-dropout mask) or ``"shared"`` (the
+            clean view's rows of the views' forward, so A_v holds exact self-similarities of 1).
     """
 
     def __init__(
@@ -40,9 +48,16 @@ class Mind(FewShotMethod):
         svl_weight: float = 0.1,
         ra_weight: float = 3.0,
         divergence: str = "log_target_kl",
+        support: str = "separate",
         **kwargs: Any,
     ) -> None:
+        if support not in SUPPORT_FEATURES:
+            raise CdfslError(
+                f"Mind support={support!r}: expected one of {sorted(SUPPORT_FEATURES)}"
+            )
         super().__init__(**kwargs)
+        self.support = support
+        self.forwards_support = SUPPORT_FEATURES[support]
         self.svl_weight = svl_weight
         self.ra_weight = ra_weight
         self.divergence = divergence
@@ -62,10 +77,7 @@ class Mind(FewShotMethod):
             terms["svl"] = svl
             loss = loss + self.svl_weight * svl
         if step.svl or step.ra:
-            clean = self.clean_rows(view_ids)
-            support, support_labels = (
-                (feats, labels) if clean is None else (feats[clean], labels[clean])
-            )
+            support, support_labels = self.support_features(feats, labels, view_ids, episode)
             relation = visual_relation(feats, support)
             if step.ra:
                 previous = episode.memory.get("relation")
