@@ -1,0 +1,168 @@
+"""Mind − LoRAFineTune on the micro world under the reference's options and cdfsl's old ones.
+
+Issue 13, item 6: the paper's 1-shot schedule (T = 250, the five views of the spec, LoRA r16
+a8 rsLoRA dropout .25 on q/k/v, AdamW 2e-4), micro-clip, 5-way 1-shot 15 queries, on the four
+target domains. For views ``per_episode`` (the reference) and ``per_step`` (cdfsl's old default),
+and Mind's clean support S ``separate`` (the reference) and ``shared``, it reports the paired
+per-episode difference Mind − LoRAFineTune (same views) with its CI95, and the mechanism metric:
+the gap shift, |modality gap at the last step − at step 0| of the support features (step 0 is
+the zero-shot model, B = 0), for FT and FT+SVL+RA.
+
+Rows are stored per (domain, configuration) under ``--output``; a rerun resumes and
+``--episodes`` may grow between runs. Episodes advance in rounds of ``--episodes_per_step`` over
+every (domain, configuration), so a run stopped at any point leaves a balanced table. Nothing
+is tuned on query accuracy.
+
+    python benchmarks/mind_fidelity.py --episodes 40 --output runs/mind-fidelity
+    python benchmarks/mind_fidelity.py --report --output runs/mind-fidelity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from cdfsl.data.micro_world import MicroWorld, list_domains
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig
+from cdfsl.evaluation.stats import mean_ci95
+from cdfsl.evaluation.store import ResultStore
+from cdfsl.lora import LoRAConfig
+from cdfsl.methods import LoRAFineTune, Mind
+
+LORA = LoRAConfig(rank=16, alpha=8.0, dropout=0.25, targets=("q", "k", "v"), scaling="rslora")
+
+#: name -> (class, init args beyond the shared recipe).
+CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ft/per_episode": (LoRAFineTune, {"view_sampling": "per_episode"}),
+    "mind/per_episode/separate": (Mind, {"view_sampling": "per_episode", "support": "separate"}),
+    "mind/per_episode/shared": (Mind, {"view_sampling": "per_episode", "support": "shared"}),
+    "ft/per_step": (LoRAFineTune, {"view_sampling": "per_step"}),
+    "mind/per_step/separate": (Mind, {"view_sampling": "per_step", "support": "separate"}),
+    "mind/per_step/shared": (Mind, {"view_sampling": "per_step", "support": "shared"}),
+}
+
+#: The paired comparisons of the table: (Mind configuration, its LoRAFineTune baseline).
+PAIRS = [
+    ("mind/per_episode/separate", "ft/per_episode"),
+    ("mind/per_episode/shared", "ft/per_episode"),
+    ("mind/per_step/separate", "ft/per_step"),
+    ("mind/per_step/shared", "ft/per_step"),
+]
+
+
+class GapEnds(L.Callback):
+    """Each episode's modality gap at the first and the last training step."""
+
+    def __init__(self) -> None:
+        self.first: list[float] = []
+        self.last: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        gaps = [pl_module.episode_terms(e)["modality_gap"] for e in range(len(pl_module.episodes))]
+        if batch_idx == 0:
+            self.first = gaps
+        self.last = gaps
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    protocol = EpisodeProtocol(n_way=5, k_shot=1, n_query=15, episodes=args.episodes, seed=0)
+    fit = FitConfig(
+        steps=args.steps, precision="32-true", accelerator="cpu", episodes_per_step=args.group
+    )
+    methods = {}
+    for name, (cls, extra) in CONFIGS.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            methods[name] = cls(backbone="micro-clip", lora=LORA, **extra)
+    domains = args.domains or [d for d in list_domains() if d != "source"]
+    for start in range(0, args.episodes, args.group):
+        chunk = list(range(start, min(start + args.group, args.episodes)))
+        for domain in domains:
+            dataset = MicroWorld(domain, images_per_class=args.images_per_class, seed=0)
+            for name, method in methods.items():
+                store = ResultStore(args.output / domain / name.replace("/", "-") / "rows.jsonl")
+                todo = [i for i in chunk if i not in store.completed()]
+                if not todo:
+                    continue
+                evaluator = EpisodicEvaluator(
+                    method, dataset, protocol, store.path.parent, fit, progress=False
+                )
+                gaps = GapEnds()
+                rows = evaluator.run_episodes(todo, callbacks=[gaps])
+                for row, first, last in zip(rows, gaps.first, gaps.last, strict=True):
+                    row["gap_first"], row["gap_last"] = first, last
+                    store.append(row)
+                print(f"{domain} {name} episodes {todo}: "
+                      f"{[round(100 * r['accuracy'], 1) for r in rows]}", flush=True)  # fmt: skip
+
+
+def report(output: Path) -> str:
+    """The markdown tables of what ``output`` holds (common episodes only)."""
+    domains = [d for d in list_domains() if d != "source"]
+    rows = {
+        (d, n): {r["episode"]: r for r in ResultStore(path).rows(repair=False)}
+        for d in domains
+        for n in CONFIGS
+        if (path := output / d / n.replace("/", "-") / "rows.jsonl").exists()
+    }
+    lines = ["| pair | " + " | ".join(domains) + " | episodes |", "|---" * (len(domains) + 2) + "|"]
+    for mind, base in PAIRS:
+        cells, counts = [], []
+        for d in domains:
+            a, b = rows.get((d, mind), {}), rows.get((d, base), {})
+            common = sorted(set(a) & set(b))
+            counts.append(len(common))
+            if len(common) < 2:
+                cells.append("–")
+                continue
+            diff = [100 * (a[e]["accuracy"] - b[e]["accuracy"]) for e in common]
+            s = mean_ci95(diff)
+            ft = np.mean([100 * b[e]["accuracy"] for e in common])
+            mi = np.mean([100 * a[e]["accuracy"] for e in common])
+            cells.append(f"{ft:.1f} / {mi:.1f} / {s['mean']:+.1f} ± {s['ci95']:.1f}")
+        lines.append(f"| {mind} − {base} | " + " | ".join(cells) + f" | {min(counts)} |")
+    lines += ["", "gap shift |gap(T) − gap(0)| of the support features, mean over episodes:", ""]
+    lines += ["| configuration | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+    for name in CONFIGS:
+        cells = []
+        for d in domains:
+            got = list(rows.get((d, name), {}).values())
+            shift = [abs(r["gap_last"] - r["gap_first"]) for r in got]
+            cells.append(f"{np.mean(shift):.3f}" if shift else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=Path("runs/mind-fidelity"))
+    parser.add_argument("--episodes", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=250, help="T; the paper's 1-shot 250")
+    parser.add_argument("--group", "--episodes_per_step", type=int, default=4)
+    parser.add_argument("--images_per_class", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--domains", nargs="*", default=None, help="a subset (e.g. one per process); all if unset"
+    )
+    parser.add_argument("--report", action="store_true", help="only print the tables")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if not args.report:
+        run(args)
+    table = report(args.output)
+    print(table)
+    (args.output / "table.md").write_text(table + "\n")
+    config = {**vars(args), "output": str(args.output)}
+    (args.output / f"config-{os.getpid()}.json").write_text(json.dumps(config))
+
+
+if __name__ == "__main__":
+    main()
