@@ -20,7 +20,13 @@ if importlib.util.find_spec("transformers") is None or importlib.util.find_spec(
 import numpy as np
 from PIL import Image
 
-from cdfsl.reasoning.internvl import InternVLReasoner, LoRASettings, resolve_model_dir
+from cdfsl.reasoning.internvl import (
+    InternVLReasoner,
+    LoRASettings,
+    resolve_model_dir,
+    tile_grid,
+    tile_image,
+)
 from cdfsl.reasoning.mtct import MTCTModule, mtct_loss
 
 WORDS = (
@@ -135,20 +141,21 @@ def test_lora_placement_follows_the_settings(tiny_dir):
 
 
 def full_sequence_nll(reasoner, pixels, prompt, target) -> list[float]:
-    """-log p of each target token and the end token, from the model's ordinary full logits."""
+    """-log p of each target token and the end token, from the model's ordinary full logits
+    (``pixels``: one image's single tile, (1, 3, S, S))."""
     tok = reasoner.tokenizer
     prefix = tok(reasoner.prompt_text(prompt), add_special_tokens=False)["input_ids"]
     answer = [*tok(target, add_special_tokens=False)["input_ids"], reasoner.end_id]
     ids = torch.tensor([prefix + answer])
     with torch.no_grad():
-        logits = reasoner.model(input_ids=ids, pixel_values=pixels[None]).logits[0]
+        logits = reasoner.model(input_ids=ids, pixel_values=pixels).logits[0]
     log_p = F.log_softmax(logits.double(), dim=-1)
     return [-float(log_p[len(prefix) + j - 1, t]) for j, t in enumerate(answer)]
 
 
 def test_nll_sum_and_mean_by_hand_with_padding(reasoner):
     pixels = reasoner.image_inputs(images(3))
-    assert pixels.shape == (3, 3, 28, 28)  # one tile per image
+    assert pixels.shape == (3, 1, 3, 28, 28)  # 40 x 36 px: one 28-px tile per image
     prompts = ["what is the class of this image ?"] * 2 + ["think in five stages ."]
     targets = ["cat", "dog bird a", "a summary , and end"]
     with torch.no_grad():
@@ -216,3 +223,112 @@ def test_missing_weights_fail_at_once_without_network(tmp_path, monkeypatch):
     (partial / "config.json").write_text("{}")
     with pytest.raises(WeightsError, match=r"lacks model\*\.safetensors, tokenizer_config\.json"):
         InternVLReasoner.from_pretrained(str(partial))
+
+
+# -- dynamic tiling ------------------------------------------------------------------------------
+def test_tiles_agree_with_internvl_processor_crop_to_patches():
+    """An independent implementation: the -hf processor's own ``crop_to_patches`` tiling."""
+    from transformers import GotOcr2ImageProcessor
+
+    processor = GotOcr2ImageProcessor(size={"height": 448, "width": 448})
+    sizes = [(448, 448), (896, 448), (672, 448), (4480, 448), (448, 8960), (1000, 10), (300, 500)]
+    for width, height in sizes:
+        image = Image.new("RGB", (width, height))
+        out = processor(images=[image], crop_to_patches=True, max_patches=12, return_tensors="pt")
+        assert len(tile_image(image)) == int(out["num_patches"][0]), (width, height)
+        columns, rows = tile_grid(width, height)
+        assert int(out["num_patches"][0]) == columns * rows + (columns * rows > 1)
+
+
+def block_image(width: int, height: int, seed: int) -> Image.Image:
+    """An image of 14-px blocks of random colour (so that tiles and thumbnails differ)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 255, (height // 14, width // 14, 3), dtype=np.uint8)
+    return Image.fromarray(blocks.repeat(14, axis=0).repeat(14, axis=1))
+
+
+def processor_reference(reasoner, image, prompt, target):
+    """input ids, pixels and per-token NLLs of ``target`` through InternVL's own processor
+    (``crop_to_patches`` on, 12 tiles at most) and the model's full logits."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = reasoner.processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = reasoner.processor(
+        text=[text], images=[image], return_tensors="pt", crop_to_patches=True, max_patches=12
+    )
+    answer = [*reasoner.tokenizer(target, add_special_tokens=False)["input_ids"], reasoner.end_id]
+    prefix = inputs["input_ids"][0].tolist()
+    ids = torch.tensor([prefix + answer])
+    with torch.no_grad():
+        logits = reasoner.model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0]
+    log_p = F.log_softmax(logits.double(), dim=-1)
+    nll = [-float(log_p[len(prefix) + j - 1, t]) for j, t in enumerate(answer)]
+    return prefix, inputs["pixel_values"], nll, logits[len(prefix) - 1]
+
+
+def test_several_tiles_per_image_score_and_generate_as_internvl_processor(reasoner):
+    reasoner.reset_trainable(0)
+    assert reasoner.max_tiles == 12  # InternVL's default
+    # 28 x 28: 1 tile; 56 x 28: 2 x 1 + thumbnail; 56 x 56: 2 x 2 + thumbnail (28-px tiles)
+    shots = [block_image(28, 28, 0), block_image(56, 28, 1), block_image(56, 56, 2)]
+    pixels = reasoner.image_inputs(shots)
+    assert pixels.shape == (3, 5, 3, 28, 28)
+    assert reasoner.tile_counts(pixels) == [1, 3, 5]
+    assert pixels[0, 1:].isnan().all() and not pixels[2].isnan().any()
+    prompts = ["what is the class of this image ?", "what ?", "think in five stages ."]
+    targets = ["cat", "dog bird", "a summary , and end"]
+    with torch.no_grad():
+        summed = reasoner.nll(pixels, prompts, targets)
+    first = reasoner.generate(pixels, prompts, max_new_tokens=1)
+    for i, image in enumerate(shots):
+        prefix, reference_pixels, nll, last = processor_reference(
+            reasoner, image, prompts[i], targets[i]
+        )
+        n = len(reference_pixels)
+        assert torch.allclose(pixels[i, :n], reference_pixels, atol=1e-5)
+        assert reasoner._prompt_ids(prompts[i], n) == prefix
+        assert prefix.count(reasoner.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")) == n
+        assert summed[i].item() == pytest.approx(sum(nll), rel=1e-4)
+        expected = reasoner.tokenizer.decode([int(last.argmax())], skip_special_tokens=True)
+        assert first[i] == expected.strip()
+    answers = reasoner.generate(pixels, prompts, max_new_tokens=3)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def test_one_tile_per_image_is_the_old_single_resized_tile(tiny_dir):
+    single = InternVLReasoner.from_pretrained(str(tiny_dir), None, dtype="float32", max_tiles=1)
+    shots = [block_image(56, 28, 1), block_image(56, 56, 2)]
+    pixels = single.image_inputs(shots)
+    old = single.processor.image_processor(images=shots, crop_to_patches=False, return_tensors="pt")
+    assert pixels.shape == (2, 1, 3, 28, 28)
+    assert torch.equal(pixels[:, 0], old["pixel_values"])
+
+
+# -- gradient checkpointing ----------------------------------------------------------------------
+def test_gradient_checkpointing_keeps_the_adapters_gradients(tiny_dir):
+    """transformers 4.x's default reentrant checkpoint left the loss without gradient
+    (``inject_adapter_in_model`` sets no input gradients); the non-reentrant one must give the
+    LoRA weights of both towers the same gradients as no checkpointing."""
+    grads = {}
+    for checkpointing in (False, True):
+        model = InternVLReasoner.from_pretrained(
+            str(tiny_dir), LoRASettings(dropout=0.0), dtype="float32",
+            gradient_checkpointing=checkpointing,
+        )  # fmt: skip
+        if checkpointing:
+            funcs = [
+                m._gradient_checkpointing_func
+                for m in model.model.modules()
+                if getattr(m, "gradient_checkpointing", False)
+            ]
+            assert funcs and all(f.keywords == {"use_reentrant": False} for f in funcs)
+        model.train()
+        pixels = model.image_inputs([block_image(56, 28, 1), block_image(28, 28, 0)])
+        model.nll(pixels, ["what ?", "think ."], ["cat", "a summary"]).sum().backward()
+        grads[checkpointing] = {
+            n: p.grad.clone() for n, p in model.model.named_parameters() if "lora_B" in n
+        }
+    for tower in ("vision_tower", "language_model"):
+        assert any(g.abs().sum() > 0 for n, g in grads[True].items() if tower in n)
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[True].items():
+        assert torch.allclose(g, grads[False][name], atol=1e-6), name

@@ -38,7 +38,7 @@ from cdfsl.evaluation.store import check_run_config, write_json_atomic
 from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.chains import Chain, ChainReport, import_chains, validate_chains, write_chains
 from cdfsl.reasoning.dg import ANSWER_MODES, DomainResult, average, evaluate_domain, markdown_table
-from cdfsl.reasoning.internvl import DEFAULT_INTERNVL, LoRASettings
+from cdfsl.reasoning.internvl import DEFAULT_INTERNVL, INTERNVL_MAX_TILES, LoRASettings
 from cdfsl.reasoning.mtct import ReasoningExamples, TrainConfig, train_mtct
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt, teacher_prompt
 from cdfsl.reasoning.sarr import SARRConfig, SARRRunner
@@ -66,7 +66,10 @@ MICRO_DOMAINS = ["photo", "cartoon", "dermoscopy", "aerial"]
 class ModelConfig:
     """The MLLM. ``kind``: "micro" (:class:`~cdfsl.reasoning.micro_mllm.MicroMLLM`; keys
     vision..dropout) or "internvl" (:class:`~cdfsl.reasoning.internvl.InternVLReasoner`; keys
-    path..gradient_checkpointing)."""
+    path..max_tiles). ``max_tiles``: most 448-px tiles per image, InternVL's dynamic tiling
+    (default 12 + a thumbnail, InternVL's own; 1: one tile per image). ``gradient_checkpointing``
+    uses torch's non-reentrant checkpoint (the reentrant one left the adapters without gradient
+    on transformers 4.x)."""
 
     kind: str = "micro"
     vision: str = "micro-clip"
@@ -82,6 +85,7 @@ class ModelConfig:
     device: str = "cpu"
     cache_dir: str | None = None
     gradient_checkpointing: bool = False
+    max_tiles: int = INTERNVL_MAX_TILES
 
 
 @dataclass
@@ -308,10 +312,9 @@ class ReasonRun:
 
             if self._internvl is None:
                 self._internvl = InternVLReasoner.from_pretrained(
-                    m.path, m.lora, m.dtype, m.device, m.cache_dir, seed
-                )
-                if m.gradient_checkpointing:
-                    self._internvl.model.gradient_checkpointing_enable()
+                    m.path, m.lora, m.dtype, m.device, m.cache_dir, seed, m.max_tiles,
+                    m.gradient_checkpointing,
+                )  # fmt: skip
             return self._internvl
         raise CdfslError(f"model.kind={m.kind!r}; expected 'micro' or 'internvl'")
 

@@ -5,14 +5,19 @@ copy of the hub repo (``config.json``, ``model*.safetensors``, tokenizer and pro
 or from the Hugging Face cache, never from the network: a missing file fails at once with a
 :class:`~cdfsl.errors.WeightsError` that says what to put where.
 
-Each image is one 448-px tile (no dynamic tiling; DomainBed images are small), so its prompt
-holds ``<img>`` + ``image_seq_length`` x ``<IMG_CONTEXT>`` + ``</img>`` where the chat template
-puts the image. LoRA (rank 8, as in the paper) goes on the attention and MLP projections of
-both the vision encoder and the language model; the projector and the LM head stay frozen.
+Each image is tiled as InternVL's own processor and fine-tuning tile it (:func:`tile_grid`,
+:func:`tile_image`): up to ``max_tiles`` = 12 tiles of 448 px in the grid whose aspect ratio is
+closest to the image's, plus a 448-px thumbnail of the whole image when there is more than one
+tile. Its prompt holds ``<img>`` + tiles x ``image_seq_length`` x ``<IMG_CONTEXT>`` + ``</img>``
+where the chat template puts the image. ``max_tiles=1`` is one tile per image (the whole image
+resized to 448 x 448), as cdfsl did before. LoRA (rank 8, as in the paper) goes on the attention
+and MLP projections of both the vision encoder and the language model; the projector and the LM
+head stay frozen.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -25,10 +30,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from cdfsl.errors import WeightsError
+from cdfsl.errors import CdfslError, WeightsError
 from cdfsl.reasoning.adapter import GenerativeVLM, require_reason_extra
 
 DEFAULT_INTERNVL = "OpenGVLab/InternVL3-8B-hf"
+INTERNVL_MAX_TILES = 12
+"""InternVL's default most tiles per image (``max_num`` / ``max_dynamic_patch``; the -hf
+processor's ``max_patches``)."""
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _VISION_LAYERS = (
     r"(.*\.)?vision_tower\.encoder\.layer\.\d+\."
@@ -57,6 +65,82 @@ def lora_target_pattern(vision: bool = True, llm: bool = True) -> str:
     if not parts:
         raise WeightsError("LoRA on neither tower: set lora.vision or lora.llm (or both) to true")
     return "|".join(f"(?:{p})" for p in parts)
+
+
+def tile_grid(
+    width: int,
+    height: int,
+    max_tiles: int = INTERNVL_MAX_TILES,
+    min_tiles: int = 1,
+    tile_size: int = 448,
+) -> tuple[int, int]:
+    """InternVL's tile grid ``(columns, rows)`` for a ``width`` x ``height`` image.
+
+    Of the grids with ``min_tiles <= columns · rows <= max_tiles``, visited by tile count (then
+    columns), the one whose aspect ratio ``columns / rows`` is closest to ``width / height``; on
+    a tie the later (larger) grid wins only while the image's area exceeds half the grid's,
+    ``0.5 · tile_size² · columns · rows``, so that a small image is not blown up.
+    """
+    if not 1 <= min_tiles <= max_tiles:
+        raise ValueError(f"tiles between {min_tiles} and {max_tiles}: expected 1 <= min <= max")
+    aspect = width / height
+    area = width * height
+    grids = sorted(
+        ((c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
+         if min_tiles <= c * r <= max_tiles),
+        key=lambda g: (g[0] * g[1], g[0]),
+    )  # fmt: skip
+    best, best_diff = grids[0], math.inf
+    for columns, rows in grids:
+        diff = abs(aspect - columns / rows)
+        if diff < best_diff:
+            best, best_diff = (columns, rows), diff
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * columns * rows:
+            best = (columns, rows)
+    return best
+
+
+def tile_image(
+    image: Image.Image,
+    tile_size: int = 448,
+    max_tiles: int = INTERNVL_MAX_TILES,
+    thumbnail: bool = True,
+) -> list[Image.Image]:
+    """InternVL's dynamic tiling of ``image``: the :func:`tile_grid` tiles, row by row, then
+    (if more than one tile and ``thumbnail``) the whole image as a thumbnail.
+
+    The image is resized (bicubic) to ``tile_size · columns`` x ``tile_size · rows`` and cut;
+    a single tile and the thumbnail are returned as the whole image, for the processor to
+    resize to ``tile_size`` x ``tile_size``.
+    """
+    columns, rows = tile_grid(image.width, image.height, max_tiles, tile_size=tile_size)
+    if columns * rows == 1:
+        return [image]
+    s = tile_size
+    canvas = image.resize((s * columns, s * rows), Image.Resampling.BICUBIC)
+    tiles = [
+        canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s))
+        for r in range(rows)
+        for c in range(columns)
+    ]
+    return [*tiles, image] if thumbnail else tiles
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing of ``model``'s layers with torch's non-reentrant checkpoint.
+
+    transformers 4.x defaults to the reentrant checkpoint, whose output has no gradient when no
+    input of the checkpointed layer needs one: the frozen embeddings and pixels never do, and
+    PEFT's ``inject_adapter_in_model`` (unlike ``get_peft_model``) does not turn on
+    ``enable_input_require_grads``, so the loss had no gradient at all. The non-reentrant
+    checkpoint follows the gradients of the LoRA weights inside each layer, on 4.x and 5.x
+    alike (5.x's own default).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _has_weights(folder: Path) -> bool:
@@ -109,6 +193,12 @@ class InternVLReasoner(GenerativeVLM):
 
     ``lora=None`` trains nothing (zero-shot). ``end_of_answer``: the token that closes an
     answer in the chat template (default: the tokenizer's eos, ``<|im_end|>`` for InternVL3).
+    ``max_tiles``: most 448-px tiles per image (:func:`tile_image`). The spec names the model
+    ("Paper: InternVL3-8B, LoRA rank 8 on both the vision encoder and the LLM") and nothing of
+    its preprocessing, so the default is InternVL's own: 12, with a thumbnail (its processor's
+    ``crop_to_patches`` and its fine-tuning's ``dynamic_image_size``); 1 is one tile per image,
+    no thumbnail (cdfsl's earlier behaviour).
+    ``gradient_checkpointing``: :func:`enable_gradient_checkpointing`.
     """
 
     def __init__(
@@ -118,9 +208,14 @@ class InternVLReasoner(GenerativeVLM):
         lora: LoRASettings | None = None,
         end_of_answer: str | None = None,
         seed: int = 0,
+        max_tiles: int = INTERNVL_MAX_TILES,
+        gradient_checkpointing: bool = False,
     ) -> None:
         require_reason_extra("the InternVL adapter")
+        if max_tiles < 1:
+            raise CdfslError(f"max_tiles={max_tiles}; expected at least 1 tile per image")
         super().__init__()
+        self.max_tiles = max_tiles
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -154,6 +249,10 @@ class InternVLReasoner(GenerativeVLM):
         self.image_seq_length = int(
             getattr(processor, "image_seq_length", model.config.image_seq_length)
         )
+        size = processor.image_processor.size
+        self.tile_size = int(size["height"] if isinstance(size, dict) else size.height)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
 
     @classmethod
     def from_pretrained(
@@ -164,6 +263,8 @@ class InternVLReasoner(GenerativeVLM):
         device: str = "cpu",
         cache_dir: str | None = None,
         seed: int = 0,
+        max_tiles: int = INTERNVL_MAX_TILES,
+        gradient_checkpointing: bool = False,
     ) -> InternVLReasoner:
         """Load model and processor from local files only (see :func:`resolve_model_dir`)."""
         require_reason_extra("the InternVL adapter")
@@ -177,7 +278,10 @@ class InternVLReasoner(GenerativeVLM):
             )
         except (OSError, ValueError) as err:
             raise WeightsError(f"could not load InternVL from {str(folder)!r}: {err}") from err
-        return cls(model.to(device), processor, lora, seed=seed)
+        return cls(
+            model.to(device), processor, lora, seed=seed, max_tiles=max_tiles,
+            gradient_checkpointing=gradient_checkpointing,
+        )  # fmt: skip
 
     # -- weights ------------------------------------------------------------------------------
     def reset_trainable(self, seed: int) -> None:
@@ -199,13 +303,30 @@ class InternVLReasoner(GenerativeVLM):
     # -- inputs --------------------------------------------------------------------------------
     @torch.no_grad()
     def image_inputs(self, images: Sequence[Image.Image]) -> Tensor:
-        """(B, 3, S, S) normalised pixels, one tile per image."""
-        rgb = [im.convert("RGB") for im in images]
-        out = self.processor.image_processor(images=rgb, crop_to_patches=False, return_tensors="pt")
-        return out["pixel_values"]
+        """(B, T, 3, S, S) normalised pixels of each image's tiles (:func:`tile_image`), T the
+        most tiles of any image of the batch; an image with fewer is padded with NaN tiles,
+        which never reach the model."""
+        per_image = [tile_image(im.convert("RGB"), self.tile_size, self.max_tiles) for im in images]
+        flat = [tile for tiles in per_image for tile in tiles]
+        pixels = self.processor.image_processor(
+            images=flat, crop_to_patches=False, return_tensors="pt"
+        )["pixel_values"]
+        most = max(len(tiles) for tiles in per_image)
+        out = torch.full((len(images), most, *pixels.shape[1:]), math.nan, dtype=pixels.dtype)
+        start = 0
+        for i, tiles in enumerate(per_image):
+            out[i, : len(tiles)] = pixels[start : start + len(tiles)]
+            start += len(tiles)
+        return out
 
-    def prompt_text(self, prompt: str) -> str:
-        """The chat-formatted user turn with the image's tokens, ending where the answer starts."""
+    @staticmethod
+    def tile_counts(image_inputs: Tensor) -> list[int]:
+        """How many real (not NaN-padded) tiles each image of ``image_inputs`` has."""
+        return (~image_inputs.flatten(2)[..., 0].isnan()).sum(dim=1).tolist()
+
+    def prompt_text(self, prompt: str, tiles: int = 1) -> str:
+        """The chat-formatted user turn with the tokens of an image of ``tiles`` tiles, ending
+        where the answer starts."""
         messages = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
         ]
@@ -215,13 +336,14 @@ class InternVLReasoner(GenerativeVLM):
         image = self.processor.image_token
         expanded = (
             self.processor.start_image_token
-            + image * self.image_seq_length
+            + image * (self.image_seq_length * tiles)
             + self.processor.end_image_token
         )
         return text.replace(image, expanded, 1)
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        return self.tokenizer(self.prompt_text(prompt), add_special_tokens=False)["input_ids"]
+    def _prompt_ids(self, prompt: str, tiles: int = 1) -> list[int]:
+        text = self.prompt_text(prompt, tiles)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _target_ids(self, target: str) -> list[int]:
         return [*self.tokenizer(target, add_special_tokens=False)["input_ids"], self.end_id]
@@ -231,7 +353,9 @@ class InternVLReasoner(GenerativeVLM):
         return next(self.model.parameters()).device
 
     def _pixels(self, image_inputs: Tensor) -> Tensor:
-        return image_inputs.to(self._device, self.model.dtype)
+        """Every real tile of the batch, image by image, (N, 3, S, S), on the model's device."""
+        real = ~image_inputs.flatten(2)[..., 0].isnan()
+        return image_inputs[real].to(self._device, self.model.dtype)
 
     # -- scoring and generation ----------------------------------------------------------------
     def nll(
@@ -242,7 +366,8 @@ class InternVLReasoner(GenerativeVLM):
         length_normalise: bool = False,
     ) -> Tensor:
         """(B,) NLL of each target's tokens and the end-of-answer token (right-padded batch)."""
-        prefixes = [self._prompt_ids(p) for p in prompts]
+        tiles = self.tile_counts(image_inputs)
+        prefixes = [self._prompt_ids(p, n) for p, n in zip(prompts, tiles, strict=True)]
         rows = [p + self._target_ids(t) for p, t in zip(prefixes, targets, strict=True)]
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
@@ -273,7 +398,8 @@ class InternVLReasoner(GenerativeVLM):
         """Greedy answers (left-padded batch), decoded without special tokens."""
         was_training = self.training
         self.eval()
-        prefixes = [self._prompt_ids(p) for p in prompts]
+        tiles = self.tile_counts(image_inputs)
+        prefixes = [self._prompt_ids(p, n) for p, n in zip(prompts, tiles, strict=True)]
         length = max(len(p) for p in prefixes)
         ids = torch.full((len(prefixes), length), self.pad_id, dtype=torch.long)
         attention = torch.zeros(len(prefixes), length, dtype=torch.long)
