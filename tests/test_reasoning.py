@@ -148,10 +148,64 @@ def test_chain_store_round_trip_and_errors(tmp_path: Path):
 def test_prompts_are_package_data():
     assert label_prompt() == "What is the class of this image? Answer with the class name."
     assert all(f"<{t}>" in reason_prompt() for t in TAGS)
-    request = teacher_prompt("dog", ["cat", "dog"])
-    assert (
-        '"dog"' in request and "cat, dog" in request and "<CONCLUSION> dog </CONCLUSION>" in request
-    )
+    told = teacher_prompt(["cat", "dog"], "dog")  # cdfsl's earlier request, still available
+    assert '"dog"' in told and "cat, dog" in told and "<CONCLUSION> dog </CONCLUSION>" in told
+
+
+def test_teacher_is_not_told_the_class_by_default():
+    """The default request is the same for an image of every class: it cannot name the class
+    (the spec's filter on the CONCLUSION then rejects the teacher's wrong answers)."""
+    blind = teacher_prompt(["cat", "dog"])
+    assert "possible classes are: cat, dog." in blind
+    assert all(f"<{t}>" in blind for t in TAGS) and "{" not in blind
+    assert "belongs to" not in blind and '"dog"' not in blind and '"cat"' not in blind
+    assert teacher_prompt(["cat", "dog"], "cat") != teacher_prompt(["cat", "dog"], "dog")
+
+
+# -- InternVL's dynamic tiling (the model itself: tests/test_reasoning_internvl.py) --------------
+@pytest.mark.parametrize(
+    ("width", "height", "max_tiles", "grid"),
+    [
+        (448, 448, 12, (1, 1)),  # aspect 1; (2, 2) ties but 448² <= 0.5 · 448² · 4
+        (227, 227, 12, (1, 1)),  # PACS's size
+        (896, 448, 12, (2, 1)),  # aspect 2; (4, 2) ties but 2 · 448² <= 0.5 · 448² · 8
+        (448, 896, 12, (1, 2)),
+        (896, 896, 12, (2, 2)),  # tie won: 4 · 448² > 0.5 · 448² · 4; (3, 3): 4 <= 4.5
+        (1344, 1344, 12, (3, 3)),  # 9 · 448² > 0.5 · 448² · 9; (4, 4) has 16 > 12 tiles
+        (1344, 1344, 6, (2, 2)),  # (3, 3) has 9 > 6 tiles
+        (672, 448, 12, (3, 2)),  # aspect 1.5 exactly: 6 tiles beat the (2, 1) tie winner
+        (672, 448, 4, (2, 1)),  # |1.5 - 1| = |1.5 - 2|: tie won, 1.5 · 448² > 0.5 · 448² · 2
+        (150, 100, 4, (1, 1)),  # the same tie lost: 15000 <= 0.5 · 448² · 2
+        (4480, 448, 12, (10, 1)),  # aspect 10
+        (448, 8960, 12, (1, 12)),  # aspect 1/20: 1/12 is the closest
+        (1000, 10, 12, (12, 1)),  # aspect 100
+        (896, 448, 1, (1, 1)),  # one tile
+    ],
+)
+def test_tile_grid_by_hand(width, height, max_tiles, grid):
+    from cdfsl.reasoning.internvl import INTERNVL_MAX_TILES, tile_grid
+
+    assert INTERNVL_MAX_TILES == 12  # InternVL's max_num / max_dynamic_patch
+    assert tile_grid(width, height, max_tiles) == grid
+
+
+def test_tile_image_cuts_rows_then_adds_the_whole_image_as_thumbnail():
+    from PIL import Image
+
+    from cdfsl.reasoning.internvl import tile_image
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    image = Image.new("RGB", (56, 56))
+    for k, colour in enumerate(colours):  # quadrants: top left, top right, bottom left, right
+        image.paste(colour, (28 * (k % 2), 28 * (k // 2), 28 * (k % 2 + 1), 28 * (k // 2 + 1)))
+    tiles = tile_image(image, tile_size=28)
+    assert len(tiles) == 5 and all(t.size == (28, 28) for t in tiles[:4])
+    assert [t.getpixel((14, 14)) for t in tiles[:4]] == colours
+    assert tiles[4] is image  # the processor resizes it to one tile
+    assert len(tile_image(image, tile_size=28, thumbnail=False)) == 4
+    small = Image.new("RGB", (20, 20))
+    assert tile_image(small, tile_size=28) == [small]  # one tile: no thumbnail
+    assert tile_image(image, tile_size=28, max_tiles=1) == [image]
 
 
 # -- micro DG world and teacher -----------------------------------------------------------------
@@ -579,6 +633,9 @@ def test_domainbed_folds_file_teacher_and_requests(tmp_path, capsys):
     requests = teacher_requests(fold.train)
     assert requests[0]["image_id"] == "art_painting/class_0/pic_0000.jpg"
     assert Path(requests[0]["image_path"]).is_file() and "class 0" in requests[0]["prompt"]
+    assert len({r["prompt"] for r in requests}) == 1  # the class is not told by default
+    told = teacher_requests(fold.train, tell_class=True)
+    assert told[0]["prompt"] == teacher_prompt(fold.train.class_names, "class 0")
     rows = [
         {"image_id": fold.train.sample_id(i), "chain": good_chain(fold.train.class_names[t])}
         for i, t in enumerate(fold.train.targets)

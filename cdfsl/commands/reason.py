@@ -67,7 +67,8 @@ def run(cfg: Namespace) -> None:
         seen: set[str] = set()
         rows = []
         for domain in runner.domains:
-            for row in teacher_requests(build_fold(config.data, domain).train):
+            fold = build_fold(config.data, domain)
+            for row in teacher_requests(fold.train, config.teacher.tell_class):
                 if row["image_id"] not in seen:
                     seen.add(row["image_id"])
                     rows.append(row)

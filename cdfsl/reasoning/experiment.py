@@ -108,12 +108,18 @@ class DGDataConfig:
 @dataclass
 class TeacherConfig:
     """Where teacher chains come from: "template" (micro world only: written from each image's
-    scene), "file" (a JSONL file from any teacher, ``path``; ``source`` names it) or "none"."""
+    scene), "file" (a JSONL file from any teacher, ``path``; ``source`` names it) or "none".
+
+    ``tell_class``: whether ``--teacher_requests`` tells the external teacher each image's class
+    (:func:`~cdfsl.reasoning.prompts.teacher_prompt`). Default false: the spec keeps a chain
+    "only if its conclusion names the true class", which filters only a teacher that was not
+    told; true is cdfsl's earlier request."""
 
     kind: str = "template"
     path: str | None = None
     source: str | None = None
     seed: int = 0
+    tell_class: bool = False
 
 
 @dataclass
@@ -240,16 +246,18 @@ def teacher_chains(config: TeacherConfig, fold: Fold) -> tuple[ChainReport, dict
     return report, {c.image_id: c for c in report.kept if c.image_id in train_ids}
 
 
-def teacher_requests(images: LabelledImages) -> list[dict[str, Any]]:
+def teacher_requests(images: LabelledImages, tell_class: bool = False) -> list[dict[str, Any]]:
     """One request per image for an external teacher: id, image file (where the dataset has
-    files), class and the teacher prompt."""
+    files), class (for the records and validation; the prompt names it only if ``tell_class``)
+    and the teacher prompt."""
     names = images.class_names
     rows = []
     for i, t in enumerate(images.targets):
         row = {"image_id": images.sample_id(i), "class_name": names[t]}
         if hasattr(images, "path"):
             row["image_path"] = str(images.path(i))
-        rows.append({**row, "prompt": teacher_prompt(names[t], names)})
+        prompt = teacher_prompt(names, names[t] if tell_class else None)
+        rows.append({**row, "prompt": prompt})
     return rows
 
 
