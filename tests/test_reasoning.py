@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from cdfsl.data.micro_world import COLOURS, SHAPES
 from cdfsl.errors import CdfslError, WeightsError
-from cdfsl.reasoning.adapter import ImageInputs, require_reason_extra
+from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs, require_reason_extra
 from cdfsl.reasoning.answers import TAGS, conclusion_text, missing_tags, normalise, parse_class
 from cdfsl.reasoning.chains import (
     Chain,
@@ -335,10 +335,56 @@ def test_mtct_loss_by_hand(micro_model):
     assert weighted.item() == pytest.approx(
         0.5 * sum(label_terms) / n + 2 * sum(chain_terms) / 3, rel=1e-4
     )
+    # label_reduction="mean": the label's token NLLs averaged as the chain's are
+    assert TrainConfig().label_reduction == "sum" and module.label_reduction == "sum"
+    per_token = MTCTModule(micro_model, label_reduction="mean")
+    with torch.no_grad():
+        mean_terms = per_token.loss_terms(batch)
+    label_means = []
+    for i in range(n):
+        log_p = token_log_probs(micro_model, inputs[i], label_prompt(), DG_CLASSES[labels[i]])
+        label_means.append(-sum(log_p) / len(log_p))
+    mean_loss = mtct_loss(mean_terms["label_nll"], mean_terms["chain_nll"])
+    assert mean_loss.item() == pytest.approx(sum(label_means) / n + sum(chain_terms) / 3, rel=1e-4)
+    with pytest.raises(CdfslError, match="label_reduction='median'"):
+        MTCTModule(micro_model, label_reduction="median")
     label_only = MTCTModule(micro_model, chain_weight=0.0).loss_terms(batch)
     assert set(label_only) == {"label_nll"}  # chain term not computed
     with pytest.raises(CdfslError, match="no loss term"):
         mtct_loss(None, None)
+
+
+class LetterCost(GenerativeVLM):
+    """A stand-in model: a target's token NLLs are its words' letter counts, then 1 for the
+    end-of-answer token."""
+
+    def image_inputs(self, images):
+        return torch.zeros(len(images), 1)
+
+    def nll(self, image_inputs, prompts, targets, length_normalise=False):
+        costs = [[len(word) for word in t.split()] + [1] for t in targets]
+        return torch.tensor([sum(c) / (len(c) if length_normalise else 1) for c in costs])
+
+    def generate(self, image_inputs, prompts, max_new_tokens=128):
+        return [""] * len(prompts)
+
+    def reset_trainable(self, seed):
+        pass
+
+
+def test_mtct_label_reduction_by_hand():
+    """Labels "dog" (tokens 3, 1) and "alarm clock" (5, 5, 1); chain "ab cd" (2, 2, 1) for the
+    first image only. Spec default, label summed: (4 + 11)/2 + 5/3 = 55/6. Per token:
+    (4/2 + 11/3)/2 + 5/3 = 27/6."""
+    batch = {"image_inputs": torch.zeros(2, 1), "labels": ["dog", "alarm clock"]}
+    batch["chains"] = ["ab cd", None]
+    for module, by_hand in (
+        (MTCTModule(LetterCost()), 55 / 6),
+        (MTCTModule(LetterCost(), label_reduction="mean"), 27 / 6),
+    ):
+        terms = module.loss_terms(batch)
+        loss = mtct_loss(terms["label_nll"], terms["chain_nll"])
+        assert loss.item() == pytest.approx(by_hand)
 
 
 def test_micro_generate_greedy_matches_argmax_and_stops_at_eos(micro_model):

@@ -39,7 +39,12 @@ from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.chains import Chain, ChainReport, import_chains, validate_chains, write_chains
 from cdfsl.reasoning.dg import ANSWER_MODES, DomainResult, average, evaluate_domain, markdown_table
 from cdfsl.reasoning.internvl import DEFAULT_INTERNVL, INTERNVL_MAX_TILES, LoRASettings
-from cdfsl.reasoning.mtct import ReasoningExamples, TrainConfig, train_mtct
+from cdfsl.reasoning.mtct import (
+    ReasoningExamples,
+    TrainConfig,
+    check_label_reduction,
+    train_mtct,
+)
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt, teacher_prompt
 from cdfsl.reasoning.sarr import SARRConfig, SARRRunner
 
@@ -277,6 +282,7 @@ class ReasonRun:
                     f"answer {variant}: {mode}; expected a variant of {list(VARIANTS)} and a "
                     f"mode of {list(ANSWER_MODES)}"
                 )
+        check_label_reduction(config.train.label_reduction)
         if config.teacher.kind == "none" and set(config.variants) - {"label-only"}:
             raise CdfslError(
                 "teacher.kind=none gives no chains, so only the label-only variant can run; "

@@ -5,11 +5,17 @@ Per batch of B images, the loss is
     L = w_label · mean_i NLL(label_i | image_i, q_cls)
       + w_chain · mean_{i with a chain} (1/T_i) · NLL(chain_i | image_i, q_reason)
 
-where the label NLL is summed over its tokens and the chain NLL is averaged over the chain's
-T_i tokens (end-of-answer included), weighted 1:1 by default. Each image thus appears twice
-per epoch, once per prompt, in the same step. ``w_chain = 0`` is label-only training and
-``w_label = 0`` chain-only training; both terms are logged (``train/label_nll``,
-``train/chain_nll``).
+where the chain NLL is averaged over the chain's T_i tokens (end-of-answer included) and the
+label NLL, by default, is the label answer's NLL, summed over its tokens (end-of-answer
+included), weighted 1:1 by default. Each image thus appears twice per epoch, once per prompt,
+in the same step. ``w_chain = 0`` is label-only training and ``w_label = 0`` chain-only
+training; both terms are logged (``train/label_nll``, ``train/chain_nll``).
+
+``label_reduction`` (:data:`NLL_REDUCTIONS`) says how the label's tokens are reduced: "sum"
+(the default) follows the spec's "Loss = NLL of the label answer + length-normalised NLL of the
+chain (mean over the chain's tokens), weighted 1:1", which length-normalises the chain alone
+(the NLL of an answer being the sum over its tokens); "mean" averages the label's tokens too,
+so that a label token and a chain token weigh the same.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +38,25 @@ from cdfsl.errors import CdfslError
 from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt
 
+NLL_REDUCTIONS: Mapping[str, bool] = {"sum": False, "mean": True}
+"""How a target's token NLLs are reduced: name -> ``length_normalise`` of
+:meth:`~cdfsl.reasoning.adapter.GenerativeVLM.nll` ("sum": the answer's NLL; "mean": per token)."""
+
+
+def check_label_reduction(name: str) -> None:
+    """Raise :class:`CdfslError` unless ``name`` is a key of :data:`NLL_REDUCTIONS`."""
+    if name not in NLL_REDUCTIONS:
+        raise CdfslError(
+            f"label_reduction={name!r}; expected one of {', '.join(map(repr, NLL_REDUCTIONS))}"
+        )
+
 
 @dataclass
 class TrainConfig:
     """One training stage. ``batch_size`` images per optimiser step, in micro-batches of
     ``micro_batch_size`` (gradient accumulation; None: no accumulation). AdamW with linear
-    warm-up over ``warmup_ratio`` of the steps, then cosine decay to zero."""
+    warm-up over ``warmup_ratio`` of the steps, then cosine decay to zero. ``label_reduction``:
+    "sum" (the spec's, module docstring) or "mean" over the label's tokens."""
 
     epochs: int = 3
     batch_size: int = 128
@@ -47,6 +66,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     label_weight: float = 1.0
     chain_weight: float = 1.0
+    label_reduction: str = "sum"
     gradient_clip: float | None = 1.0
     precision: str = "32-true"
     accelerator: str = "auto"
@@ -63,7 +83,8 @@ def mtct_loss(
     """``label_weight · mean(label_nll) + chain_weight · mean(chain_nll)``; a None or empty term
     (or a zero weight) contributes nothing.
 
-    label_nll: (B,) summed label NLLs; chain_nll: (B',) length-normalised chain NLLs.
+    label_nll: (B,) label NLLs (summed or per token, see ``label_reduction``); chain_nll: (B',)
+    length-normalised chain NLLs.
     """
     terms = [
         weight * values.mean()
@@ -123,7 +144,10 @@ class ReasoningExamples(Dataset):
 
 
 class MTCTModule(L.LightningModule):
-    """The MTCT objective (module docstring) over a :class:`GenerativeVLM`'s trainable weights."""
+    """The MTCT objective (module docstring) over a :class:`GenerativeVLM`'s trainable weights.
+
+    ``label_reduction``: a key of :data:`NLL_REDUCTIONS` ("sum", the spec's, by default).
+    """
 
     def __init__(
         self,
@@ -135,8 +159,11 @@ class MTCTModule(L.LightningModule):
         warmup_ratio: float = 0.03,
         label_prompt_text: str | None = None,
         reason_prompt_text: str | None = None,
+        label_reduction: str = "sum",
     ) -> None:
         super().__init__()
+        check_label_reduction(label_reduction)
+        self.label_reduction = label_reduction
         self.model = model
         self.label_weight = label_weight
         self.chain_weight = chain_weight
@@ -153,7 +180,10 @@ class MTCTModule(L.LightningModule):
         terms: dict[str, Tensor] = {}
         if self.label_weight:
             labels = batch["labels"]
-            terms["label_nll"] = self.model.nll(inputs, [self.q_cls] * len(labels), labels)
+            terms["label_nll"] = self.model.nll(
+                inputs, [self.q_cls] * len(labels), labels,
+                length_normalise=NLL_REDUCTIONS[self.label_reduction],
+            )  # fmt: skip
         with_chain = [i for i, c in enumerate(batch["chains"]) if c is not None]
         if self.chain_weight and with_chain:
             chains = [batch["chains"][i] for i in with_chain]
@@ -241,7 +271,7 @@ def train_mtct(
     L.seed_everything(config.seed, workers=True, verbose=False)
     module = MTCTModule(
         model, config.label_weight, config.chain_weight, config.lr, config.weight_decay,
-        config.warmup_ratio,
+        config.warmup_ratio, label_reduction=config.label_reduction,
     )  # fmt: skip
     loader = DataLoader(
         examples, batch_size=micro, shuffle=True, collate_fn=examples.collate, num_workers=0
