@@ -7,14 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision.transforms import v2
 
+from cdfsl.backbones.base import Preprocess
 from cdfsl.cli import build_parser, main
 from cdfsl.commands.rail import config_from
+from cdfsl.data.episodes import _UniformDraws
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation import xtail
 from cdfsl.evaluation.xtail import (
     DomainConfig,
     FineTuneConfig,
+    FramedImages,
     PrimalConfig,
     XTailConfig,
     XTailRun,
@@ -62,13 +67,180 @@ def test_metrics_of_one_domain_and_bad_shapes():
         xtail_metrics([[0.1, 0.2]])
 
 
-def test_few_shot_indices_are_seeded_per_class_and_keep_small_classes_whole():
+def test_few_shot_indices_are_seeded_per_class_and_draw_small_classes_with_replacement():
     targets = [0] * 10 + [1] * 3 + [2] * 8
     picked = few_shot_indices(targets, 4, seed=3)
-    counts = np.bincount([targets[i] for i in picked])
-    assert counts.tolist() == [4, 3, 4] and picked == sorted(picked)
+    assert np.bincount([targets[i] for i in picked]).tolist() == [4, 4, 4]
+    assert picked == sorted(picked)
+    # Four draws from class 1's three images must repeat one (pigeonhole); the others are
+    # drawn without replacement.
+    assert len(set(i for i in picked if targets[i] == 1)) < 4
+    assert len(set(i for i in picked if targets[i] != 1)) == 8
     assert picked == few_shot_indices(targets, 4, seed=3) != few_shot_indices(targets, 4, seed=4)
     assert few_shot_indices(targets, None, 0) == list(range(21))
+    # Pinned: the draws come from PCG64's raw stream, stable across numpy versions.
+    assert picked == [0, 2, 6, 8, 10, 10, 11, 11, 15, 16, 18, 20]
+
+
+def test_keep_all_keeps_small_classes_whole():
+    targets = [0] * 10 + [1] * 3 + [2] * 8
+    picked = few_shot_indices(targets, 4, seed=3, small_classes="keep_all")
+    assert np.bincount([targets[i] for i in picked]).tolist() == [4, 3, 4]
+    assert [i for i in picked if targets[i] == 1] == [10, 11, 12]
+    with pytest.raises(CdfslError, match=r"small_classes='twice': expected one of"):
+        few_shot_indices(targets, 4, 0, small_classes="twice")
+
+
+def test_shot_draws_are_uniform_as_random_sample_and_random_choices():
+    # The reference: random.sample(items, 4) (each of 10 items in with probability 4/10) and
+    # random.choices(items, k=4) (each draw any of 3 items with probability 1/3).
+    targets = [0] * 10 + [1] * 3
+    seeds = 3000
+    inclusion, draws = np.zeros(10), np.zeros(3)
+    for seed in range(seeds):
+        picked = few_shot_indices(targets, 4, seed)
+        inclusion += np.bincount([i for i in picked if i < 10], minlength=10)
+        draws += np.bincount([i - 10 for i in picked if i >= 10], minlength=3)
+    assert inclusion.max() <= 1 * seeds and draws.sum() == 4 * seeds
+    p, n = 0.4, seeds  # five binomial standard errors
+    assert np.abs(inclusion / n - p).max() < 5 * (p * (1 - p) / n) ** 0.5
+    p, n = 1 / 3, 4 * seeds
+    assert np.abs(draws / n - p).max() < 5 * (p * (1 - p) / n) ** 0.5
+
+
+# -- class names and framing: the reference's defaults ---------------------------------------
+def test_defaults_are_the_references_choices():
+    cfg = XTailConfig()
+    assert (cfg.small_classes, cfg.class_name_style) == ("with_replacement", "rail_reference")
+    assert (cfg.train_preprocess, tuple(cfg.train_crop_scale), cfg.test_preprocess) == (
+        "random_resized_crop", (0.9, 1.0), "short_side_crop",
+    )  # fmt: skip
+    assert cfg.primal.random_init == "uniform_fan_in"
+
+
+def test_reference_class_names_for_mnist_and_eurosat():
+    from torchvision.datasets import MNIST
+
+    digits = [str(d) for d in range(10)]
+    # primal_RAIL.py prompts "a photo of a {}." over torchvision's MNIST classes wrapped as
+    # 'number: "{}"' (scenario_datasets/collections.py).
+    expected = ['number: "' + name + '"' for name in MNIST.classes]
+    assert xtail.prompt_names("rail_reference", {"source": "mnist"}, digits) == expected
+    assert expected[0] == 'number: "0 - zero"'
+    eurosat = ["Annual Crop Land", "Sea or Lake"]
+    assert xtail.prompt_names("rail_reference", {"source": "eurosat-fsl"}, eurosat) == [
+        "Annual Crop Land satellite location", "Sea or Lake satellite location",
+    ]  # fmt: skip
+    assert xtail.prompt_names("rail_reference", {"source": "dtd"}, ["banded"]) == ["banded"]
+    assert xtail.prompt_names("dataset", {"source": "mnist"}, digits) == digits
+    with pytest.raises(CdfslError, match="class_name_style='fancy'"):
+        xtail.prompt_names("fancy", {}, digits)
+
+
+def _preprocess(size: int) -> Preprocess:
+    return Preprocess((size, size), (0.5,) * 3, (0.5,) * 3, "bicubic")
+
+
+def _striped(width: int, height: int) -> Image.Image:
+    """Column x holds grey level 8·x: a crop's columns say where it came from."""
+    row = (8 * np.arange(width)).astype(np.uint8)
+    return Image.fromarray(np.repeat(np.tile(row, (height, 1))[..., None], 3, axis=2))
+
+
+def test_test_images_are_framed_as_clip_preprocess_short_side_then_centre_crop():
+    # 30 x 10 to 10 x 10: the short side is already 10, so no resampling: the centre crop is
+    # columns 10..19.
+    framed = FramedImages(_List([_striped(30, 10)]), xtail.framing("short_side_crop"),
+                          _preprocess(10), seed=0)  # fmt: skip
+    pixels = np.asarray(framed.load(0))
+    assert pixels.shape == (10, 10, 3)
+    assert (pixels[:, :, 0] == 8 * np.arange(10, 20)).all()
+    # The backbone's own to_tensor() then leaves the framed image as it is.
+    raw = _striped(30, 10)
+    direct = _preprocess(10).to_tensor("short_side_crop")(raw)
+    assert torch.equal(_preprocess(10).to_tensor()(framed.load(0)), direct)
+
+
+class _List:
+    """A LabelledImages of PIL images, one class each."""
+
+    def __init__(self, images):
+        self.images = images
+        self.targets = list(range(len(images)))
+        self.class_names = [f"c{i}" for i in range(len(images))]
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, i):
+        return self.images[i]
+
+    def sample_id(self, i):
+        return f"img/{i}"
+
+
+def test_random_resized_crop_falls_back_to_the_centred_crop_as_torchvision():
+    # 100 x 10: no box of area >= 900 fits with aspect <= 4/3, so all ten tries fail and the
+    # crop is the widest centred one of aspect 4/3: h = 10, w = round(40/3) = 13, left
+    # (100 - 13) // 2 = 43; standing up, aspect 3/4: h = round(40/3) = 13, top 43.
+    crop = xtail.RandomResizedCropFraming((0.9, 1.0))
+    assert crop.box(100, 10, _UniformDraws(0, 0)) == (0, 43, 10, 13)
+    assert crop.box(10, 100, _UniformDraws(0, 0)) == (43, 0, 13, 10)
+
+
+def test_random_resized_crop_draws_as_torchvisions_get_params():
+    # Same distribution as torchvision's own RandomResizedCrop(scale=(0.9, 1)) on a 320 x 300
+    # image: the means of area fraction, log aspect and offsets agree within sampling error.
+    from torchvision.transforms import RandomResizedCrop
+
+    width, height, n = 320, 300, 3000
+    crop = xtail.RandomResizedCropFraming((0.9, 1.0))
+    ours = np.array([crop.box(width, height, _UniformDraws(5, i)) for i in range(n)], float)
+    torch.manual_seed(0)
+    image = torch.zeros(3, height, width)
+    theirs = np.array(
+        [RandomResizedCrop.get_params(image, [0.9, 1.0], [3 / 4, 4 / 3]) for _ in range(n)],
+        float,
+    )
+
+    def stats(boxes):
+        top, left, h, w = boxes.T
+        return [h * w / (width * height), np.log(w / h), top, left]
+
+    for a, b in zip(stats(ours), stats(theirs), strict=True):
+        se = np.sqrt(a.var() / n + b.var() / n)
+        assert abs(a.mean() - b.mean()) < 5 * se + 1e-12
+    h, w = ours[:, 2], ours[:, 3]
+    assert (h * w >= 0.9 * width * height - width - height).all()
+    assert (np.abs(np.log(w / h)) <= np.log(4 / 3) + 0.02).all()
+
+
+def test_random_resized_crop_is_a_pure_function_of_seed_and_index():
+    image = _striped(40, 30)
+    frame = xtail.framing("random_resized_crop", (0.5, 1.0))
+    data = _List([image, image])
+    a, b = (
+        FramedImages(data, frame, _preprocess(16), 7),
+        FramedImages(data, frame, _preprocess(16), 7),
+    )
+    assert a.load(0).tobytes() == b.load(0).tobytes()
+    assert a.load(0).size == (16, 16)
+    assert a.load(0).tobytes() != a.load(1).tobytes()  # same image, another crop
+    assert a.load(0).tobytes() != FramedImages(data, frame, _preprocess(16), 8).load(0).tobytes()
+    # The image is the box's crop resized, exactly.
+    top, left, h, w = frame.box(40, 30, _UniformDraws(7, 0))
+    expected = v2.functional.resized_crop(
+        v2.functional.pil_to_tensor(image), top, left, h, w, [16, 16],
+        v2.InterpolationMode.BICUBIC, antialias=True,
+    )  # fmt: skip
+    assert np.array_equal(np.asarray(a.load(0)), expected.permute(1, 2, 0).numpy())
+
+
+def test_framing_names_are_checked():
+    with pytest.raises(CdfslError, match=r"preprocess 'crop': expected one of"):
+        xtail.framing("crop")
+    with pytest.raises(CdfslError, match="train_crop_scale"):
+        xtail.framing("random_resized_crop", (0.9, 1.2))
 
 
 def _micro(domain: str, per_class: int, seed: int) -> dict:
@@ -184,6 +356,86 @@ def test_a_changed_configuration_is_refused(tmp_path):
         XTailRun(_config(tmp_path, ["primal"], primal=PrimalConfig(hidden=50))).run()
     with pytest.raises(CdfslError, match=r"changed: .*shots"):
         XTailRun(_config(tmp_path, ["zero-shot"], shots=1)).run()
+
+
+def test_runs_recorded_before_the_reference_options_are_refused(tmp_path):
+    XTailRun(_config(tmp_path, ["primal"])).run()
+    run_json = tmp_path / "out" / "run.json"
+    old = json.loads(run_json.read_text())
+    for key in ("small_classes", "class_name_style", "class_names", "train_preprocess",
+                "train_crop_scale", "test_preprocess"):  # fmt: skip
+        del old[key]
+    run_json.write_text(json.dumps(old))
+    with pytest.raises(CdfslError, match=r"changed: .*test_preprocess.*train_preprocess"):
+        XTailRun(_config(tmp_path, ["primal"])).run()
+    method_json = tmp_path / "out" / "primal" / "run.json"
+    old = json.loads(method_json.read_text())
+    del old["primal"]["random_init"]
+    method_json.write_text(json.dumps(old))
+    run_json.unlink()
+    with pytest.raises(CdfslError, match="changed: primal"):
+        XTailRun(_config(tmp_path, ["primal"])).run()
+
+
+def test_squash_framing_gives_the_earlier_features(tmp_path):
+    from cdfsl.features import encode_images
+
+    runner = XTailRun(
+        _config(tmp_path, ["zero-shot"], train_preprocess="squash", test_preprocess="squash",
+                small_classes="keep_all")
+    )  # fmt: skip
+    runner._prepare()
+    d = runner.domains[0]
+    raw_test = xtail.build_split(_micro("crop-like", 2, 1))
+    assert torch.equal(
+        d.test_feats.features, encode_images(runner.backbone, raw_test, progress=False)
+    )
+
+
+def _write_mnist(folder: Path, prefix: str, per_digit: int) -> None:
+    """The two IDX files of one MNIST split: ``per_digit`` 28x28 images of each digit."""
+    import struct
+
+    labels = np.arange(10 * per_digit) % 10
+    images = (np.arange(labels.size * 28 * 28).reshape(-1, 28, 28) * 7 % 251).astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, magic, array in (("images-idx3-ubyte", 0x803, images),
+                               ("labels-idx1-ubyte", 0x801, labels.astype(np.uint8))):  # fmt: skip
+        header = struct.pack(">I", magic) + b"".join(struct.pack(">I", n) for n in array.shape)
+        (folder / f"{prefix}-{name}").write_bytes(header + array.tobytes())
+
+
+def test_a_run_prompts_mnist_and_eurosat_with_the_references_names(tmp_path):
+    from layouts import make_split_file_dataset
+
+    from cdfsl.data.fsl import SPLIT_FILE_DATASETS
+
+    eurosat = next(r for r in SPLIT_FILE_DATASETS if r.name == "eurosat-fsl")
+    make_split_file_dataset(tmp_path / "data", eurosat, classes=("Annual Crop Land", "River"),
+                            per_split=(1, 1, 2))  # fmt: skip
+    _write_mnist(tmp_path / "data" / "mnist", "train", 2)
+    _write_mnist(tmp_path / "data" / "mnist", "t10k", 1)
+    domains = [
+        DomainConfig(name, {"source": source, "options": {"split": "train"}},
+                     {"source": source, "options": {"split": "test"}})
+        for name, source in (("eurosat", "eurosat-fsl"), ("mnist", "mnist"))
+    ]  # fmt: skip
+    runner = XTailRun(_config(tmp_path, ["zero-shot"], domains=domains, shots=2,
+                              data_root=str(tmp_path / "data")))  # fmt: skip
+    runner._prepare()
+    # cdfsl reads the split's "River" as "river"; CLIP's tokenizer lower-cases both.
+    assert runner.union_names[:3] == [
+        "Annual Crop Land satellite location",
+        "river satellite location",
+        'number: "0 - zero"',
+    ]
+    assert runner.union_names[-1] == 'number: "9 - nine"'
+    # EuroSAT's one training image per class is drawn twice (shots=2, with replacement), each
+    # draw cropped afresh.
+    train = runner.domains[0].train
+    assert len(train) == 4 and len({train.sample_id(i) for i in range(4)}) == 2
+    feats = runner.domains[0].train_feats.features
+    assert not torch.equal(feats[0], feats[1])
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,9 @@
 Looked up in ``ROOT``, ``ROOT/mnist`` and ``ROOT/MNIST/raw`` (torchvision's download folder):
 ``train-images-idx3-ubyte`` and ``train-labels-idx1-ubyte`` (60,000 digits),
 ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte`` (10,000), each raw or ``.gz``.
-Class names are the digits "0".."9".
+Class names are the digits "0".."9"; :data:`TORCHVISION_CLASSES` holds torchvision's names
+("0 - zero" ...), which the RAIL reference builds its prompts from (see
+``cdfsl.evaluation.xtail.CLASS_NAME_STYLES``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from PIL import Image
 from cdfsl.errors import DataError
 
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+TORCHVISION_CLASSES = (
+    "0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
+    "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine",
+)  # fmt: skip
+"""``torchvision.datasets.MNIST.classes``, in label order."""
 _FOLDERS = (".", "mnist", "MNIST/raw")
 _IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801
 

@@ -13,6 +13,13 @@ Methods, each resumable per step (a kill loses at most the step it was in):
   RAIL avoids).
 - ``primal`` / ``dual``: Primal-RAIL and Dual-RAIL on cached frozen features, with RAIL-Fusion.
 
+Where the public RAIL implementation (github.com/linghan1997/Regression-based-Analytic-
+Incremental-Learning, ``primal_RAIL.py``) makes a choice the spec leaves open, it is a named
+option whose default is the reference's: the class names in prompts (``class_name_style``),
+the framing of training and test images (``train_preprocess``, ``train_crop_scale``,
+``test_preprocess``), the draw for a class with fewer images than ``shots``
+(``small_classes``) and the random layer's scale (``primal.random_init``).
+
 Output directory: ``run.json`` (the sequence; checked on resume), one folder per method with
 ``run.json`` (its settings, checked on resume), ``steps.jsonl`` (one row per step),
 ``state.pt`` (the learner after the last finished step), ``matrix.json`` and ``matrix.png``;
@@ -38,9 +45,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torchvision.transforms import v2
 
 from cdfsl.backbones import Backbone, create_backbone
+from cdfsl.backbones.base import GEOMETRIES, Preprocess
 from cdfsl.data.base import LabelledImages
+from cdfsl.data.episodes import _UniformDraws
+from cdfsl.data.mnist import TORCHVISION_CLASSES
 from cdfsl.data.sources import DataConfig, build_dataset
 from cdfsl.data.views import ViewSpec
 from cdfsl.errors import CdfslError
@@ -78,11 +89,15 @@ class DomainConfig:
 
 @dataclass
 class PrimalConfig:
-    """:class:`~cdfsl.methods.rail.PrimalAdapter` settings (the paper's H and lambda)."""
+    """:class:`~cdfsl.methods.rail.PrimalAdapter` settings (the paper's H and lambda).
+
+    ``random_init``: ``uniform_fan_in`` (the reference's ``nn.Linear`` layer) or ``normal``.
+    """
 
     hidden: int = 15000
     reg: float = 0.1
     seed: int = 0
+    random_init: str = "uniform_fan_in"
     dtype: str = "float64"
     block_size: int = 1024
 
@@ -119,7 +134,16 @@ class XTailConfig:
     """An X-TAIL run: the domain sequence, the backbone, the methods and where results go.
 
     ``shots``: training images per class drawn from each train split (seeded by ``seed`` and
-    the domain's position); None uses the whole split. ``beta``: RAIL-Fusion's adapter weight.
+    the domain's position); None uses the whole split. ``small_classes``: how a class with
+    fewer images than ``shots`` is drawn, a row of :data:`SMALL_CLASS_DRAWS` (default
+    ``with_replacement``, the reference's; ``keep_all`` keeps its images once each).
+    ``class_name_style``: a row of :data:`CLASS_NAME_STYLES`, how the datasets' class names
+    become prompt names (default ``rail_reference``; ``dataset`` keeps them).
+    ``train_preprocess`` / ``test_preprocess``: how images are framed to the model's input
+    size, a name :func:`framing` knows (defaults: the reference's seeded
+    ``random_resized_crop`` of area ``train_crop_scale`` for training features, CLIP's
+    ``short_side_crop`` for test images; ``squash`` was cdfsl's earlier choice for both).
+    ``beta``: RAIL-Fusion's adapter weight.
     ``data_root``: the ``root`` of every split given by a registered source without one (the
     folder that holds all the datasets).
     ``device``: "auto" (CUDA when present), "cpu" or "cuda" for features and adapters.
@@ -131,6 +155,11 @@ class XTailConfig:
     pretrained: str | None = "default"
     template: str = "a photo of a {}."
     shots: int | None = 16
+    small_classes: str = "with_replacement"
+    class_name_style: str = "rail_reference"
+    train_preprocess: str = "random_resized_crop"
+    train_crop_scale: tuple[float, float] = (0.9, 1.0)
+    test_preprocess: str = "short_side_crop"
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     beta: float = 0.8
@@ -270,11 +299,41 @@ def build_split(spec: Mapping[str, Any], data_root: str | None = None) -> Labell
     return build_dataset(data)
 
 
-def few_shot_indices(targets: Sequence[int], shots: int | None, seed: int) -> list[int]:
-    """``shots`` indices per class drawn without replacement (all of a smaller class), sorted.
+def _draw_with_replacement(draws: _UniformDraws, members: Sequence[int], shots: int) -> list[int]:
+    """``shots`` uniform draws with replacement: the reference's ``random.choices(items, k)``."""
+    return [int(members[draws.below(len(members))]) for _ in range(shots)]
 
-    Class c's draw depends only on ``(seed, c)``; ``shots=None`` keeps every index.
+
+def _keep_all(draws: _UniformDraws, members: Sequence[int], shots: int) -> list[int]:
+    """Every image of the class once (cdfsl's earlier rule)."""
+    return [int(m) for m in members]
+
+
+SMALL_CLASS_DRAWS = {
+    "with_replacement": _draw_with_replacement,
+    "keep_all": _keep_all,
+}
+"""How :func:`few_shot_indices` draws a class with fewer images than ``shots``: name ->
+fn(draws, member indices, shots). ``with_replacement`` is the reference's
+(``DatasetBase.generate_fewshot_dataset``: ``random.sample`` when a class has at least
+``num_shots`` items, else ``random.choices(items, k=num_shots)``)."""
+
+
+def few_shot_indices(
+    targets: Sequence[int], shots: int | None, seed: int, small_classes: str = "with_replacement"
+) -> list[int]:
+    """``shots`` indices per class drawn without replacement, sorted (repeats kept).
+
+    A class with fewer than ``shots`` images is drawn by ``SMALL_CLASS_DRAWS[small_classes]``.
+    Class c's draw depends only on ``(seed, c)``, through the version-stable raw stream that
+    ``cdfsl.data.episodes`` draws episodes from; ``shots=None`` keeps every index.
     """
+    small = SMALL_CLASS_DRAWS.get(small_classes)
+    if small is None:
+        raise CdfslError(
+            f"small_classes={small_classes!r}: expected one of {sorted(SMALL_CLASS_DRAWS)} "
+            "(with_replacement is the reference's)"
+        )
     if shots is None:
         return list(range(len(targets)))
     if shots < 1:
@@ -284,10 +343,175 @@ def few_shot_indices(targets: Sequence[int], shots: int | None, seed: int) -> li
         by_class.setdefault(int(c), []).append(i)
     chosen: list[int] = []
     for c, members in sorted(by_class.items()):
-        rng = np.random.default_rng([seed, c, 16])
-        order = rng.permutation(len(members))[:shots]
-        chosen.extend(members[j] for j in order)
+        draws = _UniformDraws(seed, c)
+        if len(members) >= shots:
+            chosen.extend(draws.sample(members, shots))
+        else:
+            chosen.extend(small(draws, members, shots))
     return sorted(chosen)
+
+
+# -- class names -----------------------------------------------------------------------------
+def _mnist_reference_names(names: Sequence[str]) -> list[str]:
+    """MNIST's prompt names in the reference: torchvision's classes as ``number: "0 - zero"``
+    (``scenario_datasets/collections.py``: ``'number: "{}"'.format(classname)``)."""
+    if len(names) != len(TORCHVISION_CLASSES):
+        raise CdfslError(f"MNIST with {len(names)} classes: expected the ten digits")
+    return [f'number: "{name}"' for name in TORCHVISION_CLASSES]
+
+
+def _satellite_location(names: Sequence[str]) -> list[str]:
+    """EuroSAT's names in the reference: the CoOp split's name + " satellite location"
+    (``scenario_datasets/eurosat.py`` renames every train and test item so)."""
+    return [f"{name} satellite location" for name in names]
+
+
+CLASS_NAME_STYLES: dict[str, dict[str, Any]] = {
+    "rail_reference": {
+        "mnist": _mnist_reference_names,
+        "cdfsl.data.mnist.Mnist": _mnist_reference_names,
+        "eurosat-fsl": _satellite_location,
+        "eurosat": _satellite_location,
+    },
+    "dataset": {},
+}
+"""How a domain's class names become prompt names: style -> {split's ``source`` (or
+``class_path``) -> fn(names) -> names}; a dataset the style does not name keeps its names.
+``rail_reference`` is the reference's; ``dataset`` keeps every dataset's own names. (Every
+other Order-I dataset's names come from the same CoOp split files in the reference and cdfsl,
+underscores read as spaces.)"""
+
+
+def prompt_names(style: str, spec: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """``names`` of the dataset built from split ``spec`` as ``CLASS_NAME_STYLES[style]`` says."""
+    rules = CLASS_NAME_STYLES.get(style)
+    if rules is None:
+        raise CdfslError(
+            f"class_name_style={style!r}: expected one of {sorted(CLASS_NAME_STYLES)} "
+            "(rail_reference is the reference's)"
+        )
+    rule = rules.get(spec.get("source") or spec.get("class_path"))
+    return list(rule(names)) if rule is not None else list(names)
+
+
+# -- framing ---------------------------------------------------------------------------------
+def _as_pil(image: Tensor) -> Image.Image:
+    """``(3, H, W)`` uint8 -> the same pixels as an RGB PIL image."""
+    return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+@dataclass(frozen=True)
+class GeometryFraming:
+    """A deterministic framing: ``Preprocess.to_tensor(geometry)`` (a row of ``GEOMETRIES``)."""
+
+    geometry: str
+
+    def __call__(self, image: Image.Image, preprocess: Preprocess, seed: int, index: int) -> Any:
+        framed = preprocess.to_tensor(self.geometry)(image)  # uint8 / 255: exact
+        return _as_pil(framed.mul(255).round_().to(torch.uint8))
+
+
+@dataclass(frozen=True)
+class RandomResizedCropFraming:
+    """torchvision's ``RandomResizedCrop(size, scale, ratio)``, its draw seeded per image.
+
+    The reference extracts training features through CLIP's train transform,
+    ``RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=BICUBIC)`` (``clip/clip.py``),
+    fresh per pass; here image ``index`` is cropped from the stream ``(seed, index)``, so
+    features are reproducible and cacheable. :meth:`box` is torchvision's ``get_params``: ten
+    tries of an area fraction uniform in ``scale`` and a log-uniform aspect ratio in
+    ``ratio``, else the largest centred crop within ``ratio``.
+    """
+
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def box(self, width: int, height: int, draws: _UniformDraws) -> tuple[int, int, int, int]:
+        """``(top, left, h, w)`` of the crop in a ``width`` x ``height`` image."""
+
+        def uniform(low: float, high: float) -> float:
+            return low + (high - low) * draws.below(1 << 53) * 2.0**-53
+
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * uniform(*self.scale)
+            aspect = math.exp(uniform(*log_ratio))
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return draws.below(height - h + 1), draws.below(width - w + 1), h, w
+        ratio = width / height
+        if ratio < min(self.ratio):
+            w, h = width, round(width / min(self.ratio))
+        elif ratio > max(self.ratio):
+            w, h = round(height * max(self.ratio)), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: Image.Image, preprocess: Preprocess, seed: int, index: int) -> Any:
+        top, left, h, w = self.box(*image.size, _UniformDraws(seed, index))
+        pixels = v2.functional.pil_to_tensor(image)
+        interpolation = v2.InterpolationMode(preprocess.interpolation)
+        crop = v2.functional.resized_crop(
+            pixels, top, left, h, w, list(preprocess.size), interpolation, antialias=True
+        )
+        return _as_pil(crop)
+
+
+def framing(name: str, crop_scale: Sequence[float] = (0.9, 1.0)) -> Any:
+    """The framing ``name``: ``random_resized_crop`` (seeded, area fraction in ``crop_scale``)
+    or a geometry of ``cdfsl.backbones.base.GEOMETRIES`` (``short_side_crop``, ``squash``, ...).
+
+    A framing maps ``(image, preprocess, seed, index)`` to the image at ``preprocess.size``.
+    """
+    low, high = (float(v) for v in crop_scale)
+    if not 0.0 < low <= high <= 1.0:
+        raise CdfslError(f"train_crop_scale={list(crop_scale)}: expected 0 < low <= high <= 1")
+    builders = {"random_resized_crop": lambda: RandomResizedCropFraming((low, high))}
+    builders |= {g: lambda g=g: GeometryFraming(g) for g in GEOMETRIES}
+    if name not in builders:
+        raise CdfslError(
+            f"preprocess {name!r}: expected one of {sorted(builders)} (the reference: "
+            "random_resized_crop for training features, short_side_crop for test images)"
+        )
+    return builders[name]()
+
+
+class FramedImages:
+    """``dataset`` with image i framed as ``frame(dataset.load(i), preprocess, seed, i)``;
+    a ``LabelledImages`` whose images already have the model's input size."""
+
+    def __init__(
+        self, dataset: LabelledImages, frame: Any, preprocess: Preprocess, seed: int
+    ) -> None:
+        self.dataset, self.frame, self.preprocess, self.seed = dataset, frame, preprocess, seed
+
+    @property
+    def targets(self) -> list[int]:
+        return self.dataset.targets
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int) -> Image.Image:
+        return self.frame(self.dataset.load(index), self.preprocess, self.seed, index)
+
+    def sample_id(self, index: int) -> str:
+        return self.dataset.sample_id(index)
+
+    def identity(self) -> dict[str, Any]:
+        """What the framed pixels depend on besides the dataset: for the feature cache key."""
+        return {"framing": repr(self.frame), "size": list(self.preprocess.size),
+                "interpolation": self.preprocess.interpolation, "seed": self.seed}  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"FramedImages({self.dataset!r}, {self.frame!r})"
 
 
 class Subset:
@@ -323,7 +547,7 @@ class Domain:
     """A domain as the runner uses it: splits, cached features and its slice of the union."""
 
     name: str
-    class_names: list[str]
+    class_names: list[str]  # prompt names (after class_name_style)
     offset: int  # union index of its first class
     train: LabelledImages
     test: LabelledImages
@@ -494,7 +718,8 @@ class _FineTuneLearner(_Learner):
             batch_size=ft.images_per_step,
         )  # fmt: skip
         self.cfg, self.domains, self.union_names = cfg, domains, union_names
-        self.to_tensor = self.method.backbone.preprocess.to_tensor()
+        # Domain images are framed to the input size already (FramedImages): no second frame.
+        self.to_tensor = self.method.backbone.preprocess.to_tensor("squash")
         self.method.set_classes(union_names)
 
     def _images(self, dataset: LabelledImages, start: int, stop: int) -> Tensor:
@@ -578,6 +803,9 @@ class XTailRun:
         self.backbone.requires_grad_(False)
         self.backbone_key = backbone_fingerprint(self.backbone)
         self.domains: list[Domain] = []
+        preprocess = self.backbone.preprocess
+        train_frame = framing(cfg.train_preprocess, cfg.train_crop_scale)
+        test_frame = framing(cfg.test_preprocess)
         offset = 0
         for position, dcfg in enumerate(cfg.domains):
             full_train = build_split(dcfg.train, cfg.data_root)
@@ -587,17 +815,23 @@ class XTailRun:
                     f"domain {dcfg.name!r}: train and test splits have different class names; "
                     "expected the same classes in the same order in both splits"
                 )
+            # Shots of class c from stream (shots_seed, c); the crop of training row i from
+            # stream (crop_seed, i): pure functions of the run's seed and the domain's place.
             shots_seed = episode_seed(cfg.seed, position)
-            train = Subset(full_train, few_shot_indices(full_train.targets, cfg.shots, shots_seed))
+            crop_seed = episode_seed(shots_seed, 0)
+            picked = few_shot_indices(full_train.targets, cfg.shots, shots_seed, cfg.small_classes)
+            train = FramedImages(Subset(full_train, picked), train_frame, preprocess, crop_seed)
+            test = FramedImages(test, test_frame, preprocess, 0)
             feats = {
                 split: self.cache.image_features(
-                    self.backbone, data, identity={"domain": dcfg.name, "split": split},
+                    self.backbone, data,
+                    identity={"domain": dcfg.name, "split": split, **data.identity()},
                     batch_size=cfg.batch_size, progress=cfg.progress,
                     backbone_key=self.backbone_key, desc=f"{dcfg.name} {split} features",
                 )
                 for split, data in (("train", train), ("test", test))
             }  # fmt: skip
-            names = list(test.class_names)
+            names = prompt_names(cfg.class_name_style, dcfg.test, test.class_names)
             domain = Domain(dcfg.name, names, offset, train, test, feats["train"], feats["test"])
             self.domains.append(domain)
             offset += len(names)
@@ -612,7 +846,10 @@ class XTailRun:
             {
                 "backbone": cfg.backbone, "pretrained": cfg.pretrained,
                 "backbone_fingerprint": self.backbone_key, "template": cfg.template,
-                "shots": cfg.shots, "seed": cfg.seed, "domains": cfg.domains,
+                "shots": cfg.shots, "small_classes": cfg.small_classes, "seed": cfg.seed,
+                "domains": cfg.domains, "class_name_style": cfg.class_name_style,
+                "class_names": self.union_names, "train_preprocess": cfg.train_preprocess,
+                "train_crop_scale": cfg.train_crop_scale, "test_preprocess": cfg.test_preprocess,
                 "train_ids": [d.train_feats.key for d in self.domains],
                 "test_ids": [d.test_feats.key for d in self.domains],
             }
@@ -631,8 +868,8 @@ class XTailRun:
             p = cfg.primal
             dim = self.domains[0].train_feats.features.shape[1]
             adapter = PrimalAdapter(
-                dim, p.hidden, p.reg, p.seed, dtype=p.dtype, block_size=p.block_size,
-                device=self.device,
+                dim, p.hidden, p.reg, p.seed, random_init=p.random_init, dtype=p.dtype,
+                block_size=p.block_size, device=self.device,
             )  # fmt: skip
             return _RailLearner(adapter, cfg.beta, **common)
         if name == "dual":
