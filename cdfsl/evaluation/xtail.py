@@ -543,6 +543,38 @@ class Subset:
 
 
 @dataclass
+class DomainSplit:
+    """One domain's data before any model sees it: the drawn training shots (unframed), the
+    test split and the prompt names (after ``class_name_style``)."""
+
+    name: str
+    train: Subset
+    test: LabelledImages
+    class_names: list[str]
+
+
+def domain_splits(cfg: XTailConfig) -> list[DomainSplit]:
+    """Every domain of ``cfg``, built and checked as a run builds them (no backbone needed).
+
+    Domain t's shots come from ``few_shot_indices`` seeded ``episode_seed(cfg.seed, t)``.
+    """
+    out = []
+    for position, dcfg in enumerate(cfg.domains):
+        full_train = build_split(dcfg.train, cfg.data_root)
+        test = build_split(dcfg.test, cfg.data_root)
+        if list(full_train.class_names) != list(test.class_names):
+            raise CdfslError(
+                f"domain {dcfg.name!r}: train and test splits have different class names; "
+                "expected the same classes in the same order in both splits"
+            )
+        shots_seed = episode_seed(cfg.seed, position)
+        picked = few_shot_indices(full_train.targets, cfg.shots, shots_seed, cfg.small_classes)
+        names = prompt_names(cfg.class_name_style, dcfg.test, test.class_names)
+        out.append(DomainSplit(dcfg.name, Subset(full_train, picked), test, names))
+    return out
+
+
+@dataclass
 class Domain:
     """A domain as the runner uses it: splits, cached features and its slice of the union."""
 
@@ -807,34 +839,26 @@ class XTailRun:
         train_frame = framing(cfg.train_preprocess, cfg.train_crop_scale)
         test_frame = framing(cfg.test_preprocess)
         offset = 0
-        for position, dcfg in enumerate(cfg.domains):
-            full_train = build_split(dcfg.train, cfg.data_root)
-            test = build_split(dcfg.test, cfg.data_root)
-            if list(full_train.class_names) != list(test.class_names):
-                raise CdfslError(
-                    f"domain {dcfg.name!r}: train and test splits have different class names; "
-                    "expected the same classes in the same order in both splits"
-                )
-            # Shots of class c from stream (shots_seed, c); the crop of training row i from
-            # stream (crop_seed, i): pure functions of the run's seed and the domain's place.
-            shots_seed = episode_seed(cfg.seed, position)
-            crop_seed = episode_seed(shots_seed, 0)
-            picked = few_shot_indices(full_train.targets, cfg.shots, shots_seed, cfg.small_classes)
-            train = FramedImages(Subset(full_train, picked), train_frame, preprocess, crop_seed)
-            test = FramedImages(test, test_frame, preprocess, 0)
+        for position, part in enumerate(domain_splits(cfg)):
+            # The crop of training row i comes from stream (crop_seed, i): a pure function of
+            # the run's seed, the domain's place and the row.
+            crop_seed = episode_seed(episode_seed(cfg.seed, position), 0)
+            train = FramedImages(part.train, train_frame, preprocess, crop_seed)
+            test = FramedImages(part.test, test_frame, preprocess, 0)
             feats = {
                 split: self.cache.image_features(
                     self.backbone, data,
-                    identity={"domain": dcfg.name, "split": split, **data.identity()},
+                    identity={"domain": part.name, "split": split, **data.identity()},
                     batch_size=cfg.batch_size, progress=cfg.progress,
-                    backbone_key=self.backbone_key, desc=f"{dcfg.name} {split} features",
+                    backbone_key=self.backbone_key, desc=f"{part.name} {split} features",
                 )
                 for split, data in (("train", train), ("test", test))
             }  # fmt: skip
-            names = prompt_names(cfg.class_name_style, dcfg.test, test.class_names)
-            domain = Domain(dcfg.name, names, offset, train, test, feats["train"], feats["test"])
+            domain = Domain(
+                part.name, part.class_names, offset, train, test, feats["train"], feats["test"]
+            )
             self.domains.append(domain)
-            offset += len(names)
+            offset += len(part.class_names)
         self.union_names = [name for d in self.domains for name in d.class_names]
         self.text_feats = self.cache.text_features(
             self.backbone, self.union_names, cfg.template, self.backbone_key
