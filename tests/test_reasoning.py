@@ -659,6 +659,40 @@ def test_cdfsl_reason_without_any_valid_chain_stops_before_training(tmp_path, ca
     assert not (tmp_path / "r" / "fold-aerial" / "label-only").exists()
 
 
+def test_zero_shot_scores_the_model_as_built_without_chains(tmp_path, capsys):
+    """The zero-shot variant trains nothing: its answers are a freshly built model's."""
+    from jsonargparse import ArgumentParser
+
+    from cdfsl.commands import reason
+    from cdfsl.reasoning.dg import generate_all
+    from cdfsl.reasoning.experiment import VARIANTS, ReasonRun, build_fold
+
+    assert next(iter(VARIANTS)) == "zero-shot" and VARIANTS["zero-shot"].answer == "label"
+    out_dir = tmp_path / "run"
+    args = ["reason", "--config", RECIPE, *TINY_RUN, "--teacher.kind", "none"]
+    args += ["--variants", "[zero-shot, label-only]", "--output", str(out_dir)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| Zero-shot | q_cls | " in out and "| Label-only | q_cls | " in out
+    folder = out_dir / "fold-aerial" / "zero-shot"
+    result = json.loads((folder / "result.json").read_text())
+    assert result["train"]["steps"] == 0 and not (folder / "adapter.pt").exists()
+    assert (out_dir / "fold-aerial" / "label-only" / "adapter.pt").is_file()
+    rows = [json.loads(line) for line in (folder / "answers-label.jsonl").read_text().splitlines()]
+
+    parser = ArgumentParser()
+    reason.configure(parser)
+    config = reason.config_from(parser.parse_args(args[1:]))
+    test = build_fold(config.data, "aerial").test
+    fresh = ReasonRun(config).build_model([label_prompt(), reason_prompt(), *test.class_names])
+    batch = config.generation.batch_size
+    expected = generate_all(fresh, ImageInputs(fresh, test), label_prompt(), 12, batch)
+    assert [r["answer"] for r in rows] == expected
+    chained = reason.config_from(parser.parse_args([*args[1:], "--variants", "[mtct]"]))
+    with pytest.raises(CdfslError, match=r"set variants to some of \[zero-shot, label-only\]"):
+        ReasonRun(chained)
+
+
 def test_domainbed_folds_file_teacher_and_requests(tmp_path, capsys):
     from layouts import make_domainbed
 

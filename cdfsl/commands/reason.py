@@ -1,8 +1,8 @@
 """``cdfsl reason``: RD-MLDG on a multi-domain dataset, leave-one-domain-out.
 
-Trains label-only, chain-only, MTCT and MTCT + SARR variants of a multimodal LLM on every fold
-and prints held-out accuracy (± 95% CI) per domain and on average. The micro recipe runs
-offline on a CPU; the paper's recipes need InternVL3-8B and the DomainBed data:
+Scores the zero-shot MLLM and trains label-only, chain-only, MTCT and MTCT + SARR variants of
+it on every fold, and prints held-out accuracy (± 95% CI) per domain and on average. The micro
+recipe runs offline on a CPU; the paper's recipes need InternVL3-8B and the DomainBed data:
 
     cdfsl reason --config recipes/rd_mldg/micro.yaml
     cdfsl reason --config recipes/rd_mldg/pacs.yaml --model.path /models/InternVL3-8B-hf \\
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the CLI imports every command at start-up; torch loads only
     from cdfsl.reasoning.experiment import ReasonConfig
 
 NAME = "reason"
-HELP = "RD-MLDG: label-only, chain-only, MTCT and MTCT + SARR over leave-one-domain-out folds"
+HELP = "RD-MLDG: zero-shot, label-only, chain-only, MTCT, MTCT + SARR; leave-one-domain-out"
 
 
 def configure(parser: ArgumentParser) -> None:

@@ -6,18 +6,23 @@ rejects reported), one model is built, and each variant starts from the same ini
 ==============  ====================================================  ==================
 variant         training                                              answers with
 ==============  ====================================================  ==================
+zero-shot       none: the base MLLM (adapters at their identity)      q_cls
 label-only      label NLL (q_cls -> class name)                       q_cls
 chain-only      length-normalised chain NLL (q_reason -> chain)       q_reason (CONCLUSION)
 mtct            both, 1:1 (:mod:`cdfsl.reasoning.mtct`)               q_reason (CONCLUSION)
 mtct-sarr       the MTCT model, then N SARR rounds (:mod:`.sarr`)     q_reason (CONCLUSION)
 ==============  ====================================================  ==================
 
-(``answer`` in the recipe overrides the prompt per variant; models trained on labels are also
-scored with q_cls, reported beside.) Output folder: ``run.json`` (the recipe; checked on
-resume), ``fold-<domain>/`` with ``chain_report.json``, ``teacher_chains.jsonl`` and one folder
-per variant (``adapter.pt``, ``log/metrics.csv``, ``answers-<mode>.jsonl``, ``result.json``
-written last; SARR's rounds under ``mtct-sarr/round-<r>/``), then ``summary.json`` and
-``summary.md``. A rerun skips every variant whose ``result.json`` exists.
+(:data:`VARIANTS` holds this table; ``answer`` in the recipe overrides the prompt per variant;
+models trained on labels are also scored with q_cls, reported beside.) The zero-shot row is the
+paper's "InternVL3-8B zero-shot" baseline, answers parsed as every other variant's; on the
+micro MLLM, whose LM is trained from scratch, it is the untrained model.
+
+Output folder: ``run.json`` (the recipe; checked on resume), ``fold-<domain>/`` with
+``chain_report.json``, ``teacher_chains.jsonl`` and one folder per variant (``adapter.pt``
+where it trains, ``log/metrics.csv``, ``answers-<mode>.jsonl``, ``result.json`` written last;
+SARR's rounds under ``mtct-sarr/round-<r>/``), then ``summary.json`` and ``summary.md``. A
+rerun skips every variant whose ``result.json`` exists.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 
@@ -50,20 +56,34 @@ from cdfsl.reasoning.sarr import SARRConfig, SARRRunner
 
 log = logging.getLogger(__name__)
 
-VARIANTS: tuple[str, ...] = ("label-only", "chain-only", "mtct", "mtct-sarr")
-VARIANT_TITLES = {
-    "label-only": "Label-only",
-    "chain-only": "Chain-only",
-    "mtct": "MTCT",
-    "mtct-sarr": "MTCT + SARR",
-}
-DEFAULT_ANSWERS = {
-    "label-only": "label",
-    "chain-only": "reason",
-    "mtct": "reason",
-    "mtct-sarr": "reason",
-}
-_WEIGHTS = {"label-only": (1.0, 0.0), "chain-only": (0.0, 1.0)}  # (label, chain) overrides
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the variant table (module docstring).
+
+    ``training``: a key of :attr:`ReasonRun.TRAINING` ("none", "mtct" or "sarr"); ``answer``:
+    the prompt it answers by default (a mode of :data:`~cdfsl.reasoning.dg.ANSWER_MODES`);
+    ``weights``: (label, chain) loss weights replacing the recipe's (None: the recipe's);
+    ``needs_chains``: whether it trains on teacher chains.
+    """
+
+    title: str
+    training: str
+    answer: str
+    weights: tuple[float, float] | None = None
+    needs_chains: bool = True
+
+
+VARIANTS: Mapping[str, Variant] = MappingProxyType(
+    {
+        "zero-shot": Variant("Zero-shot", "none", "label", (0.0, 0.0), needs_chains=False),
+        "label-only": Variant("Label-only", "mtct", "label", (1.0, 0.0), needs_chains=False),
+        "chain-only": Variant("Chain-only", "mtct", "reason", (0.0, 1.0)),
+        "mtct": Variant("MTCT", "mtct", "reason"),
+        "mtct-sarr": Variant("MTCT + SARR", "sarr", "reason"),
+    }
+)
+"""The variants ``cdfsl reason`` runs, by name, in table order."""
 MICRO_DOMAINS = ["photo", "cartoon", "dermoscopy", "aerial"]
 
 
@@ -283,10 +303,10 @@ class ReasonRun:
                     f"mode of {list(ANSWER_MODES)}"
                 )
         check_label_reduction(config.train.label_reduction)
-        if config.teacher.kind == "none" and set(config.variants) - {"label-only"}:
+        if config.teacher.kind == "none" and self._needing_chains():
             raise CdfslError(
-                "teacher.kind=none gives no chains, so only the label-only variant can run; "
-                "set variants: [label-only] or give a teacher"
+                f"teacher.kind=none gives no chains, which variants {self._needing_chains()} "
+                f"need; set variants to some of {self._chainless()} or give a teacher"
             )
         self.domains = dataset_domains(config.data)
         self.held_out = list(config.held_out or self.domains)
@@ -297,7 +317,14 @@ class ReasonRun:
         self._internvl: GenerativeVLM | None = None
 
     def answer_mode(self, variant: str) -> str:
-        return self.config.answer.get(variant, DEFAULT_ANSWERS[variant])
+        return self.config.answer.get(variant, VARIANTS[variant].answer)
+
+    def _needing_chains(self) -> list[str]:
+        return [v for v in self.config.variants if VARIANTS[v].needs_chains]
+
+    @staticmethod
+    def _chainless() -> str:
+        return "[" + ", ".join(v for v, spec in VARIANTS.items() if not spec.needs_chains) + "]"
 
     # -- model ---------------------------------------------------------------------------------
     def build_model(self, texts: Sequence[str]) -> GenerativeVLM:
@@ -377,10 +404,11 @@ class ReasonRun:
                 f"{too_long[0]!r}: dropped (label loss only for those images)"
             )
             chains = {i: c for i, c in chains.items() if i not in set(too_long)}
-        if not chains and set(self.config.variants) - {"label-only"}:
+        if not chains and self._needing_chains():
             raise CdfslError(
                 f"no valid teacher chain for the training images of fold {domain!r} (see "
-                f"{folder / 'chain_report.json'}); fix the chain file or run variants: [label-only]"
+                f"{folder / 'chain_report.json'}); fix the chain file or run variants: "
+                f"{self._chainless()}"
             )
         train_ids = [fold.train.sample_id(i) for i in range(len(fold.train))]
         without = sum(i not in chains for i in train_ids)
@@ -404,8 +432,9 @@ class ReasonRun:
         )
 
     def _train_config(self, variant: str) -> TrainConfig:
-        label, chain = _WEIGHTS.get(
-            variant, (self.config.train.label_weight, self.config.train.chain_weight)
+        label, chain = VARIANTS[variant].weights or (
+            self.config.train.label_weight,
+            self.config.train.chain_weight,
         )
         return TrainConfig(
             **{**asdict(self.config.train), "label_weight": label, "chain_weight": chain}
@@ -427,22 +456,9 @@ class ReasonRun:
         start = time.perf_counter()
         model.reset_trainable(self.config.train.seed)
         config = self._train_config(variant)
-        rounds: list[dict[str, Any]] = []
         mode = self.answer_mode(variant)
-        if variant == "mtct-sarr":
-            training = self._mtct_start(model, ctx, folder)
-            runner = SARRRunner(
-                model, ctx.train_inputs, ctx.train_ids, ctx.fold.train.targets,
-                ctx.fold.train.class_names, ctx.chains, config, folder, self.config.sarr,
-                evaluate=lambda m: self.evaluate(m, ctx, mode).summary(),
-                max_new_tokens=self.config.generation.max_new_tokens,
-                generate_batch_size=self.config.generation.batch_size,
-            )  # fmt: skip
-            rounds = runner.run()
-        else:
-            training = train_mtct(model, self._examples(ctx), config, folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save(model.trainable_state_dict(), folder / "adapter.pt")
+        train = self.TRAINING[VARIANTS[variant].training]
+        training, rounds = train(self, model, ctx, config, folder, mode)
         result: dict[str, Any] = {
             "variant": variant,
             "domain": ctx.fold.domain,
@@ -467,11 +483,46 @@ class ReasonRun:
         write_json_atomic(folder / "result.json", result)
         held = result["held_out"]
         print(
-            f"  {VARIANT_TITLES[variant]}: held-out {ctx.fold.domain} "
+            f"  {VARIANTS[variant].title}: held-out {ctx.fold.domain} "
             f"{100 * held['accuracy']:.1f} ± {100 * held['ci95']:.1f} ({mode}, "
             f"{held['unparsable']} unparsable), {result['wall_s']:.0f} s"
         )
         return result
+
+    # -- training, one way per Variant.training ----------------------------------------------------
+    def _no_training(
+        self, model: GenerativeVLM, ctx: _FoldContext, config: TrainConfig, folder: Path, mode: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Zero-shot: the model as built, its adapters reset (the base MLLM)."""
+        return {"epochs": 0, "steps": 0, "examples": 0, "wall_s": 0.0}, []
+
+    def _mtct_training(
+        self, model: GenerativeVLM, ctx: _FoldContext, config: TrainConfig, folder: Path, mode: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The MTCT loss with ``config``'s weights; saves ``adapter.pt``."""
+        training = train_mtct(model, self._examples(ctx), config, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(model.trainable_state_dict(), folder / "adapter.pt")
+        return training, []
+
+    def _sarr_training(
+        self, model: GenerativeVLM, ctx: _FoldContext, config: TrainConfig, folder: Path, mode: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The MTCT model, then the SARR rounds (held-out accuracy with ``mode`` per round)."""
+        training = self._mtct_start(model, ctx, folder)
+        runner = SARRRunner(
+            model, ctx.train_inputs, ctx.train_ids, ctx.fold.train.targets,
+            ctx.fold.train.class_names, ctx.chains, config, folder, self.config.sarr,
+            evaluate=lambda m: self.evaluate(m, ctx, mode).summary(),
+            max_new_tokens=self.config.generation.max_new_tokens,
+            generate_batch_size=self.config.generation.batch_size,
+        )  # fmt: skip
+        return training, runner.run()
+
+    TRAINING: ClassVar[Mapping[str, Callable[..., Any]]] = MappingProxyType(
+        {"none": _no_training, "mtct": _mtct_training, "sarr": _sarr_training}
+    )
+    """:attr:`Variant.training` -> the method that trains (returns training log, SARR rounds)."""
 
     def _mtct_start(self, model: GenerativeVLM, ctx: _FoldContext, folder: Path) -> dict[str, Any]:
         """Put ``model`` in its MTCT state: the mtct variant's weights if trained, else train."""
@@ -525,9 +576,9 @@ class ReasonRun:
     def report(self, summary: dict[str, Any]) -> str:
         """The markdown summary: the main table, q_cls answers of label-trained models, SARR."""
         domains = summary["domains"]
-        titled = {VARIANT_TITLES[v]: t for v, t in summary["held_out"].items()}
+        titled = {VARIANTS[v].title: t for v, t in summary["held_out"].items()}
         notes = {
-            VARIANT_TITLES[v]: ("q_cls" if m == "label" else "q_reason → CONCLUSION")
+            VARIANTS[v].title: ("q_cls" if m == "label" else "q_reason → CONCLUSION")
             for v, m in summary["answers"].items()
         }
         lines = [
@@ -537,7 +588,7 @@ class ReasonRun:
             markdown_table(titled, domains, notes),
         ]
         extra = {
-            VARIANT_TITLES[v]: t
+            VARIANTS[v].title: t
             for v, t in summary["held_out_label_prompt"].items()
             if summary["answers"][v] != "label"
         }
@@ -554,7 +605,7 @@ class ReasonRun:
                         f"({r['accepted']}/{r['generated']}) | {100 * acc:.1f} |"
                     )
         walls = ", ".join(
-            f"{VARIANT_TITLES[v]} {s / 60:.1f} min" for v, s in summary["train_wall_s"].items()
+            f"{VARIANTS[v].title} {s / 60:.1f} min" for v, s in summary["train_wall_s"].items()
         )
         lines += [
             "",
