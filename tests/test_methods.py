@@ -172,3 +172,12 @@ def test_every_step_logs_the_two_parts_of_l_vlm_summing_to_it():
     t = method.last_terms
     assert t["grad_visual"] > 0 and t["grad_cross_modal"] > 0
     assert abs(t["vlm_visual"] + t["vlm_cross_modal"] + t["vlm_entropy"] - t["vlm"]) < 1e-4
+
+
+def test_a_mini_batch_missing_a_class_trains_and_logs_no_split():
+    images, labels = support()
+    # Batches of two images: each holds one or two of the three classes, never all of them.
+    loader = DataLoader(TensorDataset(images, labels), batch_size=2)
+    method = LoRAFineTune(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    trainer(2).fit(method, loader)
+    assert "modality_gap" in method.last_terms and "vlm_visual" not in method.last_terms

@@ -366,16 +366,22 @@ class FewShotMethod(L.LightningModule):
     def _alignment_terms(
         self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, episode: EpisodeState
     ) -> dict[str, Tensor]:
-        """The paper's analysis quantities for one episode's step (see ``shared/specs``)."""
+        """The paper's analysis quantities for one episode's step (see ``shared/specs``).
+
+        The split of L_vlm needs every class's prototype v_c, so a mini-batch that misses a
+        class (``FitConfig.batch_size``) logs the alignment metrics without it.
+        """
         text = episode.text_feats
-        support, support_labels = self.support_features(feats, labels, view_ids, episode)
-        prototypes = losses.class_prototypes(support.detach(), support_labels, len(text))
-        return {
+        terms = {
             "modality_gap": alignment.modality_gap(feats, text),
             "intra_inter_gap": alignment.intra_inter_cosine_gap(feats, labels),
             "image_text_margin": alignment.image_text_margin(feats, text, labels),
-            **losses.vlm_decomposition(feats, text, labels, prototypes, self.scale),
         }
+        support, support_labels = self.support_features(feats, labels, view_ids, episode)
+        if len(torch.unique(support_labels)) == len(text):
+            prototypes = losses.class_prototypes(support.detach(), support_labels, len(text))
+            terms.update(losses.vlm_decomposition(feats, text, labels, prototypes, self.scale))
+        return terms
 
     def total_steps(self) -> int:
         """The run's number of optimiser steps, as the Trainer was configured."""
