@@ -129,6 +129,13 @@ def test_reference_defaults_views_once_per_episode_separate_support_and_crop_geo
     assert (method.view_sampling, method.support, method.geometry) == (
         "per_episode", "separate", "resize_crop",
     )  # fmt: skip
+    # The method frames images as the reference: a 1.15 margin cut by the centre crop (the
+    # geometry itself is checked by hand in test_backbones).
+    from PIL import Image
+
+    image = Image.new("RGB", (100, 100), (255, 0, 0))
+    image.paste((0, 0, 255), (4, 4, 96, 96))
+    assert (method.to_tensor()(image)[0] == 0).all()
     with pytest.raises(CdfslError, match="support='both'"):
         Mind(backbone="tiny-clip", pretrained=None, support="both")
     with pytest.raises(CdfslError, match="geometry='stretch'"):
@@ -181,3 +188,26 @@ def test_a_mini_batch_missing_a_class_trains_and_logs_no_split():
     method = LoRAFineTune(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
     trainer(2).fit(method, loader)
     assert "modality_gap" in method.last_terms and "vlm_visual" not in method.last_terms
+
+
+def test_default_views_are_drawn_once_and_reused_at_every_step(monkeypatch):
+    """The reference's loader yields an episode's views once; every step sees the same images."""
+    images, labels = support()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
+    seen = {}
+    for sampling in ("per_episode", "per_step"):
+        method = LoRAFineTune(
+            backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA,
+            **({} if sampling == "per_episode" else {"view_sampling": sampling}),
+        )  # fmt: skip
+        batches: list[torch.Tensor] = []
+        original = method.image_features
+        monkeypatch.setattr(
+            method, "image_features", lambda x, f=original, b=batches: b.append(x) or f(x)
+        )
+        trainer(3).fit(method, loader)
+        seen[sampling] = batches
+    assert all(torch.equal(seen["per_episode"][0], b) for b in seen["per_episode"][1:])
+    assert not torch.equal(seen["per_step"][0], seen["per_step"][1])
+    # The clean view (rows 0..5) is the un-augmented support set either way.
+    assert torch.equal(seen["per_step"][1][: len(images)], images)
