@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace
 
+from cdfsl.commands._recipe_file import RecipeFile
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.sources import DataConfig, build_dataset
 from cdfsl.evaluation.runner import FitConfig
@@ -13,7 +14,7 @@ from cdfsl.methods.base import FewShotMethod
 
 def add_run_arguments(parser: ArgumentParser) -> None:
     """Recipe keys: method, data, episode protocol, training length, precision, output."""
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe")
+    parser.add_argument("--config", action=RecipeFile, help="a YAML recipe or a recipe name")
     parser.add_subclass_arguments(FewShotMethod, "method", required=True)
     parser.add_class_arguments(DataConfig, "data")
     parser.add_argument("--way", type=int, default=5)

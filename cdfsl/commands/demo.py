@@ -15,6 +15,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser, Namespace
 
 from cdfsl.assets import recipes_dir
+from cdfsl.commands._recipe_file import RecipeFile
 from cdfsl.errors import CdfslError
 
 NAME = "demo"
@@ -22,10 +23,8 @@ HELP = "offline demo on the micro world with micro-clip (no arguments needed)"
 
 
 def configure(parser: ArgumentParser) -> None:
-    from jsonargparse import ActionConfigFile
-
     parser.default_config_files = [str(recipes_dir() / "micro" / "demo.yaml")]
-    parser.add_argument("--config", action=ActionConfigFile, help="a demo recipe")
+    parser.add_argument("--config", action=RecipeFile, help="a demo recipe (micro/demo)")
     parser.add_argument("--backbone", type=str, default="micro-clip")
     parser.add_argument("--domains", type=list[str] | None, default=None)
     parser.add_argument("--shots", type=list[int], default=[1, 5])
@@ -79,6 +78,13 @@ def run(cfg: Namespace) -> None:
         cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator,
         episodes_per_step=cfg.episodes_per_step,
     )  # fmt: skip
+    if not cfg.methods:
+        default = recipes_dir() / "micro" / "demo.yaml"
+        found = "" if default.is_file() else f" (the default recipe {default} does not exist)"
+        raise CdfslError(
+            f"no methods to run: expected a demo recipe with a 'methods' list{found}; pass "
+            "--config micro/demo or a recipe of your own, or set CDFSL_RECIPES=DIR"
+        )
     names = [demo.method_name(spec) for spec in cfg.methods]
     if len(set(names)) != len(names):
         raise CdfslError(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace
+
+from cdfsl.commands._recipe_file import RecipeFile
 
 if TYPE_CHECKING:  # the CLI imports every command at start-up; torch loads only when run
     from cdfsl.evaluation.xtail import XTailConfig
@@ -22,7 +24,7 @@ def configure(parser: ArgumentParser) -> None:
     """The keys of :class:`cdfsl.evaluation.xtail.XTailConfig` at the top level."""
     from cdfsl.evaluation.xtail import XTailConfig
 
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (recipes/rail/)")
+    parser.add_argument("--config", action=RecipeFile, help="a YAML recipe or a name (rail/micro)")
     parser.add_class_arguments(XTailConfig, nested_key=None, as_group=False)
 
 

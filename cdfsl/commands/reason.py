@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace
+
+from cdfsl.commands._recipe_file import RecipeFile
 
 if TYPE_CHECKING:  # the CLI imports every command at start-up; torch loads only when run
     from cdfsl.reasoning.experiment import ReasonConfig
@@ -32,7 +34,7 @@ def configure(parser: ArgumentParser) -> None:
     from cdfsl.reasoning.experiment import ReasonConfig
 
     parser.add_argument(
-        "--config", action=ActionConfigFile, help="a YAML recipe (recipes/rd_mldg/)"
+        "--config", action=RecipeFile, help="a YAML recipe or a name (rd_mldg/micro)"
     )
     parser.add_class_arguments(ReasonConfig, nested_key=None, as_group=False)
     parser.add_argument(
