@@ -5,6 +5,11 @@ adapter class and a :func:`register_family` rule. Weights (and the Hugging Face 
 some families need, see :mod:`cdfsl.backbones.tokenizers`) are looked up in local caches only,
 unless downloads are allowed explicitly: offline, a missing file fails at once with a message
 instead of hanging on network retries.
+
+The Hugging Face conventions hold: the cache is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+``~/.cache/huggingface/hub`` (read by ``huggingface_hub`` when it is imported), and
+``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) forbids downloads even where
+``CDFSL_ALLOW_DOWNLOAD=1`` or ``allow_download=True`` asks for them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
 _HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 ALLOW_DOWNLOAD_ENV = "CDFSL_ALLOW_DOWNLOAD"
+OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,17 @@ def _cached_checkpoint(tag_cfg: dict, cache_dir: str | None) -> str | None:
     return None
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is on (1/ON/YES/TRUE, as HF reads)."""
+    return any(
+        os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for name in OFFLINE_ENVS
+    )
+
+
 def _downloads_allowed(allow_download: bool | None) -> bool:
+    if hub_offline():
+        return False
     if allow_download is not None:
         return allow_download
     return os.environ.get(ALLOW_DOWNLOAD_ENV, "") not in ("", "0", "false", "False")
@@ -189,9 +205,10 @@ def resolve_weights(
     if cached is not None:
         return _Weights(cached, tag_cfg)
     if not _downloads_allowed(allow_download):
+        how = "unset HF_HUB_OFFLINE and set" if hub_offline() else "set"
         raise WeightsError(
             f"weights for {entry.model!r} tag {pretrained!r} are not in the local cache; pass "
-            f"pretrained=/path/to/checkpoint (an open_clip state dict), or set "
+            f"pretrained=/path/to/checkpoint (an open_clip state dict), or {how} "
             f"{ALLOW_DOWNLOAD_ENV}=1 on a machine with network access to download them once"
         )
     try:

@@ -11,7 +11,8 @@ looked for, first hit wins, in:
    ``pretrained=FILE`` checkpoint;
 3. ``$CDFSL_TOKENIZER_DIR/<hub id>/`` (e.g. ``$CDFSL_TOKENIZER_DIR/timm/ViT-B-16-SigLIP/``), one
    root for every family, which recipes and the CLI can use without code;
-4. the Hugging Face cache (``huggingface_hub.try_to_load_from_cache``: files only, no request).
+4. the Hugging Face cache (``huggingface_hub.try_to_load_from_cache``: files only, no request),
+   which is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``.
 
 Failing all four, and unless downloads are allowed, loading fails at once with a
 :class:`~cdfsl.errors.WeightsError` that says which files to put where.
