@@ -2,6 +2,8 @@
 
 Under ``torchrun --nproc_per_node N --no-python cdfsl eval ...`` the ranks split the episodes
 and rank 0 merges them; ``--shard K/N`` runs one share alone, for ``cdfsl merge`` to merge.
+``--export_manifest FILE`` writes the protocol's episodes as JSONL and trains nothing;
+``--manifest FILE`` evaluates the episodes of such a file instead of sampling them.
 """
 
 from __future__ import annotations
@@ -27,12 +29,29 @@ def configure(parser: ArgumentParser) -> None:
         "--shard", type=str | None, default=None,
         help="K/N: run only episodes i with i mod N = K, into OUTPUT/shards (then cdfsl merge)",
     )  # fmt: skip
+    parser.add_argument(
+        "--retry_failed", type=bool, default=False,
+        help="rerun the episodes whose rows failed (non-finite loss or logits); else kept",
+    )  # fmt: skip
+    parser.add_argument(
+        "--manifest", type=str | None, default=None,
+        help="JSONL of episodes (from --export_manifest or another toolkit) to evaluate instead "
+        "of sampling them; the run's fingerprint records its sha256",
+    )  # fmt: skip
+    parser.add_argument(
+        "--export_manifest", type=str | None, default=None,
+        help="write the protocol's episodes (index, seed, classes, support and query ids "
+        "relative to the dataset root, labels) as JSONL to this file and exit; trains nothing",
+    )  # fmt: skip
 
 
 def run(cfg: Namespace) -> None:
     from cdfsl.evaluation import distributed
     from cdfsl.evaluation.shards import Shard
 
+    if cfg.export_manifest is not None:
+        _export_manifest(cfg)
+        return
     shard = Shard.parse(cfg.shard) if cfg.shard is not None else None
     ranks = distributed.launched_ranks()
     if shard is not None and ranks is not None:
@@ -44,16 +63,52 @@ def run(cfg: Namespace) -> None:
         _evaluate(cfg, shard or distributed.ranked_shard())
 
 
-def _evaluate(cfg: Namespace, shard: Shard | None) -> None:
-    from cdfsl.data.layout import check_episode_supply, prompt_template
-    from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, summary_table
-    from cdfsl.evaluation.shards import finished_rows
+def _export_manifest(cfg: Namespace) -> None:
+    from cdfsl.data.layout import check_episode_supply
+    from cdfsl.evaluation import EpisodeProtocol
+    from cdfsl.evaluation.runner import protocol_manifest
+    from cdfsl.evaluation.store import ResultStore
 
     protocol = EpisodeProtocol(cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed)
-    # build_dataset has validated the folder; classes too small for the episodes are named
-    # here, before the backbone loads.
-    data, dataset = _run_args.dataset(cfg)
+    _, dataset = _run_args.dataset(cfg)
     check_episode_supply(dataset, cfg.way, cfg.shot, cfg.query)
+    lines = protocol_manifest(dataset, protocol)
+    ResultStore(cfg.export_manifest).replace(lines)
+    print(
+        f"manifest: {cfg.export_manifest} ({len(lines)} episodes, {cfg.way}-way {cfg.shot}-shot "
+        f"{cfg.query}-query, seed {cfg.seed}); evaluate it with --manifest {cfg.export_manifest}"
+    )
+
+
+def _read_manifest(path: str, dataset):
+    from cdfsl.data.episodes import EpisodeManifest
+    from cdfsl.evaluation.store import ResultStore
+
+    if not Path(path).is_file():
+        raise CdfslError(
+            f"--manifest {path} is not a file; expected a JSONL manifest, e.g. from cdfsl eval "
+            "--export_manifest FILE; fix the path"
+        )
+    return EpisodeManifest(ResultStore(path).rows(repair=False), dataset, source=path)
+
+
+def _evaluate(cfg: Namespace, shard: Shard | None) -> None:
+    from dataclasses import replace
+
+    from cdfsl.data.layout import check_episode_supply, prompt_template
+    from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, summary_table
+    from cdfsl.evaluation.shards import describe, finished_rows
+
+    protocol = EpisodeProtocol(cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed)
+    # build_dataset has validated the folder; classes too small for the episodes, or a
+    # manifest's missing files, are named here, before the backbone loads.
+    data, dataset = _run_args.dataset(cfg)
+    manifest = None
+    if cfg.manifest is not None:
+        manifest = _read_manifest(cfg.manifest, dataset)
+        protocol = replace(protocol, episodes=min(cfg.episodes, manifest.episodes))
+    else:
+        check_episode_supply(dataset, cfg.way, cfg.shot, cfg.query)
     cfg.method.init_args.template = prompt_template(cfg.method.init_args.template, dataset)
     method = _run_args.method(cfg)
     label = Path(data.root).name if data.root and data.source == "folder" else data.source
@@ -65,7 +120,7 @@ def _evaluate(cfg: Namespace, shard: Shard | None) -> None:
             "method_args": _run_args.plain(cfg.method.init_args),
             "data": _run_args.plain(vars(cfg.data)),
         },
-        progress=cfg.progress, shard=shard,
+        progress=cfg.progress, shard=shard, manifest=manifest, retry_failed=cfg.retry_failed,
     )  # fmt: skip
     summary = evaluator.run()
     out = Path(cfg.output)
@@ -81,3 +136,8 @@ def _evaluate(cfg: Namespace, shard: Shard | None) -> None:
         return  # rank 0 reports for the group
     print(summary_table([summary]))
     print(f"results: {out / 'results.jsonl'}  summary: {out / 'summary.json'}")
+    if summary["episodes_failed"]:
+        print(
+            f"failed episodes: {describe(summary['failed_episodes'])}; a rerun keeps their rows "
+            "unless --retry_failed"
+        )

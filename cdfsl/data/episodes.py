@@ -6,12 +6,16 @@ keeps the earlier episodes. Randomness comes from ``numpy.random.default_rng([se
 SeedSequence of the two integers (Python's ``hash()`` is salted per process, so it is never used).
 Only the raw 64-bit stream of its PCG64 bit generator is consumed, because numpy guarantees that
 stream across versions but not the output of ``Generator.choice`` and friends.
+
+An episode manifest lists episodes as data (``manifest_lines``, one JSON object per episode) and
+``EpisodeManifest`` serves them back from such lines, so that other toolkits' episodes (or
+cdfsl's, in theirs) can be evaluated as they are.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +26,14 @@ from torch import Tensor
 from cdfsl.data.base import LabelledImages
 from cdfsl.errors import DataError
 
-__all__ = ["Episode", "EpisodeIndices", "EpisodeSampler", "load_episode"]
+__all__ = [
+    "Episode",
+    "EpisodeIndices",
+    "EpisodeManifest",
+    "EpisodeSampler",
+    "load_episode",
+    "manifest_lines",
+]
 
 
 @dataclass(frozen=True)
@@ -235,16 +246,173 @@ def load_episode(
     dataset: LabelledImages,
     indices: EpisodeIndices,
     to_tensor: Callable[[Image.Image], Tensor],
+    class_names: Sequence[str] | None = None,
 ) -> Episode:
-    """Load an episode's images with ``to_tensor`` (PIL RGB -> (3, H, W)) and stack them."""
+    """Load an episode's images with ``to_tensor`` (PIL RGB -> (3, H, W)) and stack them.
+
+    ``class_names``: the episode's names in label order (a manifest's); by default the
+    dataset's names of ``indices.class_ids``.
+    """
     names = dataset.class_names
     return Episode(
         support_images=_load_images(dataset, indices.support, to_tensor),
         support_labels=torch.tensor(indices.support_labels, dtype=torch.long),
         query_images=_load_images(dataset, indices.query, to_tensor),
         query_labels=torch.tensor(indices.query_labels, dtype=torch.long),
-        class_names=[names[c] for c in indices.class_ids],
+        class_names=(
+            list(class_names) if class_names is not None else [names[c] for c in indices.class_ids]
+        ),
         support_ids=tuple(dataset.sample_id(i) for i in indices.support),
         query_ids=tuple(dataset.sample_id(i) for i in indices.query),
         index=indices.index,
     )
+
+
+def manifest_lines(
+    sampler: EpisodeSampler, dataset: LabelledImages, seed_of: Callable[[int], int]
+) -> list[dict]:
+    """The manifest of ``sampler``'s episodes over ``dataset``: one JSON-ready dict each.
+
+    ``{"episode": i, "seed": seed_of(i), "classes": [N names], "support_ids": [N·K ids],
+    "support_labels": [N·K], "query_ids": [N·Q ids], "query_labels": [N·Q]}``, ids the
+    dataset's ``sample_id`` (paths relative to its root), labels indices into ``classes``;
+    ``seed`` is the episode's training seed (adapters, views, dropout), as in its result row.
+    """
+    names = dataset.class_names
+    lines = []
+    for i in range(len(sampler)):
+        e = sampler.episode(i)
+        lines.append({
+            "episode": i,
+            "seed": int(seed_of(i)),
+            "classes": [names[c] for c in e.class_ids],
+            "support_ids": [dataset.sample_id(j) for j in e.support],
+            "support_labels": list(e.support_labels),
+            "query_ids": [dataset.sample_id(j) for j in e.query],
+            "query_labels": list(e.query_labels),
+        })  # fmt: skip
+    return lines
+
+
+_MANIFEST_KEYS = (
+    "episode",
+    "classes",
+    "support_ids",
+    "support_labels",
+    "query_ids",
+    "query_labels",
+)
+
+
+class EpisodeManifest:
+    """The episodes of manifest ``lines`` (see :func:`manifest_lines`) over ``dataset``.
+
+    Every line names its episode, classes, support and query ids and labels (``seed`` may be
+    absent: the caller then derives one). Episodes are numbered 0..n-1, each once (any line
+    order), and share one shape: N classes, K support and Q query images of each, so that
+    they train side by side as a protocol's do (``n_way``, ``k_shot``, ``n_query``,
+    ``episodes``). ``source`` names the manifest in errors. Every id must be a sample of
+    ``dataset``: the missing ones are named in one ``DataError``, before anything trains.
+    """
+
+    def __init__(
+        self, lines: Sequence[Mapping], dataset: LabelledImages, source: str = "manifest"
+    ) -> None:
+        self.source = source
+        if not lines:
+            raise DataError(f"{source} holds no episodes; expected one JSON line per episode")
+        for number, line in enumerate(lines, start=1):
+            absent = [key for key in _MANIFEST_KEYS if key not in line]
+            if absent:
+                raise DataError(
+                    f"{source} line {number} lacks {', '.join(absent)}; expected the keys "
+                    f"{', '.join(_MANIFEST_KEYS)} (and seed); fix that line or export the "
+                    "manifest again (cdfsl eval --export_manifest FILE)"
+                )
+        by_episode = {int(line["episode"]): line for line in lines}
+        if sorted(by_episode) != list(range(len(lines))):
+            numbers = sorted(by_episode)
+            shown = ", ".join(map(str, numbers[:8])) + (", ..." if numbers[8:] else "")
+            raise DataError(
+                f"{source} numbers its {len(lines)} lines as episodes {shown}; expected "
+                f"0..{len(lines) - 1}, each once; fix: renumber the episode fields"
+            )
+        self._lines = [by_episode[i] for i in range(len(lines))]
+        self.n_way, self.k_shot, self.n_query = self._shape(self._lines[0], 0)
+        for i, line in enumerate(self._lines):
+            n, k, q = self._shape(line, i)
+            if (n, k, q) != (self.n_way, self.k_shot, self.n_query):
+                raise DataError(
+                    f"{source} episode {i} is {n}-way {k}-shot {q}-query, episode 0 "
+                    f"{self.n_way}-way {self.k_shot}-shot {self.n_query}-query; expected one "
+                    "shape for every episode; fix: split the manifest by shape"
+                )
+        index = {dataset.sample_id(j): j for j in range(len(dataset))}
+        wanted = [i for line in self._lines for i in (*line["support_ids"], *line["query_ids"])]
+        missing = list(dict.fromkeys(i for i in wanted if i not in index))
+        if missing:
+            shown = ", ".join(missing[:5]) + (
+                f" and {len(missing) - 5} more" if missing[5:] else ""
+            )
+            raise DataError(
+                f"{source} names {len(missing)} files the dataset lacks: {shown}; expected every "
+                "support and query id relative to the dataset root; fix: pass the --data.root "
+                "the manifest was exported from, or restore those files"
+            )
+        self._index = index
+        self._targets = dataset.targets
+        self.episodes = len(self._lines)
+
+    def _shape(self, line: Mapping, i: int) -> tuple[int, int, int]:
+        """(N, K, Q) of one line; refuses labels outside the classes or unequal per class."""
+        n = len(line["classes"])
+        shape = [n]
+        for part in ("support", "query"):
+            ids, labels = line[f"{part}_ids"], [int(y) for y in line[f"{part}_labels"]]
+            counts = [labels.count(c) for c in range(n)]
+            if (
+                len(ids) != len(labels)
+                or not labels
+                or any(not 0 <= y < n for y in labels)
+                or (len(set(counts)) != 1)
+            ):
+                raise DataError(
+                    f"{self.source} episode {i}: {len(ids)} {part} ids, {len(labels)} labels over "
+                    f"{n} classes; expected one label in [0, {n}) per id and the same count for "
+                    "every class; fix that line"
+                )
+            shape.append(counts[0])
+        return shape[0], shape[1], shape[2]
+
+    def __len__(self) -> int:
+        return self.episodes
+
+    @property
+    def lines(self) -> list[Mapping]:
+        """The manifest's lines, in episode order."""
+        return list(self._lines)
+
+    def episode(self, i: int) -> EpisodeIndices:
+        """Episode ``i``'s dataset indices and labels, in the manifest's order."""
+        line = self._lines[operator.index(i)]
+        support = tuple(self._index[j] for j in line["support_ids"])
+        labels = tuple(int(y) for y in line["support_labels"])
+        # The dataset class of each label (its first support image's): names come from the line.
+        first = {y: j for j, y in reversed(list(zip(support, labels, strict=True)))}
+        return EpisodeIndices(
+            index=i,
+            class_ids=tuple(int(self._targets[first[y]]) for y in range(self.n_way)),
+            support=support,
+            support_labels=labels,
+            query=tuple(self._index[j] for j in line["query_ids"]),
+            query_labels=tuple(int(y) for y in line["query_labels"]),
+        )
+
+    def seed(self, i: int) -> int | None:
+        """Episode ``i``'s training seed, or None when the manifest gives none."""
+        seed = self._lines[i].get("seed")
+        return None if seed is None else int(seed)
+
+    def class_names(self, i: int) -> list[str]:
+        """Episode ``i``'s class names in label order, as the manifest spells them."""
+        return [str(name) for name in self._lines[i]["classes"]]

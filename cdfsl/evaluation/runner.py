@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -21,13 +22,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from cdfsl.data.base import LabelledImages
-from cdfsl.data.episodes import EpisodeSampler, load_episode
+from cdfsl.data.episodes import EpisodeManifest, EpisodeSampler, load_episode, manifest_lines
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation import distributed, shards
 from cdfsl.evaluation.progress import RowProgress
 from cdfsl.evaluation.shards import Shard
 from cdfsl.evaluation.stats import mean_ci95
 from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, write_json_atomic
+from cdfsl.lora import LoRAAdapter
 from cdfsl.methods.base import FewShotMethod
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -210,11 +212,65 @@ def _quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
+class NonFiniteGuard(L.Callback):
+    """Stops each episode whose loss turns non-finite; the episodes beside it train on as before.
+
+    After each backward, before the optimiser step, an episode whose ``loss`` is NaN or ±inf is
+    recorded in ``failures[e]``: ``step`` (0-based optimiser step), ``term`` (the first
+    non-finite term other than ``loss``, else ``loss``), ``non_finite`` (all of them) and
+    ``terms`` (that step's terms, non-finite ones as None). From then on adapter set ``e``'s
+    gradients are zeroed, so nothing non-finite enters AdamW's state. Adapter set ``e`` gets
+    its gradient from episode ``e``'s loss alone, so the other episodes' rows do not change.
+    Once every episode has failed, training stops (``all_failed``).
+    """
+
+    def __init__(self) -> None:
+        self.failures: dict[int, dict[str, Any]] = {}
+        self.all_failed = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.failures, self.all_failed = {}, False
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        episodes = pl_module.episodes
+        losses = torch.stack([episode.terms["loss"] for episode in episodes])
+        if not bool(torch.isfinite(losses).all()):  # one device sync a step
+            for e, episode in enumerate(episodes):
+                if e not in self.failures and not bool(torch.isfinite(episode.terms["loss"])):
+                    self.failures[e] = _failure(trainer.global_step, pl_module.episode_terms(e))
+        if not self.failures:
+            return
+        for adapter in pl_module.modules():
+            if isinstance(adapter, LoRAAdapter):
+                for param in (adapter.lora_A, adapter.lora_B):
+                    if param.grad is not None:
+                        param.grad[list(self.failures)] = 0
+        if len(self.failures) == len(episodes):
+            self.all_failed = trainer.should_stop = True
+
+
+def _failure(step: int, terms: Mapping[str, float]) -> dict[str, Any]:
+    """A failed episode's record: the step, the first non-finite term and all of them."""
+    bad = [key for key, value in terms.items() if not np.isfinite(value)]
+    return {
+        "step": int(step),
+        "term": next((key for key in bad if key != "loss"), bad[0] if bad else "loss"),
+        "non_finite": bad,
+        "terms": {key: (value if np.isfinite(value) else None) for key, value in terms.items()},
+    }
+
+
 def fit_episode(
     method: FewShotMethod, images: Tensor, labels: Tensor, steps: int, fit: FitConfig,
     callbacks: list[L.Callback] | None = None,
 ) -> None:  # fmt: skip
-    """Train ``method`` for ``steps`` steps on one support set with a fresh Trainer."""
+    """Train ``method`` for ``steps`` steps on one support set with a fresh Trainer.
+
+    A :class:`NonFiniteGuard` among ``callbacks`` may end training early once every episode
+    has failed; any other early stop is an interruption (KeyboardInterrupt).
+    """
     device = fit.device()
     if fit.batch_size is not None and fit.batch_size < 1:
         raise CdfslError(f"batch_size must be >= 1 or null, got {fit.batch_size}")
@@ -250,7 +306,8 @@ def fit_episode(
             callbacks=callbacks,
         )
         trainer.fit(method, loader)
-    if trainer.interrupted or trainer.global_step != steps:
+    all_failed = any(isinstance(c, NonFiniteGuard) and c.all_failed for c in callbacks or ())
+    if trainer.interrupted or (trainer.global_step != steps and not all_failed):
         # Lightning turns Ctrl-C into a graceful stop; a half-trained episode must not be scored.
         raise KeyboardInterrupt
 
@@ -281,17 +338,38 @@ def predict_logits(
 
 
 def summarize_rows(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> dict[str, Any]:
-    """An episodic run's summary: ``config`` with mean accuracy, CI95, std, episodes done and
-    mean seconds per episode over ``rows``."""
-    stats = mean_ci95([row["accuracy"] for row in rows])
+    """An episodic run's summary: ``config`` with mean accuracy, CI95 and std over the successful
+    rows (``episodes_done`` of them), the failed episodes (``episodes_failed``,
+    ``failed_episodes``: rows with ``status: failed``, left out of the statistics) and the mean
+    seconds per episode over all ``rows``."""
+    failed = sorted(int(row["episode"]) for row in rows if shards.failed(row))
+    stats = mean_ci95([row["accuracy"] for row in rows if not shards.failed(row)])
     return {
         **config,
         "accuracy": stats["mean"],
         "ci95": stats["ci95"],
         "std": stats["std"],
         "episodes_done": stats["episodes"],
+        "episodes_failed": len(failed),
+        "failed_episodes": failed,
         "seconds_per_episode": float(np.mean([r["seconds"] for r in rows])) if rows else None,
     }
+
+
+def protocol_manifest(dataset: LabelledImages, protocol: EpisodeProtocol) -> list[dict[str, Any]]:
+    """The manifest lines of ``protocol``'s episodes over ``dataset`` (see
+    :func:`cdfsl.data.episodes.manifest_lines`), with the training seeds their rows carry."""
+    sampler = EpisodeSampler(
+        dataset.targets, protocol.n_way, protocol.k_shot, protocol.n_query, protocol.episodes,
+        protocol.seed, dataset.class_names,
+    )  # fmt: skip
+    return manifest_lines(sampler, dataset, functools.partial(episode_seed, protocol.seed))
+
+
+def manifest_digest(lines: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 of manifest ``lines`` as canonical JSON (sorted keys), one line each."""
+    text = "".join(json.dumps(dict(line), sort_keys=True) + "\n" for line in lines)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class EpisodicEvaluator:
@@ -302,6 +380,11 @@ class EpisodicEvaluator:
     ``i % shard.count == shard.index``, into ``shards/`` (see :meth:`run`). Nothing is ever
     selected on query labels: the queries are predicted once, after training, and only then
     scored.
+
+    ``manifest``: evaluate its episodes (the first ``protocol.episodes``, whose way, shot and
+    query it must match) instead of sampling them; the run's fingerprint records its digest.
+    An episode whose loss or query logits turn non-finite is a row with ``status: failed``
+    (see :class:`NonFiniteGuard`); a resumed run skips it unless ``retry_failed``.
     """
 
     def __init__(
@@ -314,8 +397,12 @@ class EpisodicEvaluator:
         config: dict[str, Any] | None = None,
         progress: bool = True,
         shard: Shard | None = None,
+        manifest: EpisodeManifest | None = None,
+        retry_failed: bool = False,
     ) -> None:
         self.method = method
+        self.manifest = manifest
+        self.retry_failed = retry_failed
         self.shard = shard
         self.dataset = dataset
         self.protocol = protocol
@@ -334,17 +421,35 @@ class EpisodicEvaluator:
             **(config or {}),
         }
         self.progress = progress
-        self.sampler = EpisodeSampler(
-            dataset.targets, protocol.n_way, protocol.k_shot, protocol.n_query,
-            protocol.episodes, protocol.seed,
-        )  # fmt: skip
+        self.sampler: EpisodeSampler | EpisodeManifest
+        if manifest is None:
+            self.sampler = EpisodeSampler(
+                dataset.targets, protocol.n_way, protocol.k_shot, protocol.n_query,
+                protocol.episodes, protocol.seed,
+            )  # fmt: skip
+        else:
+            _check_manifest(manifest, protocol)
+            self.sampler = manifest
+            self.config["manifest"] = {
+                "path": manifest.source,
+                "sha256": manifest_digest(manifest.lines),
+            }
 
     def _fingerprint(self) -> dict[str, Any]:
         """The configuration a resumed run must share; the episode count may grow or shrink."""
         config = json.loads(json.dumps(self.config, sort_keys=True))
         config["protocol"].pop("episodes")
         config["fit"].pop("episodes_per_step", None)  # rows do not depend on it
+        if "manifest" in config:
+            config["manifest"].pop("path")  # the episodes are what counts, not where they lie
         return config
+
+    def _episode_seed(self, index: int) -> int:
+        seed = self.manifest.seed(index) if self.manifest is not None else None
+        return episode_seed(self.protocol.seed, index) if seed is None else seed
+
+    def _class_names(self, index: int) -> list[str] | None:
+        return self.manifest.class_names(index) if self.manifest is not None else None
 
     def run_episodes(
         self, indices: Sequence[int], callbacks: list[L.Callback] | None = None
@@ -354,38 +459,56 @@ class EpisodicEvaluator:
         The episodes train together (one adapter set each, see
         :meth:`FewShotMethod.start_episodes`); a row depends only on (protocol seed, index,
         configuration), never on which other episodes share the call. ``seconds`` is the
-        group's time divided among its episodes.
+        group's time divided among its episodes. A row has ``status`` ``"ok"``, or
+        ``"failed"`` with no accuracy and a ``failure`` (``step``, ``term``, ``non_finite``;
+        its ``terms`` are those of the failing step) when the episode's loss turned non-finite
+        in training (:class:`NonFiniteGuard`) or its query logits did (``term``
+        ``"query_logits"``, ``step`` the step count).
         """
         start = time.perf_counter()
         method = self.method
         to_tensor = method.to_tensor()
-        episodes = [load_episode(self.dataset, self.sampler.episode(i), to_tensor) for i in indices]
-        seeds = [episode_seed(self.protocol.seed, i) for i in indices]
+        episodes = [
+            load_episode(self.dataset, self.sampler.episode(i), to_tensor, self._class_names(i))
+            for i in indices
+        ]
+        seeds = [self._episode_seed(i) for i in indices]
         method.to(self.fit.device())
         method.start_episodes(seeds, [episode.class_names for episode in episodes])
-        steps = 0
+        steps, guard = 0, NonFiniteGuard()
         if method.trainable:
             steps = self.fit.total_steps(self.protocol.k_shot)
             images = torch.cat([episode.support_images for episode in episodes])
             labels = torch.cat([episode.support_labels for episode in episodes])
-            fit_episode(method, images, labels, steps, self.fit, callbacks)
+            fit_episode(method, images, labels, steps, self.fit, [*(callbacks or ()), guard])
         queries = torch.cat([episode.query_images for episode in episodes])
         logits = predict_logits(method, queries, self.fit).chunk(len(episodes))
         seconds = round((time.perf_counter() - start) / len(episodes), 4)
         rows = []
         for position, (index, episode) in enumerate(zip(indices, episodes, strict=True)):
-            hits = logits[position].argmax(dim=1) == episode.query_labels
-            rows.append({
+            terms = method.episode_terms(position) if method.trainable else {}
+            failure = guard.failures.get(position)
+            if failure is None and not bool(torch.isfinite(logits[position]).all()):
+                failure = {"step": steps, "term": "query_logits", "non_finite": ["query_logits"]}
+                failure["terms"] = _failure(steps, terms)["terms"]
+            row: dict[str, Any] = {
                 "episode": index,
                 "seed": seeds[position],
                 "classes": episode.class_names,
                 "support_ids": list(episode.support_ids),
                 "query_ids": list(episode.query_ids),
-                "accuracy": float(hits.float().mean()),
+                "status": "ok",
                 "steps": steps,
                 "seconds": seconds,
-                "terms": method.episode_terms(position) if method.trainable else {},
-            })  # fmt: skip
+                "terms": terms,
+            }  # fmt: skip
+            if failure is None:
+                hits = logits[position].argmax(dim=1) == episode.query_labels
+                row["accuracy"] = float(hits.float().mean())
+            else:
+                row["status"], row["terms"] = shards.FAILED, failure.pop("terms")
+                row["failure"] = failure
+            rows.append(row)
         return rows
 
     def run_episode(self, index: int, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
@@ -452,9 +575,11 @@ class EpisodicEvaluator:
             )
 
     def _finished(self) -> set[int]:
-        """Check (or record) run.json; the episodes finished in results.jsonl or any shard."""
+        """Check (or record) run.json; the episodes finished in results.jsonl or any shard
+        (failed ones too, unless ``retry_failed``)."""
         check_run_config(self.output_dir, self._fingerprint())
-        return set(shards.finished_rows(self.output_dir))
+        rows = shards.finished_rows(self.output_dir)
+        return {i for i, row in rows.items() if not (self.retry_failed and shards.failed(row))}
 
     def _merge_and_summarize(self) -> dict[str, Any]:
         shards.merge(self.output_dir)
@@ -465,3 +590,18 @@ class EpisodicEvaluator:
         summary = summarize_rows(self.store.rows(), self.config)
         write_json_atomic(self.output_dir / "summary.json", summary)
         return summary
+
+
+def _check_manifest(manifest: EpisodeManifest, protocol: EpisodeProtocol) -> None:
+    shape = (manifest.n_way, manifest.k_shot, manifest.n_query)
+    if shape != (protocol.n_way, protocol.k_shot, protocol.n_query):
+        raise CdfslError(
+            f"{manifest.source} holds {shape[0]}-way {shape[1]}-shot {shape[2]}-query episodes, "
+            f"the protocol is {protocol.n_way}-way {protocol.k_shot}-shot {protocol.n_query}-query;"
+            f" expected the same; fix: pass --way {shape[0]} --shot {shape[1]} --query {shape[2]}"
+        )
+    if protocol.episodes > manifest.episodes:
+        raise CdfslError(
+            f"{protocol.episodes} episodes asked of {manifest.source}, which holds "
+            f"{manifest.episodes}; expected at most that many; fix: --episodes {manifest.episodes}"
+        )

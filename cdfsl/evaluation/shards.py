@@ -22,6 +22,8 @@ from cdfsl.evaluation.store import ResultStore, write_json_atomic
 
 SHARDS = "shards"
 RESULTS = "results.jsonl"
+#: The ``status`` of a row whose episode stopped on a non-finite loss or logit.
+FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -93,13 +95,21 @@ def finished_rows(output_dir: str | Path) -> dict[int, dict[str, Any]]:
 
     Read-only: a torn last line is skipped, not cut, since its writer may still be at work. An
     episode found twice (a merge killed before it deleted its shards) keeps its first row; the
-    rows of one episode are equal apart from timings.
+    rows of one episode are equal apart from timings. A failed row (``status: failed``) gives
+    way to a later successful one: the row of a retried episode (``--retry_failed``).
     """
     rows: dict[int, dict[str, Any]] = {}
     for path in [Path(output_dir) / RESULTS, *shard_files(output_dir)]:
         for row in ResultStore(path).rows(repair=False):
-            rows.setdefault(int(row["episode"]), row)
+            index = int(row["episode"])
+            if index not in rows or (failed(rows[index]) and not failed(row)):
+                rows[index] = row
     return rows
+
+
+def failed(row: dict[str, Any]) -> bool:
+    """Whether ``row`` records a failed episode (a non-finite loss or logit; see the runner)."""
+    return row.get("status") == FAILED
 
 
 def merge(output_dir: str | Path) -> list[dict[str, Any]]:

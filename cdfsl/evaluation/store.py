@@ -60,20 +60,14 @@ class ResultStore:
         data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
         if self.path.exists() and self.path.read_bytes() == data:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary(self.path)
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        _write_atomic(self.path, data)
 
     def append(self, row: dict[str, Any]) -> None:
         line = (json.dumps(row, sort_keys=True) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
+            _write_all(fd, line)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -81,11 +75,31 @@ class ResultStore:
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as JSON through a temporary file and a rename: readers never see half."""
-    path = Path(path)
+    _write_atomic(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Make ``data`` the whole of ``path`` at once: a temporary file, fsync'd, then a rename.
+
+    A kill at any moment leaves ``path`` as it was or as ``data``, never part of it (at worst a
+    stray temporary file beside it).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _temporary(path: Path) -> Path:
