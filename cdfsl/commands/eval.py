@@ -97,6 +97,7 @@ def _evaluate(cfg: Namespace, shard: Shard | None) -> None:
 
     from cdfsl.data.layout import check_episode_supply, prompt_template
     from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, summary_table
+    from cdfsl.evaluation.runner import check_manifest
     from cdfsl.evaluation.shards import describe, finished_rows
 
     protocol = EpisodeProtocol(cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed)
@@ -107,6 +108,7 @@ def _evaluate(cfg: Namespace, shard: Shard | None) -> None:
     if cfg.manifest is not None:
         manifest = _read_manifest(cfg.manifest, dataset)
         protocol = replace(protocol, episodes=min(cfg.episodes, manifest.episodes))
+        check_manifest(manifest, protocol)
     else:
         check_episode_supply(dataset, cfg.way, cfg.shot, cfg.query)
     cfg.method.init_args.template = prompt_template(cfg.method.init_args.template, dataset)

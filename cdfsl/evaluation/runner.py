@@ -428,7 +428,7 @@ class EpisodicEvaluator:
                 protocol.episodes, protocol.seed,
             )  # fmt: skip
         else:
-            _check_manifest(manifest, protocol)
+            check_manifest(manifest, protocol)
             self.sampler = manifest
             self.config["manifest"] = {
                 "path": manifest.source,
@@ -592,7 +592,9 @@ class EpisodicEvaluator:
         return summary
 
 
-def _check_manifest(manifest: EpisodeManifest, protocol: EpisodeProtocol) -> None:
+def check_manifest(manifest: EpisodeManifest, protocol: EpisodeProtocol) -> None:
+    """Refuse a ``protocol`` whose way, shot or query differ from ``manifest``'s episodes, or
+    that asks for more episodes than it holds."""
     shape = (manifest.n_way, manifest.k_shot, manifest.n_query)
     if shape != (protocol.n_way, protocol.k_shot, protocol.n_query):
         raise CdfslError(
