@@ -1,6 +1,9 @@
 """The ``cdfsl`` command. Subcommands live in ``cdfsl/commands/``, one module each.
 
 Every recipe key is also a flag: ``cdfsl eval --config R --way 3 --shot 1 --data.root DIR``.
+A :class:`~cdfsl.errors.CdfslError` raised while the recipe is parsed or its objects are built
+reaches the user as one line, ``cdfsl: error: ...``, and exit status 2, also when jsonargparse
+has wrapped it in errors of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NoReturn
 
 from jsonargparse import ArgumentParser
 
@@ -28,12 +32,41 @@ def _command_modules() -> dict[str, ModuleType]:
     return dict(sorted(modules.items()))
 
 
+def cdfsl_error_in(error: BaseException | None) -> CdfslError | None:
+    """The first ``CdfslError`` in ``error``'s chain of causes and contexts, or None.
+
+    jsonargparse reports a class that fails to build as a ``ValueError`` (often several deep,
+    one per Union it tried) raised ``from`` the class's own error.
+    """
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, CdfslError):
+            return current
+        seen.add(id(current))
+        todo += [current.__cause__, current.__context__]
+    return None
+
+
+class _Parser(ArgumentParser):
+    """jsonargparse's parser, except that a parse failure caused by a ``CdfslError`` raises it."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        found = cdfsl_error_in(ex)
+        if found is not None:
+            raise found
+        super().error(message, ex)
+
+
 def build_parser() -> tuple[ArgumentParser, dict[str, ModuleType]]:
-    parser = ArgumentParser(prog="cdfsl", description=__doc__)
+    parser = _Parser(prog="cdfsl", description=__doc__)
     subcommands = parser.add_subcommands(required=True, dest="command")
     modules = _command_modules()
     for name, module in modules.items():
-        sub = ArgumentParser(description=module.__doc__)
+        sub = _Parser(description=module.__doc__)
         module.configure(sub)
         subcommands.add_subcommand(name, sub, help=module.HELP)
     return parser, modules
@@ -41,19 +74,27 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ModuleType]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, modules = build_parser()
-    cfg = parser.parse_args(argv)
     # The support set is one in-memory batch; Lightning's data-loader advice does not apply.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
     try:
+        cfg = parser.parse_args(argv)
         modules[cfg.command].run(cfg[cfg.command])
-    except CdfslError as err:
-        print(f"cdfsl: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("cdfsl: interrupted; finished work is saved, rerun to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        found = cdfsl_error_in(err)
+        if found is None:
+            raise
+        print(f"cdfsl: error: {_one_line(found)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _one_line(error: CdfslError) -> str:
+    """``str(error)`` on one line: a message that spans lines has them joined by ``; ``."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -47,7 +47,31 @@ def fit_config(cfg: Namespace) -> FitConfig:
 
 def dataset(cfg: Namespace) -> tuple[DataConfig, LabelledImages]:
     data = DataConfig(**vars(cfg.data))
+    check_source_options(data)
     return data, build_dataset(data)
+
+
+def check_source_options(data: DataConfig, flag: str = "--data.options") -> None:
+    """Refuse options that ``data.source``'s builder does not take, naming those it does.
+
+    Layouts check their own options; a plain builder function (``folder``, ``micro``, ``mnist``)
+    would raise a ``TypeError`` on an unknown keyword instead.
+    """
+    import inspect
+
+    from cdfsl.data.sources import get_source
+    from cdfsl.errors import DataError
+
+    params = inspect.signature(get_source(data.source)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [name for name in params if name not in ("root", "class_names")]
+    unknown = sorted(set(data.options) - set(accepted))
+    if unknown:
+        raise DataError(
+            f"unknown option(s) {', '.join(unknown)} for dataset source {data.source!r}; expected "
+            f"{'some of: ' + ', '.join(accepted) if accepted else 'no options'}; fix {flag}"
+        )
 
 
 def method(cfg: Namespace) -> FewShotMethod:

@@ -47,6 +47,7 @@ def run(cfg: Namespace) -> None:
         )
     protocol = AllWayProtocol(tuple(cfg.shots), tuple(cfg.seeds), cfg.max_val_shots)
     data = DataConfig(**vars(cfg.data))
+    _run_args.check_source_options(data)
     splits = build_splits(data)
     train = splits.get("train")
     if train is not None:

@@ -63,6 +63,7 @@ def _decode_problems(config: Any) -> list[str]:
 
 
 def run(cfg: Namespace) -> None:
+    from cdfsl.commands._run_args import check_source_options
     from cdfsl.data.sources import DataConfig, validate_source
     from cdfsl.errors import DataError
 
@@ -75,6 +76,7 @@ def run(cfg: Namespace) -> None:
             "isic2018 /data/ISIC2018 (cdfsl data list names the sources)"
         )
     config = DataConfig(cfg.name, cfg.root, cfg.class_names, dict(cfg.options))
+    check_source_options(config, "--options")
     report = validate_source(config)
     if cfg.decode and report.ok:
         for message in _decode_problems(config):

@@ -92,6 +92,11 @@ def run(cfg: Namespace) -> None:
         )
     if cfg.paired and (len(cfg.paired) != 2 or not set(cfg.paired) <= set(names)):
         raise CdfslError(f"paired takes two of the recipe's methods {names}, got {cfg.paired}")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    # Built here, before any rank starts, so that a recipe whose methods cannot be built (weights,
+    # backbone, LoRA or view settings) stops with its one-line error; the curves reuse them.
+    methods = demo.build_methods(cfg.methods, cfg.backbone)
     output = Path(cfg.output)
     cells = demo.run_grid(
         cfg.methods, cfg.backbone, domains, cfg.shots, protocol, fit, output,
@@ -127,9 +132,6 @@ def run(cfg: Namespace) -> None:
     plot_accuracy_by_domain(rows, output / "accuracy.png")
 
     curve_domain = cfg.curves.domain or domains[-1]
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    methods = demo.build_methods(cfg.methods, cfg.backbone)
     curves = demo.training_curves(
         methods, curve_domain, cfg.curves.shot, protocol, fit, cfg.images_per_class,
         output / "curves",
