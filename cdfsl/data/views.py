@@ -2,7 +2,9 @@
 
 Each fine-tuning step sees every support image in V views (the spec's five by default: clean,
 rotate + jitter + flip, rotate, jitter, flip). A view is a ``ViewSpec`` of plain numbers, so a
-recipe lists views in YAML and ``ViewSpec(**item)`` reads them; nothing assumes V = 5.
+recipe lists views in YAML and ``ViewSpec(**item)`` reads them; nothing assumes V = 5. For
+jsonargparse a ``ViewSpec`` is a registered type that reads from and prints as that mapping, so
+``--print_config`` writes the views a recipe can read back.
 
 ``ViewAugmenter`` works on a batch already at model resolution, on whatever device it lives, and
 draws separate random parameters for every image. Normalisation is the backbone's job, not this.
@@ -16,11 +18,15 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as functional
+from jsonargparse import Namespace
+from jsonargparse.typing import register_type
 from torch import Tensor
 
 from cdfsl.errors import DataError
 
-__all__ = ["DEFAULT_VIEWS", "ViewAugmenter", "ViewSpec", "clean_view_index", "parse_views"]
+__all__ = [
+    "DEFAULT_VIEWS", "ViewAugmenter", "ViewSpec", "clean_view_index", "parse_views", "view_as_dict",
+]  # fmt: skip
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale, so jitter matches ColorJitter.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -82,27 +88,35 @@ DEFAULT_VIEWS: tuple[ViewSpec, ...] = (
 )
 
 
+def view_as_dict(view: ViewSpec) -> dict[str, object]:
+    """A view as the mapping a recipe writes: ``{name, rotation, jitter, hflip}``."""
+    return {f.name: getattr(view, f.name) for f in fields(ViewSpec)}
+
+
+def _view_from(item: object, position: int | None) -> ViewSpec:
+    """One view from a spec or a mapping; ``position`` in the views list, if known, for errors."""
+    if isinstance(item, ViewSpec):
+        return item
+    if isinstance(item, Namespace):
+        item = vars(item)
+    allowed = [f.name for f in fields(ViewSpec)]
+    label = "view" if position is None else f"view {position}"
+    if not isinstance(item, Mapping):
+        raise DataError(
+            f"{label} is {item!r}; expected a mapping with keys {allowed}; fix the views list"
+        )
+    unknown = sorted(set(item) - set(allowed))
+    if unknown or "name" not in item:
+        problem = f"unknown key(s) {unknown}" if unknown else "no 'name'"
+        raise DataError(
+            f"{label} {dict(item)!r} has {problem}; expected keys {allowed}; fix the views list"
+        )
+    return ViewSpec(**item)  # type: ignore[arg-type]
+
+
 def parse_views(views: Sequence[ViewSpec | Mapping[str, object]]) -> tuple[ViewSpec, ...]:
     """Views from specs or plain dicts (as read from YAML); at least one, with distinct names."""
-    allowed = [f.name for f in fields(ViewSpec)]
-    parsed: list[ViewSpec] = []
-    for position, item in enumerate(views):
-        if isinstance(item, ViewSpec):
-            parsed.append(item)
-            continue
-        if not isinstance(item, Mapping):
-            raise DataError(
-                f"view {position} is {item!r}; expected a mapping with keys {allowed}; fix the "
-                "views list"
-            )
-        unknown = sorted(set(item) - set(allowed))
-        if unknown or "name" not in item:
-            problem = f"unknown key(s) {unknown}" if unknown else "no 'name'"
-            raise DataError(
-                f"view {position} {dict(item)!r} has {problem}; expected keys {allowed}; fix the "
-                "views list"
-            )
-        parsed.append(ViewSpec(**item))  # type: ignore[arg-type]
+    parsed = [_view_from(item, position) for position, item in enumerate(views)]
     if not parsed:
         raise DataError("views list is empty; expected at least one view; add a clean view")
     names = [v.name for v in parsed]
@@ -112,6 +126,20 @@ def parse_views(views: Sequence[ViewSpec | Mapping[str, object]]) -> tuple[ViewS
             f"views repeat the name(s) {repeated}; expected distinct names; rename them"
         )
     return tuple(parsed)
+
+
+def _serialize_view(view: ViewSpec | Namespace | Mapping[str, object]) -> dict[str, object]:
+    if isinstance(view, ViewSpec):
+        return view_as_dict(view)
+    return dict(vars(view) if isinstance(view, Namespace) else view)
+
+
+# jsonargparse reads a recipe's view mapping into a ViewSpec (its DataError, not a ValueError, so
+# that the CLI reports the view's own message) and prints a ViewSpec back as that mapping.
+register_type(
+    ViewSpec, serializer=_serialize_view, deserializer=lambda item: _view_from(item, None),
+    deserializer_exceptions=(),
+)  # fmt: skip
 
 
 def clean_view_index(views: Sequence[ViewSpec | Mapping[str, object]]) -> int | None:
