@@ -17,6 +17,8 @@ from cdfsl.commands import _run_args
 from cdfsl.errors import CdfslError
 
 if TYPE_CHECKING:
+    from cdfsl.data.base import LabelledImages
+    from cdfsl.data.episodes import EpisodeManifest
     from cdfsl.evaluation.shards import Shard
 
 NAME = "eval"
@@ -35,8 +37,8 @@ def configure(parser: ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--manifest", type=str | None, default=None,
-        help="JSONL of episodes (from --export_manifest or another toolkit) to evaluate instead "
-        "of sampling them; the run's fingerprint records its sha256",
+        help="JSONL of episodes (from --export_manifest or another toolkit) to evaluate, the "
+        "first --episodes of them, instead of sampling; the run's fingerprint records its sha256",
     )  # fmt: skip
     parser.add_argument(
         "--export_manifest", type=str | None, default=None,
@@ -80,7 +82,7 @@ def _export_manifest(cfg: Namespace) -> None:
     )
 
 
-def _read_manifest(path: str, dataset):
+def _read_manifest(path: str, dataset: LabelledImages) -> EpisodeManifest:
     from cdfsl.data.episodes import EpisodeManifest
     from cdfsl.evaluation.store import ResultStore
 
