@@ -278,7 +278,8 @@ def paired_differences(cells: Sequence[DemoCell], base: str, other: str) -> list
         rows = {}
         for name in (base, other):
             store = ResultStore(by_key[domain, shot, name].output_dir / "results.jsonl")
-            rows[name] = {r["episode"]: r["accuracy"] for r in store.rows()}
+            # A failed episode (no accuracy) drops out of the pair, as from each method's mean.
+            rows[name] = {r["episode"]: r["accuracy"] for r in store.rows() if "accuracy" in r}
         common = sorted(set(rows[base]) & set(rows[other]))
         stats = mean_ci95([rows[other][e] - rows[base][e] for e in common])
         out.append({

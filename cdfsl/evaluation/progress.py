@@ -34,7 +34,7 @@ class RowProgress:
         self.dirs = [Path(d) for d in dirs]
         self.wanted = set(wanted)
         self.desc, self.enabled, self.accuracy, self.interval = desc, enabled, accuracy, interval
-        self._seen: dict[Path, dict[int, float]] = {d: {} for d in self.dirs}
+        self._seen: dict[Path, dict[int, float | None]] = {d: {} for d in self.dirs}
         self._read: dict[Path, tuple[int, int]] = {}  # file -> (inode, bytes read)
         self._stop = threading.Event()
 
@@ -48,12 +48,13 @@ class RowProgress:
         count = sum(len(seen) for seen in self._seen.values())
         if count != self.bar.n:
             self.bar.n = count
-            if self.accuracy and count:
-                accs = [a for seen in self._seen.values() for a in seen.values()]
+            # Failed episodes (no accuracy) count as done but stay out of the mean.
+            accs = [a for seen in self._seen.values() for a in seen.values() if a is not None]
+            if self.accuracy and accs:
                 self.bar.set_postfix(acc=f"{100 * sum(accs) / len(accs):.2f}", refresh=False)
             self.bar.refresh()
 
-    def _read_new(self, path: Path, seen: dict[int, float]) -> None:
+    def _read_new(self, path: Path, seen: dict[int, float | None]) -> None:
         with open(path, "rb") as handle:
             inode = os.fstat(handle.fileno()).st_ino
             known, offset = self._read.get(path, (inode, 0))
@@ -66,7 +67,7 @@ class RowProgress:
             if line.strip():
                 row = json.loads(line)
                 if row["episode"] in self.wanted:
-                    seen[row["episode"]] = row.get("accuracy", 0.0)
+                    seen[row["episode"]] = row.get("accuracy")
         self._read[path] = (inode, offset + end)
 
     def _poll(self) -> None:
