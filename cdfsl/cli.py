@@ -4,6 +4,11 @@ Every recipe key is also a flag: ``cdfsl eval --config R --way 3 --shot 1 --data
 A :class:`~cdfsl.errors.CdfslError` raised while the recipe is parsed or its objects are built
 reaches the user as one line, ``cdfsl: error: ...``, and exit status 2, also when jsonargparse
 has wrapped it in errors of its own.
+
+Recipes are read in jsonargparse's ``omegaconf`` mode, as LightningCLI offers it: a recipe may
+interpolate its own keys (``output: runs/${method.init_args.backbone}-${shot}shot``). Each file
+is resolved as it is read, so a flag given after it (``--shot 5``) sets its key but not the
+values the file interpolated from it; ``--print_config`` shows the resolved values.
 """
 
 from __future__ import annotations
@@ -61,12 +66,17 @@ class _Parser(ArgumentParser):
         super().error(message, ex)
 
 
+#: How recipes are read: OmegaConf interpolation within each file. ("omegaconf+", resolved after
+#: the flags are merged, reads ``${shot}`` of a subcommand's recipe as the top-level key.)
+PARSER_MODE = "omegaconf"
+
+
 def build_parser() -> tuple[ArgumentParser, dict[str, ModuleType]]:
-    parser = _Parser(prog="cdfsl", description=__doc__)
+    parser = _Parser(prog="cdfsl", description=__doc__, parser_mode=PARSER_MODE)
     subcommands = parser.add_subcommands(required=True, dest="command")
     modules = _command_modules()
     for name, module in modules.items():
-        sub = _Parser(description=module.__doc__)
+        sub = _Parser(description=module.__doc__, parser_mode=PARSER_MODE)
         module.configure(sub)
         subcommands.add_subcommand(name, sub, help=module.HELP)
     return parser, modules

@@ -94,3 +94,17 @@ def test_printed_views_are_mappings(capsys):
     views = yaml.safe_load(text)["method"]["init_args"]["views"]
     assert views[0] == {"name": "clean", "rotation": 0.0, "jitter": 0.0, "hflip": False}
     assert [v["name"] for v in views] == ["clean", "rotate_jitter_flip", "rotate", "jitter", "flip"]
+
+
+def test_a_recipe_interpolates_its_own_keys(capsys, tmp_path):
+    """Recipes are read in jsonargparse's omegaconf mode; printing resolves the interpolations."""
+    recipe = tmp_path / "interpolated.yaml"
+    tiny = yaml.safe_load((ROOT / "recipes/tiny/mind.yaml").read_text())
+    tiny.update(shot=2, steps_per_shot=10, output="runs/${method.init_args.backbone}-${shot}shot")
+    recipe.write_text(yaml.safe_dump(tiny))
+    values = parsed("eval", ["--config", str(recipe)])
+    assert values["output"] == "runs/tiny-clip-2shot"
+    text = printed_config(capsys, "eval", ["--config", str(recipe)])
+    assert yaml.safe_load(text)["output"] == "runs/tiny-clip-2shot" and "${" not in text
+    # A flag after the recipe sets its key; what the file interpolated from it is already fixed.
+    assert parsed("eval", ["--config", str(recipe), "--shot", "5"])["output"] == values["output"]
