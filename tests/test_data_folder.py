@@ -52,6 +52,17 @@ def test_load_returns_rgb_from_any_mode(tmp_path: Path) -> None:
     assert gray.getpixel((0, 0)) == (128, 128, 128)
 
 
+def test_sixteen_bit_grayscale_is_rescaled_not_clipped_to_white(tmp_path: Path) -> None:
+    import numpy as np
+
+    make_image_folder(tmp_path, {"a": 1, "b": 1}, size=8)
+    # 16-bit level 32896 = 128·257 is 8-bit grey 128, as the named layouts read it.
+    Image.fromarray(np.full((4, 4), 128 * 257, dtype=np.uint16)).save(tmp_path / "a" / "x.png")
+    ds = ImageFolder(tmp_path)
+    image = ds.load([ds.sample_id(i) for i in range(len(ds))].index("a/x.png"))
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (128, 128, 128)
+
+
 def test_recurses_into_nested_folders_and_ignores_hidden_ones(tmp_path: Path) -> None:
     make_image_folder(tmp_path, {"cat": 1, "dog": 1})
     nested = tmp_path / "cat" / "indoor" / "sofa"

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from cdfsl.data.images import open_rgb
 from cdfsl.errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "readable_class_name"]
@@ -221,22 +222,9 @@ class ImageFolder:
         return self._paths[index].relative_to(self.root).as_posix()
 
     def load(self, index: int) -> Image.Image:
-        """Image ``index`` as RGB; raises ``DataError`` naming the file if it is unreadable."""
-        path = self._paths[index]
-        try:
-            with Image.open(path) as image:
-                # Palette images with a transparent colour warn when converted straight to RGB.
-                if image.mode == "P" and "transparency" in image.info:
-                    return image.convert("RGBA").convert("RGB")
-                return image.convert("RGB")
-        # PIL signals bad files with several unrelated types (OSError, ValueError, SyntaxError,
-        # DecompressionBombError, ...); all mean "this file cannot be used".
-        except Exception as err:
-            reason = str(err).replace("\n", " ") or type(err).__name__
-            raise DataError(
-                f"cannot read image {path} ({reason}); expected a readable image file; remove or "
-                "replace the file"
-            ) from err
+        """Image ``index`` as RGB (16-bit rescaled, as every layout reads it); raises
+        ``DataError`` naming the file if it is unreadable."""
+        return open_rgb(self._paths[index])
 
     def counts_per_class(self) -> dict[str, int]:
         """Number of images per class, keyed by folder name, in class-index order."""

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.folder import _class_files, _is_ignored_dir
+from cdfsl.data.images import open_rgb
 from cdfsl.errors import DataError
 
 __all__ = [
@@ -134,32 +134,6 @@ class DataReport:
             total_images = sum(sum(c) for c in self.counts.values())
             lines.append(f"ok: {len(self.classes)} classes, {total_images} images")
         return "\n".join(lines)
-
-
-def open_rgb(path: Path) -> Image.Image:
-    """The image file ``path`` as RGB; 16-bit grayscale is scaled to 8 bits first.
-
-    Raises ``DataError`` naming the file when PIL cannot read it.
-    """
-    try:
-        with Image.open(path) as image:
-            if image.mode.startswith("I"):
-                # convert("RGB") clips 16-bit values at 255 (a white image); rescale instead.
-                pixels = np.asarray(image, dtype=np.float64)
-                if pixels.max(initial=0) > 255:
-                    pixels = pixels / 257.0
-                gray = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-                return gray.convert("RGB")
-            if image.mode == "P" and "transparency" in image.info:
-                return image.convert("RGBA").convert("RGB")
-            return image.convert("RGB")
-    # PIL reports bad files with several unrelated types; all mean "this file cannot be used".
-    except Exception as err:
-        reason = str(err).replace("\n", " ") or type(err).__name__
-        raise DataError(
-            f"cannot read image {path} ({reason}); expected a readable image file; remove or "
-            "replace the file"
-        ) from err
 
 
 class ImageList:
