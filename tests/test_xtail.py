@@ -496,3 +496,102 @@ def test_cli_prints_matrix_and_metrics(tmp_path, capsys):
     assert "| Primal-RAIL |" in out and "Transfer" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["methods"]) == {"zero-shot", "primal"}
+
+
+# -- adding a method: one class ----------------------------------------------------------------
+@xtail.register_learner
+class NearestMeanLearner(xtail.XTailLearner):
+    """A new X-TAIL method in one class: each learned class's mean training feature; a test
+    image takes the class of the most similar mean, among the classes learned so far."""
+
+    name = "nearest-mean"
+    title = "Nearest class mean"
+
+    def __init__(self, context):
+        super().__init__(context)
+        classes, dim = context.text_feats.shape
+        self.means = torch.zeros(classes, dim)
+        self.seen = torch.zeros(classes, dtype=torch.bool)
+
+    def learn(self, step):
+        d = self.context.domains[step]
+        feats, labels = d.train_feats.features.float(), d.train_feats.labels
+        for c in labels.unique().tolist():
+            self.means[d.offset + c] = feats[labels == c].mean(dim=0)
+        self.seen[d.offset : d.end] = True
+
+    def predict(self, domain):
+        feats = self.context.domains[domain].test_feats.features.float()
+        scores = feats @ self.means.T
+        scores[:, ~self.seen] = -math.inf
+        return scores.argmax(dim=1)
+
+    def state(self):
+        return {"means": self.means, "seen": self.seen}
+
+    def load_state(self, state):
+        self.means, self.seen = state["means"], state["seen"]
+
+
+def test_a_new_learner_is_one_registered_class(tmp_path, monkeypatch):
+    assert xtail.LEARNERS["nearest-mean"] is NearestMeanLearner
+    assert "nearest-mean" not in xtail.METHODS  # the built-ins, a recipe's default
+    results = XTailRun(_config(tmp_path, ["nearest-mean", "zero-shot"])).run()
+    assert list(results) == ["zero-shot", "nearest-mean"]  # registration order
+    a = np.array(results["nearest-mean"]["matrix"])
+    # Only learned classes are predicted: a domain not learned yet (t < k) scores 0.
+    assert a.shape == (3, 3) and (a[np.triu_indices(3, k=1)] == 0).all()
+    assert results["nearest-mean"]["update_seconds_mean"] is not None
+    assert results["zero-shot"]["update_seconds_mean"] is None  # ZeroShotLearner.learns
+    out = tmp_path / "out"
+    assert "| Nearest class mean |" in (out / "summary.md").read_text()
+    assert json.loads((out / "nearest-mean" / "run.json").read_text()) == {"method": "nearest-mean"}
+    # Killed in step 1 and rerun, it continues from its saved state at step 0.
+    learned, killed = [], []
+    real_learn = NearestMeanLearner.learn
+
+    def dies_in_step_1(self, step):
+        learned.append(step)
+        if step == 1 and not killed:
+            killed.append(step)
+            raise Killed
+        real_learn(self, step)
+
+    monkeypatch.setattr(NearestMeanLearner, "learn", dies_in_step_1)
+    with pytest.raises(Killed):
+        XTailRun(_config(tmp_path / "again", ["nearest-mean"])).run()
+    learned.clear()
+    resumed = XTailRun(_config(tmp_path / "again", ["nearest-mean"])).run()
+    assert learned == [1, 2]
+    assert resumed["nearest-mean"]["matrix"] == results["nearest-mean"]["matrix"]
+
+
+def test_learner_names_and_titles_are_checked():
+    class Untitled(xtail.XTailLearner):
+        name = "untitled"
+
+    with pytest.raises(CdfslError, match="no name or title"):
+        xtail.register_learner(Untitled)
+
+    class Twin(xtail.XTailLearner):
+        name, title = "primal", "Another primal"
+
+    with pytest.raises(CdfslError, match="'primal' is taken by PrimalRailLearner"):
+        xtail.register_learner(Twin)
+    assert xtail.LEARNERS["primal"] is xtail.PrimalRailLearner
+
+
+def test_method_result_is_computed_from_the_step_rows_alone():
+    rows = [
+        {"accuracy": dict(zip("abc", row, strict=True)), "update_seconds": s,
+         "update_peak_rss_mb": p, "update_extra_rss_mb": e, "state_mb": 1.5}
+        for row, s, p, e in zip(HAND, (1.0, 2.0, 3.0), (10, 30, 20), (1, 3, 2), strict=True)
+    ]  # fmt: skip
+    res = xtail.method_result("primal", rows, ["a", "b", "c"])
+    assert res["matrix"] == HAND and res["metrics"] == xtail_metrics(HAND)
+    assert (res["update_seconds_mean"], res["update_peak_rss_mb_max"]) == (2.0, 30)
+    assert (res["update_extra_rss_mb_max"], res["state_mb"]) == (3, 1.5)
+    frozen = xtail.method_result("zero-shot", rows, ["a", "b", "c"], learns=False)
+    assert frozen["update_seconds_mean"] is frozen["update_peak_rss_mb_max"] is None
+    fig = xtail.plot_matrices({"primal": HAND, "zero-shot": HAND}, ["a", "b", "c"])
+    assert [ax.get_title().split("\n")[0] for ax in fig.axes[:2]] == ["Primal-RAIL", "Zero-shot"]

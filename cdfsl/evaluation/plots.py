@@ -87,3 +87,41 @@ def plot_training_curves(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_matrix_heatmaps(
+    panels: Sequence[tuple[str, Sequence[Sequence[float]]]],
+    labels: Sequence[str],
+    xlabel: str = "evaluated on",
+    ylabel: str = "after learning",
+) -> Any:
+    """A matplotlib ``Figure`` (Agg canvas) with one annotated heatmap per panel.
+
+    ``panels``: (title, ``(K, K)`` matrix) pairs of fractions (drawn in percent, 0-100);
+    ``labels``: the K row and column names. The caller saves the figure.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k = len(labels)
+    n = max(1, len(panels))
+    side = 1.0 + 0.55 * k
+    fig = Figure(figsize=(side * n + 0.6, side + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (title, matrix) in zip(fig.subplots(1, n, squeeze=False)[0], panels, strict=False):
+        a = 100 * np.asarray(matrix, dtype=np.float64)
+        im = ax.imshow(a, vmin=0, vmax=100, cmap="viridis")
+        for t in range(a.shape[0]):
+            for col in range(a.shape[1]):
+                colour = "black" if a[t, col] > 60 else "white"
+                ax.text(
+                    col, t, f"{a[t, col]:.0f}", ha="center", va="center", fontsize=7, color=colour
+                )
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(k), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(k), labels, fontsize=7)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+    fig.colorbar(im, ax=fig.axes, shrink=0.8, label="accuracy (%)")
+    return fig

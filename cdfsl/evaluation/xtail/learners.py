@@ -1,0 +1,299 @@
+"""X-TAIL learners: one class per method, chosen by name from :data:`LEARNERS`.
+
+A learner learns domain t of the sequence (:meth:`XTailLearner.learn`) and predicts union
+indices for a domain's test split (:meth:`XTailLearner.predict`); its name, title and the
+recipe settings it depends on are class attributes. Adding a method is one class::
+
+    @register_learner
+    class NearestMean(XTailLearner):
+        name = "nearest-mean"            # what a recipe's ``methods`` list names
+        title = "Nearest class mean"     # the reports' and heatmaps' name
+
+        def learn(self, step): ...       # self.context.domains[step].train_feats
+        def predict(self, domain): ...   # -> (N_test,) union indices
+
+A run builds ``LEARNERS[name](context)`` for each method it runs, in registration order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+from cdfsl.errors import CdfslError
+from cdfsl.evaluation.runner import FitConfig, episode_seed, fit_episode, predict_logits
+from cdfsl.lora import load_lora_state_dict, lora_state_dict
+from cdfsl.methods.rail import DualAdapter, PrimalAdapter, fuse
+
+if TYPE_CHECKING:
+    from cdfsl.data.base import LabelledImages
+    from cdfsl.evaluation.xtail.config import XTailConfig
+    from cdfsl.evaluation.xtail.data import Domain
+
+
+@dataclass
+class LearnerContext:
+    """What a learner is built from: the run's config and the prepared sequence.
+
+    ``text_feats: (C, D)`` L2-normalised prompt features of the union's C class names, in
+    union order; ``logit_scale``: the backbone's CLIP temperature.
+    """
+
+    config: XTailConfig
+    domains: list[Domain]
+    union_names: list[str]
+    text_feats: Tensor
+    logit_scale: float
+    device: torch.device
+
+
+class XTailLearner:
+    """One method in the sequence: learn domain t, predict union indices for a domain.
+
+    ``name``: the recipe's name for it; ``title``: the name reports print; ``learns``: False
+    for a method that learns nothing (no update time or memory in the summary).
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    learns: ClassVar[bool] = True
+
+    def __init__(self, context: LearnerContext) -> None:
+        self.context = context
+
+    @classmethod
+    def settings(cls, config: XTailConfig) -> dict[str, Any]:
+        """The recipe settings this method's results depend on (its folder's ``run.json``)."""
+        return {}
+
+    def learn(self, step: int) -> None:
+        """Learn domain ``step``."""
+
+    def predict(self, domain: int) -> Tensor:
+        """``(N_test,)`` predicted union indices for the test split of ``domain``."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any] | None:
+        """What :meth:`load_state` needs to continue after the last learned step."""
+        return None
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        """Continue from :meth:`state`."""
+
+    def state_bytes(self) -> int | None:
+        return None
+
+
+LEARNERS: dict[str, type[XTailLearner]] = {}
+"""Registered X-TAIL learners: recipe name -> class, in the order a run runs them."""
+
+L = TypeVar("L", bound=type[XTailLearner])
+
+
+def register_learner(cls: L) -> L:
+    """Class decorator: add ``cls`` to :data:`LEARNERS` under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not isinstance(getattr(cls, "title", None), str):
+        raise CdfslError(
+            f"learner {cls.__qualname__} has no name or title: expected string class "
+            "attributes `name` (the recipe's) and `title` (the reports'); add them"
+        )
+    if LEARNERS.get(name, cls) is not cls:
+        raise CdfslError(
+            f"learner name {name!r} is taken by {LEARNERS[name].__qualname__}: expected a new "
+            "name; rename the class's `name`"
+        )
+    LEARNERS[name] = cls
+    return cls
+
+
+def title_of(name: str) -> str:
+    """The registered learner ``name``'s title, or ``name`` itself."""
+    cls = LEARNERS.get(name)
+    return cls.title if cls is not None else name
+
+
+class _FeatureLearner(XTailLearner):
+    """Shared zero-shot probabilities on cached features; RAIL adds an adapter and fusion."""
+
+    def __init__(self, context: LearnerContext) -> None:
+        super().__init__(context)
+        self.domains, self.device = context.domains, context.device
+        self.batch_size = context.config.batch_size
+        self.text_feats = context.text_feats.to(context.device)
+        self.scale = context.logit_scale
+
+    def zero_shot_probs(self, feats: Tensor) -> Tensor:
+        """``feats: (B, D)`` normalised -> ``(B, C)`` softmax(s · cos) over the union."""
+        return torch.softmax(self.scale * feats.to(self.device) @ self.text_feats.T, dim=1)
+
+    def predict_batch(self, feats: Tensor) -> Tensor:
+        return self.zero_shot_probs(feats).argmax(dim=1)
+
+    def predict(self, domain: int) -> Tensor:
+        feats = self.domains[domain].test_feats.features
+        out = [
+            self.predict_batch(feats[i : i + self.batch_size]).cpu()
+            for i in range(0, len(feats), self.batch_size)
+        ]
+        return torch.cat(out)
+
+
+@register_learner
+class ZeroShotLearner(_FeatureLearner):
+    """The frozen model with ``template`` prompts; learns nothing."""
+
+    name = "zero-shot"
+    title = "Zero-shot"
+    learns = False
+
+
+@register_learner
+class FineTuneLearner(XTailLearner):
+    """LoRA-CE on each domain's training shots in turn (its own classes), adapters carried
+    from domain to domain (the forgetting that RAIL avoids)."""
+
+    name = "finetune"
+    title = "LoRA fine-tune (sequential)"
+
+    @classmethod
+    def settings(cls, config: XTailConfig) -> dict[str, Any]:
+        return {"finetune": config.finetune}
+
+    def __init__(self, context: LearnerContext) -> None:
+        from cdfsl.methods.lora_ce import LoRAFineTune
+
+        super().__init__(context)
+        cfg = context.config
+        ft = cfg.finetune
+        # Seeded as the feature backbone was, so a random-init backbone is the same model.
+        torch.manual_seed(cfg.seed)
+        self.method = LoRAFineTune(
+            backbone=cfg.backbone, pretrained=cfg.pretrained, template=cfg.template,
+            lora=ft.lora, views=ft.views, lr=ft.lr, weight_decay=ft.weight_decay, seed=cfg.seed,
+        )  # fmt: skip
+        self.method.reset(cfg.seed)
+        self.fit = FitConfig(
+            steps=ft.steps, precision=ft.precision, accelerator=ft.accelerator,
+            batch_size=ft.images_per_step,
+        )  # fmt: skip
+        self.cfg, self.domains, self.union_names = cfg, context.domains, context.union_names
+        # Domain images are framed to the input size already (FramedImages): no second frame.
+        self.to_tensor = self.method.backbone.preprocess.to_tensor("squash")
+        self.method.set_classes(self.union_names)
+
+    def _images(self, dataset: LabelledImages, start: int, stop: int) -> Tensor:
+        return torch.stack([self.to_tensor(dataset.load(i)) for i in range(start, stop)])
+
+    def learn(self, step: int) -> None:
+        d = self.domains[step]
+        images = self._images(d.train, 0, len(d.train))
+        labels = torch.tensor(d.train.targets, dtype=torch.long)  # the domain's own classes
+        self.method.set_classes(d.class_names)
+        seed = episode_seed(self.cfg.seed, step)
+        torch.manual_seed(seed)
+        self.method.seed = seed
+        fit_episode(self.method, images, labels, self.cfg.finetune.steps, self.fit)
+        self.method.set_classes(self.union_names)
+
+    def predict(self, domain: int) -> Tensor:
+        test = self.domains[domain].test
+        out = []
+        for start in range(0, len(test), 1024):
+            images = self._images(test, start, min(start + 1024, len(test)))
+            logits = predict_logits(self.method, images, self.fit, self.cfg.batch_size)
+            out.append(logits.argmax(dim=1))
+        return torch.cat(out)
+
+    def state(self) -> dict[str, Any]:
+        return lora_state_dict(self.method.backbone.lora_root())
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            load_lora_state_dict(self.method.backbone.lora_root(), state)
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state().values())
+
+
+class _RailLearner(_FeatureLearner):
+    """RAIL: an analytic adapter on cached features, fused with zero-shot (RAIL-Fusion)."""
+
+    def __init__(self, context: LearnerContext) -> None:
+        super().__init__(context)
+        self.adapter, self.beta = self.make_adapter(context), context.config.beta
+
+    def make_adapter(self, context: LearnerContext) -> PrimalAdapter | DualAdapter:
+        raise NotImplementedError
+
+    def learn(self, step: int) -> None:
+        d = self.domains[step]
+        labels = d.train_feats.labels + d.offset  # union indices
+        self.adapter.update(d.train_feats.features, labels, num_classes=d.end)
+
+    def predict_batch(self, feats: Tensor) -> Tensor:
+        probs = self.zero_shot_probs(feats)
+        seen = self.adapter.num_classes
+        scores = torch.zeros_like(probs)
+        if seen:
+            scores[:, :seen] = self.adapter.scores(feats).to(probs.device, probs.dtype)
+        mask = torch.arange(probs.shape[1], device=probs.device) < seen
+        return fuse(probs, scores, mask, self.beta).argmax(dim=1)
+
+    def state(self) -> dict[str, Any]:
+        return self.adapter.state_dict()
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            cls = PrimalAdapter if state["kind"] == "primal" else DualAdapter
+            self.adapter = cls.from_state_dict(state, self.device)
+
+    def state_bytes(self) -> int:
+        return self.adapter.state_bytes()
+
+
+@register_learner
+class PrimalRailLearner(_RailLearner):
+    """Primal-RAIL: ridge regression on a random ReLU layer (``primal``), with RAIL-Fusion."""
+
+    name = "primal"
+    title = "Primal-RAIL"
+
+    @classmethod
+    def settings(cls, config: XTailConfig) -> dict[str, Any]:
+        return {"primal": config.primal, "beta": config.beta}
+
+    def make_adapter(self, context: LearnerContext) -> PrimalAdapter:
+        p = context.config.primal
+        dim = context.domains[0].train_feats.features.shape[1]
+        return PrimalAdapter(
+            dim, p.hidden, p.reg, p.seed, random_init=p.random_init, dtype=p.dtype,
+            block_size=p.block_size, device=context.device,
+        )  # fmt: skip
+
+
+@register_learner
+class DualRailLearner(_RailLearner):
+    """Dual-RAIL: kernel ridge regression with an RBF kernel (``dual``), with RAIL-Fusion."""
+
+    name = "dual"
+    title = "Dual-RAIL"
+
+    @classmethod
+    def settings(cls, config: XTailConfig) -> dict[str, Any]:
+        return {"dual": config.dual, "beta": config.beta}
+
+    def make_adapter(self, context: LearnerContext) -> DualAdapter:
+        q = context.config.dual
+        return DualAdapter(
+            q.gamma, q.reg, dtype=q.dtype, block_size=q.block_size, device=context.device
+        )
+
+
+METHODS = tuple(LEARNERS)
+"""The built-in method names, in the order they are run (a recipe's default ``methods``)."""
+METHOD_TITLES = {name: cls.title for name, cls in LEARNERS.items()}
+"""The built-in methods' titles (each learner's ``title``)."""
