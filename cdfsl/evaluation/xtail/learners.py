@@ -247,9 +247,8 @@ class _RailLearner(_FeatureLearner):
         return self.adapter.state_dict()
 
     def load_state(self, state: dict[str, Any] | None) -> None:
-        if state is not None:
-            cls = PrimalAdapter if state["kind"] == "primal" else DualAdapter
-            self.adapter = cls.from_state_dict(state, self.device)
+        if state is not None:  # the adapter kind this learner made
+            self.adapter = type(self.adapter).from_state_dict(state, self.device)
 
     def state_bytes(self) -> int:
         return self.adapter.state_bytes()
