@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from cdfsl.backbones.base import Backbone
 from cdfsl.data.base import LabelledImages
 from cdfsl.errors import CdfslError
+from cdfsl.plumbing import PROMPT_TEMPLATE, save_torch_atomic
 
 CACHE_ENV = "CDFSL_FEATURE_CACHE"
 """Environment variable that moves the default cache directory."""
@@ -123,16 +124,6 @@ class ImageFeatures:
     key: str
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "backbone"
 
@@ -193,7 +184,7 @@ class FeatureCache:
                 "sample_ids": [dataset.sample_id(i) for i in range(len(dataset))],
                 "class_names": list(dataset.class_names),
             }
-            _atomic_save(entry, path)
+            save_torch_atomic(entry, path)
         else:
             self.hits += 1
         return ImageFeatures(
@@ -204,7 +195,7 @@ class FeatureCache:
         self,
         backbone: Backbone,
         class_names: Sequence[str],
-        template: str = "a photo of a {}.",
+        template: str = PROMPT_TEMPLATE,
         backbone_key: str | None = None,
     ) -> Tensor:
         """``(C, D)`` L2-normalised float32 features of ``template`` filled with each name."""
@@ -223,7 +214,7 @@ class FeatureCache:
             finally:
                 backbone.train(was_training)
             entry = {"key": key, "features": feats}
-            _atomic_save(entry, path)
+            save_torch_atomic(entry, path)
         else:
             self.hits += 1
         return entry["features"]

@@ -35,6 +35,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.factory import LOCAL_DIR_PREFIX
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
@@ -49,6 +50,7 @@ from cdfsl.data.micro_world import (
     source_vocabulary,
 )
 from cdfsl.errors import CdfslError
+from cdfsl.plumbing import PROMPT_TEMPLATE, warmup_cosine
 
 log = logging.getLogger("cdfsl.pretrain_micro")  # not __main__ under python -m
 
@@ -80,7 +82,7 @@ PREPROCESS_CFG: dict[str, Any] = {
     "resize_mode": "squash",
 }
 
-ZERO_SHOT_TEMPLATE = "a photo of a {}."
+ZERO_SHOT_TEMPLATE = PROMPT_TEMPLATE
 
 DESIGN_NOTES = """\
 What was tried before this design (short runs, same seed; "probe" = accuracy of the nearest
@@ -194,10 +196,11 @@ def contrastive_loss(
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    # lr·(step + 1)/warmup, not lr·warmup_cosine(...) in the warm-up: the product in this order
+    # is what trained the shipped micro-clip, and a rerun must give its bytes.
     if step < warmup:
         return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr * warmup_cosine(step, steps, warmup, floor=0.02)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -323,8 +326,8 @@ def evaluate_domains(
     domains: Sequence[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Zero-shot accuracy and chance of the ``local-dir`` model on each micro-world domain."""
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{model_dir}")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"{LOCAL_DIR_PREFIX}{model_dir}")
+    tokenizer = open_clip.get_tokenizer(f"{LOCAL_DIR_PREFIX}{model_dir}")
     results = {}
     for domain in domains or list_domains():
         world = MicroWorld(domain, images_per_class=images_per_class, seed=seed)

@@ -63,6 +63,7 @@ def _child(args: list[str], phase_path: Path, pause: float) -> int:
     """In the forked child: slow writes with phase records, then ``cdfsl eval``."""
     import torch
 
+    from cdfsl import plumbing
     from cdfsl.evaluation import runner, store
 
     torch.set_num_threads(1)
@@ -74,7 +75,7 @@ def _child(args: list[str], phase_path: Path, pause: float) -> int:
         os.pwrite(phase_fd, f"{kind}:{counts[kind]}".ljust(48).encode(), 0)
 
     class SlowOS:
-        """``os`` for cdfsl.evaluation.store: two-part writes and late renames, recorded."""
+        """``os`` for the store and cdfsl.plumbing: two-part writes and late renames, recorded."""
 
         def __init__(self) -> None:
             self.names: dict[int, str] = {}
@@ -103,7 +104,8 @@ def _child(args: list[str], phase_path: Path, pause: float) -> int:
             os.replace(src, dst)
             phase("running")
 
-    store.os = SlowOS()
+    # The store opens its files; cdfsl.plumbing writes and renames them.
+    store.os = plumbing.os = SlowOS()
     run_episodes = runner.EpisodicEvaluator.run_episodes
 
     def training(self, indices, callbacks=None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from open_clip.factory import LOCAL_DIR_PREFIX
 from torch import Tensor, nn
 
 from cdfsl.assets import assets_dir
@@ -51,7 +52,7 @@ for _row in (
     ),
     BackboneEntry(
         "micro-clip",
-        f"local-dir:{assets_dir() / 'micro-clip'}",
+        f"{LOCAL_DIR_PREFIX}{assets_dir() / 'micro-clip'}",
         None,
         "CLIP pretrained by cdfsl on the micro world's source domain (offline default)",
         how_to_get="rebuild it with: python -m cdfsl.pretrain_micro --output assets/micro-clip",

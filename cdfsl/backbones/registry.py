@@ -23,6 +23,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.factory import LOCAL_DIR_PREFIX
 
 from cdfsl.backbones.base import Backbone
 from cdfsl.backbones.tokenizers import TokenizerSource, build_tokenizer, resolve_tokenizer
@@ -83,7 +84,7 @@ def resolve_entry(name: str) -> BackboneEntry:
     """A registry row for ``name``: a short name, or any open_clip model name as-is."""
     if name in _BACKBONES:
         return _BACKBONES[name]
-    if name.startswith("local-dir:") or name in open_clip.list_models():
+    if name.startswith(LOCAL_DIR_PREFIX) or name in open_clip.list_models():
         return BackboneEntry(name=name, model=name, pretrained=None)
     known = ", ".join(sorted(_BACKBONES))
     raise WeightsError(
@@ -165,8 +166,8 @@ def resolve_weights(
     default_tag_cfg = (
         open_clip.get_pretrained_cfg(entry.model, entry.pretrained) if entry.pretrained else {}
     )
-    if entry.model.startswith("local-dir:"):
-        folder = Path(entry.model.removeprefix("local-dir:"))
+    if entry.model.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(entry.model.removeprefix(LOCAL_DIR_PREFIX))
         if not (folder / "open_clip_config.json").is_file():
             hint = entry.how_to_get or "point the backbone at a folder holding both files"
             raise WeightsError(
@@ -325,8 +326,10 @@ def _pretrained_dir(entry: BackboneEntry, pretrained: str | None) -> str | None:
 
 def weights_available(entry: BackboneEntry, cache_dir: str | None = None) -> bool:
     """Whether ``entry``'s default weights and tokenizer load without network access."""
-    if entry.model.startswith("local-dir:"):
-        return (Path(entry.model.removeprefix("local-dir:")) / "open_clip_config.json").is_file()
+    if entry.model.startswith(LOCAL_DIR_PREFIX):
+        return (
+            Path(entry.model.removeprefix(LOCAL_DIR_PREFIX)) / "open_clip_config.json"
+        ).is_file()
     try:
         _resolve_files(entry, "default", cache_dir, allow_download=False, tokenizer=None)
     except WeightsError:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
+from open_clip.factory import LOCAL_DIR_PREFIX
 from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer, SimpleTokenizer
 from torch import Tensor
 
@@ -58,7 +59,7 @@ def _text_cfg(model: str) -> dict:
 
 def hf_tokenizer_name(model: str) -> str | None:
     """The Hugging Face tokenizer ``model``'s open_clip config names, or None (bundled BPE)."""
-    if model.startswith("local-dir:"):
+    if model.startswith(LOCAL_DIR_PREFIX):
         return None  # open_clip reads those tokenizer files from the model directory itself
     return _text_cfg(model).get("hf_tokenizer_name") or None
 
@@ -150,7 +151,7 @@ def build_tokenizer(model: str, source: TokenizerSource) -> Tokenizer:
     the bundled BPE, whatever their name: open_clip would guess a hub tokenizer from "siglip" in
     a name, which the random-init test configs must not trigger.
     """
-    if model.startswith("local-dir:"):
+    if model.startswith(LOCAL_DIR_PREFIX):
         return open_clip.get_tokenizer(model)
     text_cfg = _text_cfg(model)
     context_length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)

@@ -85,18 +85,3 @@ def method(cfg: Namespace) -> FewShotMethod:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return parser.instantiate(Namespace(method=cfg.method)).method
-
-
-def plain(obj):
-    """Namespaces and dataclasses from jsonargparse as JSON-ready values."""
-    if isinstance(obj, Namespace):
-        return {k: plain(v) for k, v in vars(obj).items()}
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(obj)
-    return obj

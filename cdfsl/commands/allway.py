@@ -16,6 +16,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from cdfsl.commands import _run_args
 from cdfsl.errors import CdfslError
+from cdfsl.plumbing import plain_json
 
 NAME = "allway"
 HELP = "all-way K-shot evaluation on train/val/test splits, over shots and seeds (resumable)"
@@ -58,8 +59,8 @@ def run(cfg: Namespace) -> None:
         config={
             "backbone": method.hparams.backbone,
             "dataset": data.source,
-            "method_args": _run_args.plain(cfg.method.init_args),
-            "data": _run_args.plain(vars(cfg.data)),
+            "method_args": plain_json(cfg.method.init_args),
+            "data": plain_json(vars(cfg.data)),
         },
         progress=cfg.progress, batch_size=cfg.score_batch_size, workers=cfg.workers,
     )  # fmt: skip

@@ -7,6 +7,7 @@ SigLIP2), load without network access.
 from __future__ import annotations
 
 from jsonargparse import ArgumentParser, Namespace
+from open_clip.factory import LOCAL_DIR_PREFIX
 
 NAME = "backbones"
 HELP = "list registered backbones and whether their weights are available locally"
@@ -29,7 +30,7 @@ def run(cfg: Namespace) -> None:
     for entry in entries:
         available = weights_available(entry)
         # A local-dir model's config lives in its folder, which may not exist yet.
-        local_dir = entry.model.startswith("local-dir:")
+        local_dir = entry.model.startswith(LOCAL_DIR_PREFIX)
         model_cfg = (
             open_clip.get_model_config(entry.model) if available or not local_dir else {}
         ) or {}

@@ -15,6 +15,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from cdfsl.commands import _run_args
 from cdfsl.errors import CdfslError
+from cdfsl.plumbing import plain_json
 
 if TYPE_CHECKING:
     from cdfsl.data.base import LabelledImages
@@ -121,8 +122,8 @@ def _evaluate(cfg: Namespace, shard: Shard | None) -> None:
         config={
             "backbone": method.hparams.backbone,
             "dataset": label,
-            "method_args": _run_args.plain(cfg.method.init_args),
-            "data": _run_args.plain(vars(cfg.data)),
+            "method_args": plain_json(cfg.method.init_args),
+            "data": plain_json(vars(cfg.data)),
         },
         progress=cfg.progress, shard=shard, manifest=manifest, retry_failed=cfg.retry_failed,
     )  # fmt: skip

@@ -30,6 +30,7 @@ from cdfsl.data.base import LabelledImages
 from cdfsl.data.folder import _class_files, _is_ignored_dir
 from cdfsl.data.images import open_rgb
 from cdfsl.errors import DataError
+from cdfsl.plumbing import PROMPT_TEMPLATE
 
 __all__ = [
     "GENERIC_TEMPLATE",
@@ -43,7 +44,7 @@ __all__ = [
     "prompt_template",
 ]
 
-GENERIC_TEMPLATE = "a photo of a {}."
+GENERIC_TEMPLATE = PROMPT_TEMPLATE
 """The prompt of datasets without their own, and the default of every method's ``template``."""
 
 _SHOWN = 3  # examples named in a message about many files

@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from cdfsl.evaluation.stats import mean_ci95
 from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, write_json_atomic
 from cdfsl.lora import LoRAAdapter
 from cdfsl.methods.base import FewShotMethod
+from cdfsl.plumbing import quiet_lightning
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -198,20 +198,6 @@ class _SupportBatches(IterableDataset):
             yield self.images[index], self.labels[index]
 
 
-@contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    names = [n for n in logging.root.manager.loggerDict if n.startswith("lightning")]
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", *names)]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 class NonFiniteGuard(L.Callback):
     """Stops each episode whose loss turns non-finite; the episodes beside it train on as before.
 
@@ -292,7 +278,7 @@ def fit_episode(
     # Lightning keeps the mode it finds; a model left in eval() by scoring would train without
     # LoRA dropout.
     method.train()
-    with _quiet_lightning():
+    with quiet_lightning():
         trainer = L.Trainer(
             accelerator=device.type,
             # devices=1 would be cuda:0 for every rank of a launcher.

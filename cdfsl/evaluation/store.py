@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-from collections.abc import Mapping
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from cdfsl.errors import CdfslError
+from cdfsl.plumbing import plain_json, write_all, write_bytes_atomic, write_json_atomic
+
+# plain_json and write_json_atomic are re-exported: run fingerprints and summaries import them here.
+__all__ = ["ResultStore", "check_run_config", "plain_json", "write_json_atomic"]
 
 
 class ResultStore:
@@ -60,68 +61,17 @@ class ResultStore:
         data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
         if self.path.exists() and self.path.read_bytes() == data:
             return
-        _write_atomic(self.path, data)
+        write_bytes_atomic(self.path, data)
 
     def append(self, row: dict[str, Any]) -> None:
         line = (json.dumps(row, sort_keys=True) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            _write_all(fd, line)
+            write_all(fd, line)
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON through a temporary file and a rename: readers never see half."""
-    _write_atomic(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Make ``data`` the whole of ``path`` at once: a temporary file, fsync'd, then a rename.
-
-    A kill at any moment leaves ``path`` as it was or as ``data``, never part of it (at worst a
-    stray temporary file beside it).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """``os.write`` until all of ``data`` is written (a write may take only part of it)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _temporary(path: Path) -> Path:
-    """A temporary name beside ``path``, its own per process: shards of one run may write the
-    same file (run.json) at once, on one host or several sharing the folder."""
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def plain_json(value: Any) -> Any:
-    """``value`` as JSON values, e.g. for a run fingerprint: dataclasses and jsonargparse
-    namespaces as dicts, tuples as lists; a leaf JSON cannot hold becomes its repr."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return plain_json(asdict(value))
-    if type(value).__name__ == "Namespace" and hasattr(value, "__dict__"):
-        return plain_json(vars(value))
-    if isinstance(value, Mapping):
-        return {str(k): plain_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_json(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
 
 
 def check_run_config(output_dir: str | Path, config: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from cdfsl.lora import (
     set_lora_generators,
     set_num_adapters,
 )
+from cdfsl.plumbing import PROMPT_TEMPLATE
 
 #: How views are drawn: ``per_episode`` draws them once when training starts and reuses them at
 #: every step (the reference code: its data loader yields an episode's views once, and every
@@ -111,7 +112,7 @@ class FewShotMethod(L.LightningModule):
         backbone: str = "tiny-clip",
         pretrained: str | None = "default",
         class_names: Sequence[str] | None = None,
-        template: str = "a photo of a {}.",
+        template: str = PROMPT_TEMPLATE,
         logit_scale: float | None = None,
         lora: LoRAConfig | None = LoRAConfig(),  # noqa: B008  (frozen value, never mutated)
         views: Sequence[ViewSpec] | None = tuple(DEFAULT_VIEWS),

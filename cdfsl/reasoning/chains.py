@@ -13,7 +13,6 @@ bad chain file is reported before training instead of failing in the middle of i
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cdfsl.errors import CdfslError
+from cdfsl.plumbing import write_jsonl_atomic
 from cdfsl.reasoning.answers import TAGS, conclusion_text, missing_tags, parse_class
 
 MISSING_TAG = "missing tag"
@@ -186,13 +186,7 @@ def read_chains(path: str | Path, source: str | None = None) -> tuple[list[Chain
 
 def write_chains(path: str | Path, chains: Iterable[Chain]) -> None:
     """Write ``chains`` as JSONL through a temporary file and a rename (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for chain in chains:
-            handle.write(json.dumps(asdict(chain), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl_atomic(path, (asdict(chain) for chain in chains))
 
 
 class ChainStore:

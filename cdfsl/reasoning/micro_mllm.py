@@ -32,6 +32,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.factory import LOCAL_DIR_PREFIX
 from PIL import Image
 from torch import Tensor, nn
 
@@ -136,7 +137,7 @@ def load_vision_tower(vision: str) -> tuple[nn.Module, dict]:
             "a CPU), or set model.vision: random for a random tower"
         )
     config = json.loads((folder / "open_clip_config.json").read_text())
-    model = open_clip.create_model(f"local-dir:{folder}")
+    model = open_clip.create_model(f"{LOCAL_DIR_PREFIX}{folder}")
     size = config["model_cfg"]["vision_cfg"]["image_size"]
     preprocess = _preprocess({"size": size, **config.get("preprocess_cfg", {})})
     return model.visual.requires_grad_(False).eval(), preprocess

@@ -20,11 +20,8 @@ so that a label token and a chain token weigh the same.
 
 from __future__ import annotations
 
-import logging
-import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cdfsl.errors import CdfslError
+from cdfsl.plumbing import quiet_lightning, warmup_cosine
 from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt
 
@@ -210,32 +208,13 @@ class MTCTModule(L.LightningModule):
         warmup = max(1, round(self.warmup_ratio * total))
 
         def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (
-                1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))
-            )
+            return warmup_cosine(step, total, warmup)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
         return {
             "optimizer": optimiser,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Lightning's start-up and stop messages at WARNING level for the duration."""
-    names = [n for n in logging.root.manager.loggerDict if n.startswith("lightning")]
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", *names)]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def train_mtct(

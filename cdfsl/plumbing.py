@@ -1,0 +1,134 @@
+"""Plumbing shared by every part of cdfsl: atomic writes, JSON values, quiet Lightning, the
+warm-up cosine schedule and the prompt template several modules name. (open_clip's own
+``LOCAL_DIR_PREFIX`` names local model folders; import it from ``open_clip.factory``.)
+
+One copy of each: a store, a feature cache and a chain file write the same way, and a run
+fingerprint is normalised the same way whichever command records it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "PROMPT_TEMPLATE",
+    "plain_json",
+    "quiet_lightning",
+    "save_torch_atomic",
+    "warmup_cosine",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_jsonl_atomic",
+]
+
+#: CLIP's plain prompt, the spec's classifier prompt and every dataset's fallback.
+PROMPT_TEMPLATE = "a photo of a {}."
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Make ``data`` the whole of ``path`` at once: a temporary file, fsync'd, then a rename.
+
+    A kill at any moment leaves ``path`` as it was or as ``data``, never part of it (at worst a
+    stray temporary file beside it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON with :func:`write_bytes_atomic`."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> None:
+    """Write one JSON value per line (UTF-8, not ASCII-escaped) with :func:`write_bytes_atomic`."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def save_torch_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through a temporary file and a rename: readers never see half a file."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def temporary_path(path: Path) -> Path:
+    """A temporary name beside ``path``, its own per process: shards of one run may write the
+    same file (run.json) at once, on one host or several sharing the folder."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def plain_json(value: Any) -> Any:
+    """``value`` as JSON values, e.g. for a run fingerprint: dataclasses and jsonargparse
+    namespaces as dicts, tuples as lists; a leaf JSON cannot hold becomes its repr."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return plain_json(asdict(value))
+    if type(value).__name__ == "Namespace" and hasattr(value, "__dict__"):
+        return plain_json(vars(value))
+    if isinstance(value, Mapping):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's start-up and stop messages at WARNING level for the duration."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("lightning")]
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", *names)]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
+    """The learning-rate factor of step ``step`` (0-based) of ``total``.
+
+    Linear warm-up ``(step + 1) / warmup`` for ``step < warmup``, then a cosine from 1 down to
+    ``floor`` over the remaining steps, held at ``floor`` past ``total``:
+    ``floor + (1 - floor) · (1 + cos(π · min(1, (step - warmup) / max(1, total - warmup)))) / 2``.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
