@@ -14,6 +14,7 @@ values the file interpolated from it; ``--print_config`` shows the resolved valu
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 import warnings
@@ -56,14 +57,42 @@ def cdfsl_error_in(error: BaseException | None) -> CdfslError | None:
     return None
 
 
+def parse_error_line(message: str, error: BaseException | None) -> str:
+    """jsonargparse's parse failure as one line: where it failed, then the innermost reason.
+
+    ``Parser key "method": ...`` over a dozen lines of Union subtypes and given values becomes
+    ``Parser key "method": Option 'bakbone' is not accepted``.
+    """
+    head = next((line.strip() for line in message.splitlines() if line.strip()), "bad arguments")
+    innermost = error
+    while innermost is not None and innermost.__cause__ is not None:
+        innermost = innermost.__cause__
+    lines = str(innermost).strip().splitlines() if innermost is not None else []
+    reason = lines[0].strip() if lines else ""
+    if not reason or reason in head:
+        return head
+    return f"{head.rstrip(':')}: {reason}"
+
+
 class _Parser(ArgumentParser):
-    """jsonargparse's parser, except that a parse failure caused by a ``CdfslError`` raises it."""
+    """jsonargparse's parser, whose failures reach the user as one ``cdfsl: error:`` line.
+
+    A failure caused by a ``CdfslError`` raises that error (``main`` prints it); any other
+    failure of the command line is printed as :func:`parse_error_line` with exit status 2.
+    jsonargparse's inner parsers (``exit_on_error`` false) raise as before, and with
+    ``JSONARGPARSE_DEBUG`` set every failure is jsonargparse's own.
+    """
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         found = cdfsl_error_in(ex)
         if found is not None:
             raise found
-        super().error(message, ex)
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        failed = getattr(ex, "subcommand_parser", None) or self
+        command = failed.prog.replace(" [options]", "")
+        self.exit(2, f"cdfsl: error: {parse_error_line(message, ex)}; {command} --help lists "
+                  "the options\n")  # fmt: skip
 
 
 #: How recipes are read: OmegaConf interpolation within each file. ("omegaconf+", resolved after

@@ -177,3 +177,25 @@ def test_other_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(backbones, "run", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["backbones"])
+
+
+# fmt: off
+PARSE_MISTAKES = [
+    (["eval", "--config", TINY, "--method.init_args.bakbone", "x"], "'bakbone' is not accepted"),
+    (["eval", "--config", TINY, "--method.class_path", "cdfsl.methods.Nope"], "'Nope'"),
+    (["eval", "--config", TINY, "--wya", "3"], "unrecognized arguments: --wya 3"),
+    (["eval", "--config", TINY, "--way", "abc"], 'Parser key "way"'),
+    (["rail", "--config", RAIL, "--finetune.lora.rank", "abc"], "finetune.lora.rank"),
+    (["demo", "--shots", "abc"], 'Parser key "shots"'),
+    (["data", "frob"], "frob"),
+    (["evl"], "invalid choice: 'evl'"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("args", "expected"), PARSE_MISTAKES, ids=lambda a: str(a)[:40])
+def test_a_command_line_jsonargparse_refuses_is_one_line_too(capsys, args, expected):
+    """Misspelt keys and values of the wrong type: jsonargparse's reason, without the wall."""
+    line = one_error_line(capsys, args)
+    assert expected in line and line.endswith("--help lists the options")
+    assert "Given value" not in line and "NoneType" not in line
