@@ -24,9 +24,7 @@ from torch import Tensor
 
 from cdfsl.errors import DataError
 
-__all__ = [
-    "DEFAULT_VIEWS", "ViewAugmenter", "ViewSpec", "clean_view_index", "parse_views", "view_as_dict",
-]  # fmt: skip
+__all__ = ["DEFAULT_VIEWS", "ViewAugmenter", "ViewSpec", "clean_view_index", "parse_views"]
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale, so jitter matches ColorJitter.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -88,11 +86,6 @@ DEFAULT_VIEWS: tuple[ViewSpec, ...] = (
 )
 
 
-def view_as_dict(view: ViewSpec) -> dict[str, object]:
-    """A view as the mapping a recipe writes: ``{name, rotation, jitter, hflip}``."""
-    return {f.name: getattr(view, f.name) for f in fields(ViewSpec)}
-
-
 def _view_from(item: object, position: int | None) -> ViewSpec:
     """One view from a spec or a mapping; ``position`` in the views list, if known, for errors."""
     if isinstance(item, ViewSpec):
@@ -129,8 +122,9 @@ def parse_views(views: Sequence[ViewSpec | Mapping[str, object]]) -> tuple[ViewS
 
 
 def _serialize_view(view: ViewSpec | Namespace | Mapping[str, object]) -> dict[str, object]:
+    """A view as the mapping a recipe writes: ``{name, rotation, jitter, hflip}``."""
     if isinstance(view, ViewSpec):
-        return view_as_dict(view)
+        return {f.name: getattr(view, f.name) for f in fields(ViewSpec)}
     return dict(vars(view) if isinstance(view, Namespace) else view)
 
 
