@@ -595,3 +595,22 @@ def test_method_result_is_computed_from_the_step_rows_alone():
     assert frozen["update_seconds_mean"] is frozen["update_peak_rss_mb_max"] is None
     fig = xtail.plot_matrices({"primal": HAND, "zero-shot": HAND}, ["a", "b", "c"])
     assert [ax.get_title().split("\n")[0] for ax in fig.axes[:2]] == ["Primal-RAIL", "Zero-shot"]
+
+
+class CopyOfZeroShot(xtail.ZeroShotLearner):
+    """A learner defined outside cdfsl and never registered by hand."""
+
+    name, title = "zero-shot-copy", "Zero-shot (named by class_path)"
+
+
+def test_a_recipe_names_an_unregistered_learner_by_its_class_path(tmp_path):
+    runner = XTailRun(_config(tmp_path, [f"{__name__}.CopyOfZeroShot", "zero-shot"]))
+    assert xtail.LEARNERS["zero-shot-copy"] is CopyOfZeroShot
+    results = runner.run()
+    assert list(results) == ["zero-shot", "zero-shot-copy"]
+    assert results["zero-shot-copy"]["matrix"] == results["zero-shot"]["matrix"]
+    assert (tmp_path / "out" / "zero-shot-copy" / "steps.jsonl").exists()
+    with pytest.raises(CdfslError, match=r"class_path 'cdfsl\.nowhere\.Learner'"):
+        XTailRun(_config(tmp_path, ["cdfsl.nowhere.Learner"]))
+    with pytest.raises(CdfslError, match="expected an XTailLearner subclass"):
+        XTailRun(_config(tmp_path, ["cdfsl.evaluation.xtail.XTailConfig"]))

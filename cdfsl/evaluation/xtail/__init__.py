@@ -49,6 +49,7 @@ from cdfsl.evaluation.xtail.data import (
     build_split,
     domain_splits,
     few_shot_indices,
+    import_class_path,
     prompt_names,
 )
 from cdfsl.evaluation.xtail.framing import (
@@ -69,6 +70,7 @@ from cdfsl.evaluation.xtail.learners import (
     ZeroShotLearner,
     _FeatureLearner,
     _RailLearner,
+    learner_class,
     register_learner,
     title_of,
 )
@@ -113,6 +115,8 @@ __all__ = [
     "format_matrix",
     "format_summary",
     "framing",
+    "import_class_path",
+    "learner_class",
     "method_result",
     "peak_rss",
     "plot_matrices",

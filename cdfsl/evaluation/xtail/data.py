@@ -26,6 +26,21 @@ if TYPE_CHECKING:
     from cdfsl.evaluation.xtail.config import XTailConfig
 
 
+def import_class_path(path: str, expected: str, example: str) -> Any:
+    """The object a recipe's dotted ``class_path`` names (``module.Class``).
+
+    ``expected`` and ``example`` name what it should be, for the error when it is not found.
+    """
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise CdfslError(
+            f"class_path {path!r}: expected an importable {expected} class such as "
+            f"{example}; fix the dotted path"
+        ) from err
+
+
 def build_split(spec: Mapping[str, Any], data_root: str | None = None) -> LabelledImages:
     """A dataset split from a recipe mapping: ``class_path`` + ``init_args``, or a DataConfig.
 
@@ -35,14 +50,7 @@ def build_split(spec: Mapping[str, Any], data_root: str | None = None) -> Labell
     if "class_path" in spec:
         path = str(spec.pop("class_path"))
         init_args = dict(spec.pop("init_args", None) or {})
-        module_name, _, class_name = path.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise CdfslError(
-                f"class_path {path!r}: expected an importable LabelledImages class such as "
-                "cdfsl.data.micro_world.MicroWorld; fix the dotted path"
-            ) from err
+        cls = import_class_path(path, "LabelledImages", "cdfsl.data.micro_world.MicroWorld")
         if spec:
             raise CdfslError(
                 f"split with class_path {path!r} has extra keys {sorted(spec)}: expected only "

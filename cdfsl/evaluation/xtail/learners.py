@@ -12,7 +12,9 @@ recipe settings it depends on are class attributes. Adding a method is one class
         def learn(self, step): ...       # self.context.domains[step].train_feats
         def predict(self, domain): ...   # -> (N_test,) union indices
 
-A run builds ``LEARNERS[name](context)`` for each method it runs, in registration order.
+A run builds ``LEARNERS[name](context)`` for each method it runs, in registration order. A
+recipe names a method by its registered name, or by the dotted class_path of a learner defined
+outside cdfsl (registered when the run starts): ``methods: [zero-shot, mypackage.NearestMean]``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.runner import FitConfig, episode_seed, fit_episode, predict_logits
+from cdfsl.evaluation.xtail.data import import_class_path
 from cdfsl.lora import load_lora_state_dict, lora_state_dict
 from cdfsl.methods.rail import DualAdapter, PrimalAdapter, fuse
 
@@ -108,6 +111,26 @@ def register_learner(cls: L) -> L:
         )
     LEARNERS[name] = cls
     return cls
+
+
+def learner_class(entry: str) -> type[XTailLearner] | None:
+    """The learner a recipe's ``methods`` entry names, or None when it names none.
+
+    ``entry``: a name in :data:`LEARNERS`, or the dotted class_path of an
+    :class:`XTailLearner` subclass defined anywhere (``mypackage.NearestMean``), which is
+    registered under its ``name`` on first use.
+    """
+    if entry in LEARNERS:
+        return LEARNERS[entry]
+    if "." not in entry:
+        return None
+    cls = import_class_path(entry, "XTailLearner", "cdfsl.evaluation.xtail.ZeroShotLearner")
+    if not (isinstance(cls, type) and issubclass(cls, XTailLearner)):
+        raise CdfslError(
+            f"method {entry!r} is {cls!r}: expected an XTailLearner subclass; fix the "
+            "recipe's methods entry"
+        )
+    return register_learner(cls)
 
 
 def title_of(name: str) -> str:

@@ -24,7 +24,13 @@ from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, wr
 from cdfsl.evaluation.xtail.config import XTailConfig
 from cdfsl.evaluation.xtail.data import Domain, domain_splits
 from cdfsl.evaluation.xtail.framing import FramedImages, framing
-from cdfsl.evaluation.xtail.learners import LEARNERS, LearnerContext, XTailLearner, title_of
+from cdfsl.evaluation.xtail.learners import (
+    LEARNERS,
+    LearnerContext,
+    XTailLearner,
+    learner_class,
+    title_of,
+)
 from cdfsl.evaluation.xtail.metrics import (
     _pct,
     format_matrix,
@@ -110,12 +116,13 @@ class XTailRun:
         names = [d.name for d in config.domains]
         if len(set(names)) != len(names):
             raise CdfslError(f"domain names {names} repeat: expected each domain once")
-        unknown = [m for m in config.methods if m not in LEARNERS]
-        if unknown or not config.methods:
+        classes = [learner_class(m) for m in config.methods]
+        if None in classes or not classes:
             raise CdfslError(
                 f"methods {config.methods}: expected a non-empty subset of {list(LEARNERS)} "
-                "(a new method is an XTailLearner class under @register_learner)"
+                "or class_paths of XTailLearner subclasses"
             )
+        self.methods = [cls.name for cls in classes]  # registered names, folder names
         self.config = config
         self.output = Path(config.output)
         self.device = _resolve_device(config.device)
@@ -290,7 +297,7 @@ class XTailRun:
         self._prepare()
         check_run_config(self.output, self._fingerprint())
         results = {}
-        for name in (m for m in LEARNERS if m in self.config.methods):
+        for name in (m for m in LEARNERS if m in self.methods):
             results[name] = self.run_method(name)
         summary = run_summary(self.domains, self.config.backbone, results)
         write_json_atomic(self.output / "summary.json", _json_safe(summary))
