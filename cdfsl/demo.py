@@ -61,8 +61,8 @@ def method_name(spec: MethodSpec) -> str:
 def build_methods(specs: Sequence[MethodSpec], backbone: str) -> dict[str, FewShotMethod]:
     """Instantiate each method config on ``backbone``, keyed by :func:`method_name`.
 
-    A random-initialised backbone (``tiny-*``) is drawn from a fixed seed: every rank builds the
-    same one.
+    A random-initialised backbone (``tiny-*``) is drawn from the method's seed: every rank builds
+    the same one.
     """
     from jsonargparse import ArgumentParser
 
@@ -73,11 +73,9 @@ def build_methods(specs: Sequence[MethodSpec], backbone: str) -> dict[str, FewSh
         # A deep copy: jsonargparse turns the nested dicts of what it parses into Namespaces.
         init_args = {**copy.deepcopy(spec.get("init_args", {})), "backbone": backbone}
         spec = {**spec, "init_args": init_args}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            methods[method_name(spec)] = parser.instantiate(
-                parser.parse_object({"method": spec})
-            ).method
+        methods[method_name(spec)] = parser.instantiate(
+            parser.parse_object({"method": spec})
+        ).method
     return methods
 
 

@@ -110,3 +110,13 @@ def test_local_dir_backbone_without_files_says_how_to_get_them(tmp_path):
     assert not weights_available(entry)
     with pytest.raises(WeightsError, match=r"open_clip_config.json.*run make-weights"):
         resolve_weights(entry, "default")
+
+
+def test_random_init_is_drawn_from_its_seed_and_leaves_the_global_generator():
+    state = torch.random.get_rng_state()
+    a, b = create_backbone("tiny-clip", None), create_backbone("tiny-clip", None)
+    other = create_backbone("tiny-clip", None, init_seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    pa, pb, po = (dict(m.model.named_parameters()) for m in (a, b, other))
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert any(not torch.equal(pa[n], po[n]) for n in pa)

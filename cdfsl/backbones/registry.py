@@ -245,6 +245,7 @@ def create_backbone(
     cache_dir: str | None = None,
     allow_download: bool | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
+    init_seed: int = 0,
 ) -> Backbone:
     """Build a backbone by short name or open_clip model name.
 
@@ -253,7 +254,9 @@ def create_backbone(
     random initialisation (as in open_clip). ``tokenizer``: a directory with the Hugging Face
     tokenizer files of families that need them (SigLIP, SigLIP2); see
     :mod:`cdfsl.backbones.tokenizers` for the other places they are looked for. Every file is
-    found before anything is built, so a missing one fails at once.
+    found before anything is built, so a missing one fails at once. A random initialisation is
+    drawn from ``torch.manual_seed(init_seed)`` (the global generator is left as it was), so the
+    same name and seed give the same model in every process.
     """
     entry = resolve_entry(name)
     weights, tokenizer_source = _resolve_files(
@@ -266,7 +269,8 @@ def create_backbone(
             k: weights.tag_cfg[k] for k in _PREPROCESS_KEYS if k in weights.tag_cfg
         }
     try:
-        with _random_init_quiet(weights.checkpoint is None):
+        with _random_init_quiet(weights.checkpoint is None), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
             model = open_clip.create_model(
                 entry.model, pretrained=weights.checkpoint, device=device, **kwargs
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from jsonargparse import ArgumentParser, Namespace
 
 from cdfsl.commands._recipe_file import RecipeFile
@@ -77,11 +76,9 @@ def check_source_options(data: DataConfig, flag: str = "--data.options") -> None
 def method(cfg: Namespace) -> FewShotMethod:
     """Instantiate ``cfg.method`` (``class_path`` + ``init_args``).
 
-    A random-initialised backbone (``tiny-*``) is drawn from a fixed seed, so that every rank of
-    a sharded run and every resume evaluates the same one.
+    A random-initialised backbone (``tiny-*``) is drawn from the method's ``seed``, so that every
+    rank of a sharded run and every resume evaluates the same one.
     """
     parser = ArgumentParser()
     parser.add_subclass_arguments(FewShotMethod, "method")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return parser.instantiate(Namespace(method=cfg.method)).method
+    return parser.instantiate(Namespace(method=cfg.method)).method

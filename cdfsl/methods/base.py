@@ -98,7 +98,9 @@ class FewShotMethod(L.LightningModule):
         lr, weight_decay: AdamW settings for the adapter weights.
         t_max_factor: cosine schedule period as a multiple of the run's total steps.
         eta_min: the cosine schedule's floor.
-        seed: seeds adapter init, view sampling, LoRA dropout and the method's own draws.
+        seed: seeds a random-initialised backbone (``pretrained=None``), the adapters' initial
+            values, view sampling, LoRA dropout and the method's own draws; an episode's own
+            seed replaces it for everything but the backbone.
     """
 
     trainable: bool = True
@@ -133,12 +135,13 @@ class FewShotMethod(L.LightningModule):
         if geometry not in GEOMETRIES:
             raise CdfslError(f"geometry={geometry!r}: expected one of {sorted(GEOMETRIES)}")
         self.geometry = geometry
-        self.backbone: Backbone = create_backbone(backbone, pretrained)
+        self.backbone: Backbone = create_backbone(backbone, pretrained, init_seed=seed)
         self.backbone.requires_grad_(False)
         self.lora_config = lora if self.trainable else None
         if self.lora_config is not None:
             inject_lora(self.backbone.lora_root(), self.lora_config)
             mark_only_lora_trainable(self.backbone)
+            self._reset_adapters([seed])
         self.views = list(views) if views is not None else None
         self.view_sampling = view_sampling
         self._augmenter = ViewAugmenter(self.views) if self.views else None
