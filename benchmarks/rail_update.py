@@ -8,7 +8,7 @@ One "domain update" is ``--samples`` unit-norm features of dimension ``--dim`` (
 image features of ``--classes`` classes are) fed to an adapter that has already learned one
 domain of the same size. Times are wall-clock seconds on this machine and are printed with
 their ratio to the first row of their sweep, so runs on different machines compare by ratios.
-Memory is the resident high-water mark the update added (``cdfsl.evaluation.xtail.peak_rss``).
+Memory is the resident high-water mark the update added (``cdfsl.memory.peak_rss``).
 
 ``--identity H`` measures how far the recursive float32 and float64 primal adapters are from
 the joint ridge solution at that H. The reference is the push-through form
@@ -25,7 +25,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from cdfsl.evaluation.xtail import peak_rss
+from cdfsl.memory import peak_rss
 from cdfsl.methods.rail import DualAdapter, PrimalAdapter
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "PROMPT_TEMPLATE",
     "plain_json",
     "quiet_lightning",
+    "resolve_device",
     "save_torch_atomic",
     "warmup_cosine",
     "write_bytes_atomic",
@@ -91,8 +92,9 @@ def temporary_path(path: Path) -> Path:
 
 
 def plain_json(value: Any) -> Any:
-    """``value`` as JSON values, e.g. for a run fingerprint: dataclasses and jsonargparse
-    namespaces as dicts, tuples as lists; a leaf JSON cannot hold becomes its repr."""
+    """``value`` as JSON values, e.g. for a run fingerprint or a summary: dataclasses and
+    jsonargparse namespaces as dicts, tuples as lists, NaN and ±inf as None (JSON has no
+    non-finite numbers); any other leaf JSON cannot hold becomes its repr."""
     if is_dataclass(value) and not isinstance(value, type):
         return plain_json(asdict(value))
     if type(value).__name__ == "Namespace" and hasattr(value, "__dict__"):
@@ -101,9 +103,32 @@ def plain_json(value: Any) -> Any:
         return {str(k): plain_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
+
+
+def resolve_device(name: str, cuda_index: int | None = None) -> Any:
+    """The ``torch.device`` a setting names: ``"auto"`` is CUDA when present, else the CPU;
+    ``"cuda"`` / ``"gpu"`` (device ``cuda_index`` when given) and ``"cuda:N"`` need CUDA; any
+    other name is passed to ``torch.device``. Raises ``CdfslError`` when CUDA is asked for and
+    absent."""
+    import torch
+
+    from cdfsl.errors import CdfslError
+
+    wants_cuda = name in ("auto", "cuda", "gpu") or name.startswith("cuda:")
+    if not wants_cuda:
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        if name == "auto":
+            return torch.device("cpu")
+        raise CdfslError(f"device {name!r} requested but CUDA is absent; pass cpu (or auto)")
+    if name.startswith("cuda:"):
+        return torch.device(name)
+    return torch.device("cuda") if cuda_index is None else torch.device("cuda", cuda_index)
 
 
 @contextmanager

@@ -10,8 +10,10 @@ import pytest
 import torch
 from jsonargparse import Namespace
 
+from cdfsl.errors import CdfslError
 from cdfsl.plumbing import (
     plain_json,
+    resolve_device,
     save_torch_atomic,
     warmup_cosine,
     write_json_atomic,
@@ -65,3 +67,21 @@ def test_a_failed_torch_save_leaves_the_old_file(tmp_path, monkeypatch):
         save_torch_atomic([2], tmp_path / "t.pt")
     assert torch.load(tmp_path / "t.pt") == [1]
     assert [p.name for p in tmp_path.iterdir()] == ["t.pt"]
+
+
+def test_resolve_device_names_and_refusals():
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        for name in ("cuda", "gpu", "cuda:1"):
+            with pytest.raises(CdfslError, match=f"device '{name}' requested but CUDA is absent"):
+                resolve_device(name)
+    else:
+        assert resolve_device("gpu", 0) == torch.device("cuda", 0)
+
+
+def test_plain_json_writes_non_finite_numbers_as_null():
+    assert plain_json({"a": float("nan"), "b": [float("inf"), 1.5]}) == {
+        "a": None,
+        "b": [None, 1.5],
+    }

@@ -30,7 +30,7 @@ from cdfsl.evaluation.stats import mean_ci95
 from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, write_json_atomic
 from cdfsl.lora import LoRAAdapter
 from cdfsl.methods.base import FewShotMethod
-from cdfsl.plumbing import quiet_lightning
+from cdfsl.plumbing import quiet_lightning, resolve_device
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -74,14 +74,8 @@ class FitConfig:
 
     def device(self) -> torch.device:
         """CUDA when asked for and present, else the CPU; under a launcher, cuda:LOCAL_RANK."""
-        if self.accelerator in ("auto", "gpu", "cuda"):
-            if torch.cuda.is_available():
-                if "LOCAL_RANK" in os.environ:
-                    return torch.device("cuda", distributed.cuda_index())
-                return torch.device("cuda")
-            if self.accelerator != "auto":
-                raise CdfslError(f"accelerator {self.accelerator!r} requested but CUDA is absent")
-        return torch.device("cpu")
+        index = distributed.cuda_index() if "LOCAL_RANK" in os.environ else None
+        return resolve_device(self.accelerator, index)
 
 
 #: Bytes kept for the backward pass per element of a LoRA projection's input: a ViT block

@@ -7,8 +7,6 @@ it (a result row), :func:`method_result` and :func:`run_summary` turn rows into 
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,33 +38,7 @@ from cdfsl.evaluation.xtail.metrics import (
 )
 from cdfsl.features import FeatureCache, backbone_fingerprint
 from cdfsl.memory import peak_rss
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CdfslError(f"device {device!r} requested but CUDA is absent; pass --device cpu")
-    return torch.device(device)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from cdfsl.plumbing import resolve_device, save_torch_atomic
 
 
 def method_result(
@@ -125,7 +97,7 @@ class XTailRun:
         self.methods = [cls.name for cls in classes]  # registered names, folder names
         self.config = config
         self.output = Path(config.output)
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.cache = FeatureCache(config.cache_dir)
 
     # -- set-up -------------------------------------------------------------------------------
@@ -276,7 +248,7 @@ class XTailRun:
             bar = tqdm(total=len(self.domains), initial=first, desc=f"X-TAIL {name}", unit="domain")
         for step in range(first, len(self.domains)):
             row = self.learn_step(learner, step)
-            _atomic_torch_save({"step": step, "row": row, "state": learner.state()}, state_path)
+            save_torch_atomic({"step": step, "row": row, "state": learner.state()}, state_path)
             store.append(row)
             rows[step] = row
             if bar is not None:
@@ -287,7 +259,7 @@ class XTailRun:
         domains = [d.name for d in self.domains]
         ordered = [rows[t] for t in range(len(self.domains))]
         result = method_result(name, ordered, domains, LEARNERS[name].learns)
-        write_json_atomic(folder / "matrix.json", _json_safe(result))
+        write_json_atomic(folder / "matrix.json", plain_json(result))
         plot_matrices({name: result["matrix"]}, domains).savefig(folder / "matrix.png", dpi=120)
         return result
 
@@ -300,7 +272,7 @@ class XTailRun:
         for name in (m for m in LEARNERS if m in self.methods):
             results[name] = self.run_method(name)
         summary = run_summary(self.domains, self.config.backbone, results)
-        write_json_atomic(self.output / "summary.json", _json_safe(summary))
+        write_json_atomic(self.output / "summary.json", plain_json(summary))
         (self.output / "summary.md").write_text(self.report(results) + "\n")
         fig = plot_matrices({n: r["matrix"] for n, r in results.items()}, summary["domains"])
         fig.savefig(self.output / "xtail.png", dpi=120)
