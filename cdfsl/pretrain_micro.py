@@ -1,6 +1,6 @@
 """Pretrain the micro CLIP on the micro world's source stream, on CPU, from a seed.
 
-    python -m cdfsl.pretrain_micro --output assets/micro-clip
+    cdfsl pretrain-micro --output assets/micro-clip
 
 writes an open_clip ``local-dir:`` folder (``open_clip_config.json``,
 ``open_clip_model.safetensors`` in fp16) with ``MODEL_CARD.md``, ``zero_shot.json``,
@@ -11,23 +11,15 @@ the micro world, offline. The loss is CLIP's symmetric InfoNCE with a learnable 
 
 from __future__ import annotations
 
-import os
-import sys
-
-if "torch" not in sys.modules:
-    # On a shared 2-core machine OpenMP's default busy-waiting made 2-thread steps 2-4x slower
-    # (idle threads spin while the other is descheduled). The policy must be set before torch
-    # loads OpenMP, so only a fresh `python -m cdfsl.pretrain_micro` gets it; numerics unchanged.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse
 import copy
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +102,8 @@ bf16 backward took about a third of a step at these sizes; training uses the mat
 (same maths). The tokenizer has 49408 tokens and the world uses 60, so training keeps a compact
 table of the used rows (AdamW over 6.3M idle rows cost as much as the ViT); the exported table
 holds the trained rows at their ids and the untouched initial rows elsewhere. On a shared CPU,
-OpenMP busy-waiting made 2-thread steps 2-4x slower; the module sets OMP_WAIT_POLICY=PASSIVE
-when it is the first to import torch.
+OpenMP busy-waiting made 2-thread steps 2-4x slower; `cdfsl pretrain-micro` sets
+OMP_WAIT_POLICY=PASSIVE when it is the first to load torch.
 """
 
 
@@ -390,68 +382,48 @@ def _write_loss_curve(output_dir: Path, history: list[dict[str, float]]) -> bool
 
 
 def _model_card(summary: dict[str, Any], history: list[dict[str, float]], plotted: bool) -> str:
-    zs = summary["zero_shot"]
+    """The card: ``cdfsl/templates/micro_clip_card.md`` filled from the run's summary."""
+    from cdfsl.data.micro_world import get_domain
+
+    zs, args = summary["zero_shot"], summary["args"]
     table = [
         "| domain | like | classes | zero-shot accuracy | chance |",
         "|---|---|---:|---:|---:|",
     ]
-    from cdfsl.data.micro_world import get_domain
-
     for name, r in zs["domains"].items():
         table.append(
             f"| {name} | {get_domain(name).like} | {r['num_classes']} | "
             f"{100 * r['accuracy']:.1f}% | {100 * r['chance']:.1f}% |"
         )
-    args = summary["args"]
-    return f"""# micro-clip
-
-A small open_clip `CLIP` pretrained by cdfsl on the source stream of its micro world
-(`cdfsl/data/micro_world.py`), so the toolkit runs offline with a VLM that has really learned
-something. Load it with `open_clip.create_model_and_transforms("local-dir:assets/micro-clip")`
-and `open_clip.get_tokenizer("local-dir:assets/micro-clip")`.
-
-Reproduce (CPU, 2 threads, bf16 autocast):
-
-    {summary["command"]}
-
-## Model
-
-- Parameters: {summary["parameters"]:,} ({summary["vision_parameters"]:,} vision,
-  {summary["token_table_parameters"]:,} in the 49408-row token table, of which
-  {summary["used_tokens"]} rows are used by the world). Weights stored in fp16.
-- Config (`open_clip_config.json`):
-
-```json
-{json.dumps(summary["model_cfg"], indent=2)}
-```
-
-## Training
-
-- Data: `SourceCaptions(seed={args["data_seed"]})`, {args["steps"] * args["batch_size"]:,}
-  generated (image, caption) pairs, none repeated; held-out compositions never shown.
-- Steps {args["steps"]}, batch size {args["batch_size"]}, AdamW lr {args["lr"]}
-  (warm-up {args["warmup_steps"]} steps, cosine to 2%), weight decay {args["weight_decay"]},
-  betas (0.9, 0.98), gradient clip 1.0, model seed {args["seed"]}.
-- Loss: CLIP's symmetric InfoNCE with learnable logit scale (capped at 100).
-- Wall time measured: {summary["wall_time_s"] / 60:.1f} min on {summary["threads"]} CPU threads
-  ({summary["wall_time_s"] / args["steps"]:.2f} s/step).
-- Loss: {summary["loss_start"]:.3f} (first 20 steps) -> {summary["loss_end"]:.3f} (last 20 steps).
-  Per-step values in `loss_curve.csv`{"; plot in `loss_curve.png`" if plotted else ""}.
-
-{_loss_table(history)}
-
-## Zero-shot accuracy
-
-Prompt `{zs["template"]}` over all classes of each domain, {zs["images_per_class"]} images per
-class from `MicroWorld(domain, seed={zs["seed"]})` (the labelled `source` domain uses a different
-seed key from the training stream, so its images are held out). Chance = 1 / classes.
-
-{chr(10).join(table)}
-
-## Notes
-
-{DESIGN_NOTES}
-"""
+    template = resources.files("cdfsl").joinpath("templates/micro_clip_card.md").read_text()
+    return template.format(
+        command=summary["command"],
+        parameters=f"{summary['parameters']:,}",
+        vision_parameters=f"{summary['vision_parameters']:,}",
+        token_table_parameters=f"{summary['token_table_parameters']:,}",
+        used_tokens=summary["used_tokens"],
+        model_cfg=json.dumps(summary["model_cfg"], indent=2),
+        data_seed=args["data_seed"],
+        pairs=f"{args['steps'] * args['batch_size']:,}",
+        steps=args["steps"],
+        batch_size=args["batch_size"],
+        lr=args["lr"],
+        warmup_steps=args["warmup_steps"],
+        weight_decay=args["weight_decay"],
+        seed=args["seed"],
+        wall_minutes=f"{summary['wall_time_s'] / 60:.1f}",
+        threads=summary["threads"],
+        seconds_per_step=f"{summary['wall_time_s'] / args['steps']:.2f}",
+        loss_start=f"{summary['loss_start']:.3f}",
+        loss_end=f"{summary['loss_end']:.3f}",
+        plot_note="; plot in `loss_curve.png`" if plotted else "",
+        loss_table=_loss_table(history),
+        template=zs["template"],
+        images_per_class=zs["images_per_class"],
+        zero_shot_seed=zs["seed"],
+        zero_shot_table="\n".join(table),
+        design_notes=DESIGN_NOTES,
+    )
 
 
 def pretrain_micro(
@@ -553,33 +525,10 @@ def pretrain_micro(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m cdfsl.pretrain_micro --output assets/micro-clip``."""
-    parser = argparse.ArgumentParser(prog="python -m cdfsl.pretrain_micro", description=__doc__)
-    parser.add_argument("--output", required=True, help="folder to write (open_clip local-dir)")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0, help="model init and data seed")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-images-per-class", type=int, default=50)
-    parser.add_argument("--num-workers", type=int, default=1, help="data rendering processes")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
-    log.setLevel(logging.INFO)  # open_clip logs its loading steps at INFO on the root logger
-    command = "python -m cdfsl.pretrain_micro " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    pretrain_micro(
-        args.output,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        lr=args.lr,
-        eval_images_per_class=args.eval_images_per_class,
-        num_workers=args.num_workers,
-        threads=args.threads,
-        command=command,
-    )
+    """``python -m cdfsl.pretrain_micro ARGS``: the same as ``cdfsl pretrain-micro ARGS``."""
+    from cdfsl.cli import main as cli_main
+
+    sys.exit(cli_main(["pretrain-micro", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

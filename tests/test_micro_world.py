@@ -214,6 +214,24 @@ def test_pretrain_micro_smoke_run_writes_a_loadable_local_dir(tmp_path):
     assert logits.shape == (1, 1) and torch.isfinite(logits).all()
 
 
+def test_cdfsl_pretrain_micro_is_a_subcommand_that_records_itself_in_the_card(
+    tmp_path, monkeypatch
+):
+    import re
+
+    from cdfsl.cli import main
+
+    out = tmp_path / "micro"
+    args = ["pretrain-micro", "--output", str(out), "--steps", "1", "--batch_size", "4"]
+    args += ["--eval_images_per_class", "1", "--num_workers", "0", "--threads", "1"]
+    monkeypatch.setattr("sys.argv", ["cdfsl", *args])
+    assert main(args) == 0
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"cdfsl pretrain-micro --output {out} --steps 1 --batch_size 4" in card
+    assert not re.findall(r"\{[a-z_]+\}", card), "a template field was left unfilled"
+    assert "Steps 1, batch size 4" in card
+
+
 def test_pretrain_micro_rejects_a_batch_without_negatives(tmp_path):
     from cdfsl.pretrain_micro import pretrain_micro
 

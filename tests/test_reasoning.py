@@ -418,7 +418,7 @@ def test_reset_trainable_is_seeded(micro_model):
 
 def test_missing_micro_clip_is_a_clear_weights_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CDFSL_ASSETS", str(tmp_path))
-    with pytest.raises(WeightsError, match=r"python -m cdfsl.pretrain_micro.*vision: random"):
+    with pytest.raises(WeightsError, match=r"cdfsl pretrain-micro.*vision: random"):
         MicroMLLM(MicroMLLMConfig(vision="micro-clip"), WordVocabulary([]))
 
 

@@ -133,7 +133,7 @@ def load_vision_tower(vision: str) -> tuple[nn.Module, dict]:
         raise WeightsError(
             f"vision tower {vision!r} needs {', '.join(missing)} in {folder}, which "
             f"{'is' if len(missing) == 1 else 'are'} not there; build micro-clip with "
-            f"`python -m cdfsl.pretrain_micro --output {micro_clip_dir()}` (about 25 minutes on "
+            f"`cdfsl pretrain-micro --output {micro_clip_dir()}` (about 25 minutes on "
             "a CPU), or set model.vision: random for a random tower"
         )
     config = json.loads((folder / "open_clip_config.json").read_text())
