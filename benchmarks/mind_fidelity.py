@@ -108,7 +108,7 @@ def report(output: Path) -> str:
     """The markdown tables of what ``output`` holds (common episodes only)."""
     domains = [d for d in list_domains() if d != "source"]
     rows = {
-        (d, n): {r["episode"]: r for r in ResultStore(path).rows(repair=False)}
+        (d, n): {r["episode"]: r for r in ResultStore(path).rows()}
         for d in domains
         for n in CONFIGS
         if (path := output / d / n.replace("/", "-") / "rows.jsonl").exists()

@@ -92,7 +92,7 @@ def _read_manifest(path: str, dataset: LabelledImages) -> EpisodeManifest:
             f"--manifest {path} is not a file; expected a JSONL manifest, e.g. from cdfsl eval "
             "--export_manifest FILE; fix the path"
         )
-    return EpisodeManifest(ResultStore(path).rows(repair=False), dataset, source=path)
+    return EpisodeManifest(ResultStore(path).rows(), dataset, source=path)
 
 
 def _evaluate(cfg: Namespace, shard: Shard | None) -> None:

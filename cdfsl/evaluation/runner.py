@@ -517,7 +517,6 @@ class EpisodicEvaluator:
         # writes: every rank then splits the same list.
         done = distributed.on_rank0(self._finished) if ranked else self._finished()
         store = self.store if shard is None else ResultStore(shard.rows_path(self.output_dir))
-        store.rows()  # cuts this process's own torn last line before appending to the file
         if shard is not None:
             shards.record_config(self.output_dir, shard, self.config, self._fingerprint())
         share = [i for i in range(self.protocol.episodes) if shard is None or shard.owns(i)]

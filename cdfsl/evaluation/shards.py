@@ -100,7 +100,7 @@ def finished_rows(output_dir: str | Path) -> dict[int, dict[str, Any]]:
     """
     rows: dict[int, dict[str, Any]] = {}
     for path in [Path(output_dir) / RESULTS, *shard_files(output_dir)]:
-        for row in ResultStore(path).rows(repair=False):
+        for row in ResultStore(path).rows():
             index = int(row["episode"])
             if index not in rows or (failed(rows[index]) and not failed(row)):
                 rows[index] = row

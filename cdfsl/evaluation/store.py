@@ -24,19 +24,16 @@ class ResultStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def rows(self, repair: bool = True) -> list[dict[str, Any]]:
-        """All complete rows; a torn trailing line (no newline) is truncated from the file.
+    def rows(self) -> list[dict[str, Any]]:
+        """All complete rows; a torn trailing line (no newline yet) is skipped, never changed.
 
-        ``repair`` False leaves the file as it is and skips a torn line: for files that another
-        process may still be appending to (the shards of a sharded run).
+        Reading writes nothing, so it is safe on files another process is appending to (the
+        shards of a sharded run); :meth:`append` cuts a torn line before it writes.
         """
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data) and repair:
-            with open(self.path, "r+b") as handle:
-                handle.truncate(end)
         rows = []
         for number, line in enumerate(data[:end].splitlines(), start=1):
             if not line.strip():
@@ -64,14 +61,26 @@ class ResultStore:
         write_bytes_atomic(self.path, data)
 
     def append(self, row: dict[str, Any]) -> None:
+        """Add ``row`` as one line in one fsync'd write, first cutting a torn last line (a kill
+        mid-write) so the new row starts a line of its own."""
         line = (json.dumps(row, sort_keys=True) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            _cut_torn_line(fd)
             write_all(fd, line)
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _cut_torn_line(fd: int) -> None:
+    """Truncate the file open as ``fd`` after its last newline, if it does not end with one."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    data = os.pread(fd, size, 0)
+    os.ftruncate(fd, data.rfind(b"\n") + 1)
 
 
 def check_run_config(output_dir: str | Path, config: dict[str, Any]) -> None:
