@@ -224,32 +224,38 @@ class AllWayEvaluator:
                 self.store.append(row)
                 bar.update(1)
                 bar.set_postfix(k=shots, seed=seed, acc=f"{100 * row['test_accuracy']:.2f}")
-        return self.summarize()
+        return self.write_summary()
 
-    def summarize(self) -> dict[str, Any]:
-        """Per K of the protocol: test accuracy mean, std (over seeds), CI95, min, max; val mean."""
-        rows = self.store.rows()
-        per_shot = []
-        for shots in self.protocol.shots:
-            chosen = [r for r in rows if r["shots"] == shots and r["seed"] in self.protocol.seeds]
-            if not chosen:
-                continue
-            tests = [r["test_accuracy"] for r in chosen]
-            vals = [r["val_accuracy"] for r in chosen if r["val_accuracy"] is not None]
-            stats = mean_ci95(tests)
-            per_shot.append({
-                "shots": shots,
-                "seeds": sorted(r["seed"] for r in chosen),
-                "accuracy": stats["mean"],
-                "std": stats["std"],
-                "ci95": stats["ci95"],
-                "min": min(tests),
-                "max": max(tests),
-                "val_accuracy": float(np.mean(vals)) if vals else None,
-            })  # fmt: skip
-        summary = {**self.config, "results": per_shot}
+    def write_summary(self) -> dict[str, Any]:
+        """Write and return the summary of the stored rows (see :func:`summarize_allway`)."""
+        summary = summarize_allway(self.store.rows(), self.protocol, self.config)
         write_json_atomic(self.output_dir / "summary.json", summary)
         return summary
+
+
+def summarize_allway(
+    rows: Sequence[Mapping[str, Any]], protocol: AllWayProtocol, config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Per K of ``protocol``: test accuracy mean, std (over seeds), CI95, min, max; val mean."""
+    per_shot = []
+    for shots in protocol.shots:
+        chosen = [r for r in rows if r["shots"] == shots and r["seed"] in protocol.seeds]
+        if not chosen:
+            continue
+        tests = [r["test_accuracy"] for r in chosen]
+        vals = [r["val_accuracy"] for r in chosen if r["val_accuracy"] is not None]
+        stats = mean_ci95(tests)
+        per_shot.append({
+            "shots": shots,
+            "seeds": sorted(r["seed"] for r in chosen),
+            "accuracy": stats["mean"],
+            "std": stats["std"],
+            "ci95": stats["ci95"],
+            "min": min(tests),
+            "max": max(tests),
+            "val_accuracy": float(np.mean(vals)) if vals else None,
+        })  # fmt: skip
+    return {**config, "results": per_shot}
 
 
 def allway_table(summary: dict[str, Any]) -> str:

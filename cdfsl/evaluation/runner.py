@@ -538,7 +538,7 @@ class EpisodicEvaluator:
                         on_episode(row)
             if shard is None:
                 shards.merge(self.output_dir)
-                return self.summarize()
+                return self.write_summary()
             if not ranked:
                 return None
             distributed.barrier()
@@ -562,9 +562,9 @@ class EpisodicEvaluator:
 
     def _merge_and_summarize(self) -> dict[str, Any]:
         shards.merge(self.output_dir)
-        return self.summarize()
+        return self.write_summary()
 
-    def summarize(self) -> dict[str, Any]:
+    def write_summary(self) -> dict[str, Any]:
         """Write and return the summary of results.jsonl (see :func:`summarize_rows`)."""
         summary = summarize_rows(self.store.rows(), self.config)
         write_json_atomic(self.output_dir / "summary.json", summary)
