@@ -44,11 +44,14 @@ def _decode_problems(config: Any) -> list[str]:
     """The message of every image of every split that cannot be opened."""
     from tqdm.auto import tqdm
 
-    from cdfsl.data.sources import build_dataset, build_splits, get_source
+    from cdfsl.data.layout import Layout
+    from cdfsl.data.sources import build_dataset, get_source
     from cdfsl.errors import DataError
 
-    if hasattr(get_source(config.source), "splits"):
-        datasets = list(build_splits(config).values())
+    source = get_source(config.source)
+    if isinstance(source, Layout):
+        splits = source.splits(config.root, config.class_names, **config.options)
+        datasets = list(splits.values())
     else:
         datasets = [build_dataset(config)]
     # Splits may overlap (a DomainBed train split holds the domains); open each file once.

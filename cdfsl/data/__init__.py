@@ -3,7 +3,13 @@
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.domainbed import LeaveOneDomainOut, leave_one_domain_out
 from cdfsl.data.episodes import Episode, EpisodeIndices, EpisodeSampler, load_episode
-from cdfsl.data.folder import IMAGE_EXTENSIONS, ImageFolder, readable_class_name
+from cdfsl.data.folder import (
+    FOLDER,
+    IMAGE_EXTENSIONS,
+    ClassFolders,
+    ImageFolder,
+    readable_class_name,
+)
 from cdfsl.data.layout import (
     DataReport,
     ImageList,
@@ -30,7 +36,9 @@ from cdfsl.data.views import (
 
 __all__ = [
     "DEFAULT_VIEWS",
+    "FOLDER",
     "IMAGE_EXTENSIONS",
+    "ClassFolders",
     "DataConfig",
     "DataReport",
     "Episode",

@@ -30,6 +30,7 @@ from cdfsl.data.layout import (
     DataReport,
     Layout,
     Listing,
+    list_class_folders,
     load_package_names,
     missing_file_fix,
     report_absent,
@@ -123,12 +124,7 @@ class ClassFolderTarget(Layout):
                 f"ignored folder(s) {shown(extra)} in {image_root}: not {self.name} classes"
             )
         classes = [f for f in folders if f in self.names]
-        entries: list[tuple[str, int]] = []
-        skipped: list[str] = []
-        for label, folder in enumerate(classes):
-            images, others = walk_files(image_root / folder)
-            entries.extend((f"{folder}/{image}", label) for image in images)
-            skipped.extend(f"{folder}/{other}" for other in others)
+        entries, skipped = list_class_folders(image_root, classes)
         if skipped:
             report.notes.append(
                 f"skipped {len(skipped)} non-image file(s) in {image_root}, e.g. {shown(skipped)}"

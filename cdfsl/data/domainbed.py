@@ -23,8 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdfsl.data.folder import readable_class_name
-from cdfsl.data.layout import DataReport, ImageList, Layout, Listing, shown, sub_folders, walk_files
+from cdfsl.data.layout import (
+    DataReport,
+    ImageList,
+    Layout,
+    Listing,
+    list_class_folders,
+    readable_class_name,
+    shown,
+    sub_folders,
+)
 from cdfsl.errors import DataError
 
 __all__ = [
@@ -126,18 +134,15 @@ class DomainFolders(Layout):
             )  # fmt: skip
         splits: dict[str, list[tuple[str, int]]] = {}
         for domain in domains:
-            entries = []
+            entries = list_class_folders(folder / domain, classes)[0]
+            found = {label for _, label in entries}
             for label, name in enumerate(classes):
-                if name not in class_dirs[domain]:
-                    continue
-                images = walk_files(folder / domain / name)[0]
-                if not images:
+                if name in class_dirs[domain] and label not in found:
                     report.add(
                         folder / domain / name, "has no images", "image files (.jpg, .png, ...)",
                         "add the class's images",
                     )  # fmt: skip
-                entries.extend((f"{domain}/{name}/{image}", label) for image in images)
-            splits[domain] = entries
+            splits[domain] = [(f"{domain}/{path}", label) for path, label in entries]
         names = [readable_class_name(c) for c in classes]
         locations = [str(folder / "*" / c) for c in classes]
         return Listing(folder, classes, names, splits, locations)

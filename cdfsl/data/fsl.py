@@ -30,6 +30,7 @@ from cdfsl.data.layout import (
     DataReport,
     Layout,
     Listing,
+    list_class_folders,
     load_package_names,
     missing_file_fix,
     report_absent,
@@ -333,12 +334,8 @@ class ImageNet(Layout):
             extra = sorted(folders - set(wnids))
             if extra:
                 report.notes.append(f"ignored folder(s) {shown(extra)} in {split_dir}")
-            splits[split] = [
-                (f"{sub}/{w}/{image}", label)
-                for label, w in enumerate(wnids)
-                if w in folders
-                for image in walk_files(split_dir / w)[0]
-            ]
+            entries = list_class_folders(split_dir, wnids)[0]
+            splits[split] = [(f"{sub}/{path}", label) for path, label in entries]
         locations = [str(image_root / "{train,val}" / w) for w in wnids]
         return Listing(image_root, wnids, names, splits, locations)
 

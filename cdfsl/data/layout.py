@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -27,27 +28,57 @@ from typing import Any
 from PIL import Image
 
 from cdfsl.data.base import LabelledImages
-from cdfsl.data.folder import _class_files, _is_ignored_dir
 from cdfsl.data.images import open_rgb
 from cdfsl.errors import DataError
 from cdfsl.plumbing import PROMPT_TEMPLATE
 
 __all__ = [
     "GENERIC_TEMPLATE",
+    "IMAGE_EXTENSIONS",
     "DataReport",
     "ImageList",
     "Layout",
     "Listing",
     "Problem",
     "check_episode_supply",
+    "list_class_folders",
     "open_rgb",
     "prompt_template",
+    "readable_class_name",
+    "sub_folders",
+    "walk_files",
 ]
 
 GENERIC_TEMPLATE = PROMPT_TEMPLATE
 """The prompt of datasets without their own, and the default of every method's ``template``."""
 
 _SHOWN = 3  # examples named in a message about many files
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+)
+"""The file endings every layout reads as images (any case)."""
+
+# A lower-case letter or digit followed by an upper-case one ("annualCrop"), or the last capital
+# of an acronym followed by a capitalised word ("ISICNevus" -> "ISIC Nevus").
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_SEPARATORS = re.compile(r"[\s_\-]+")
+
+
+def readable_class_name(folder_name: str) -> str:
+    """A prompt-ready name from a folder name: "Annual_Crop", "AnnualCrop" -> "annual crop"."""
+    words = _SEPARATORS.sub(" ", _CAMEL_BOUNDARY.sub(" ", folder_name)).strip().lower()
+    return words or folder_name
+
+
+def is_ignored_dir(name: str) -> bool:
+    """Hidden folders (``.git``, ``.ipynb_checkpoints``) and macOS ``__MACOSX`` folders."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def is_image_file(name: str) -> bool:
+    """True for a file name with an image ending, other than a macOS ``._x.jpg`` resource fork."""
+    return not name.startswith("._") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -235,18 +266,49 @@ class Listing:
 
 def walk_files(folder: Path) -> tuple[list[str], list[str]]:
     """(image files, other files) under ``folder``, recursively, as sorted POSIX paths relative to
-    ``folder``; the same walk as ``ImageFolder`` (hidden folders skipped, links followed once)."""
-    images, others = _class_files(folder)
-    return _relative(images, folder), _relative(others, folder)
-
-
-def _relative(paths: list[Path], folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in paths)
+    ``folder``. Ignored folders (``is_ignored_dir``) are skipped; folder links are followed, each
+    real folder visited once."""
+    images: list[str] = []
+    others: list[str] = []
+    seen: set[str] = set()
+    for current, dirnames, filenames in os.walk(folder, followlinks=True):
+        # Linked folders are followed (datasets are often assembled from links), but a link back
+        # up the tree would loop forever: visit each real folder once.
+        real = os.path.realpath(current)
+        if real in seen:
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not is_ignored_dir(d)]
+        for name in filenames:
+            relative = Path(current, name).relative_to(folder).as_posix()
+            (images if is_image_file(name) else others).append(relative)
+    return sorted(images), sorted(others)
 
 
 def sub_folders(folder: Path) -> list[str]:
     """Names of the visible direct sub-folders of ``folder``, sorted."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _is_ignored_dir(p.name))
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_ignored_dir(p.name))
+
+
+def list_class_folders(
+    folder: Path, classes: Sequence[str]
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """The one class-folder reader: images of ``folder/<classes[c]>/**`` with class index ``c``.
+
+    Returns (image path relative to ``folder``, class index) pairs, class-major and sorted by
+    path within a class, and the other files found, relative to ``folder``. A class whose folder
+    is absent contributes nothing (the layout reports it).
+    """
+    entries: list[tuple[str, int]] = []
+    others: list[str] = []
+    for label, key in enumerate(classes):
+        if not (folder / key).is_dir():
+            continue
+        images, rest = walk_files(folder / key)
+        entries.extend((f"{key}/{image}", label) for image in images)
+        others.extend(f"{key}/{other}" for other in rest)
+    return entries, others
 
 
 def find_elsewhere(root: Path, filename: str, depth: int = 3) -> Path | None:
@@ -257,7 +319,7 @@ def find_elsewhere(root: Path, filename: str, depth: int = 3) -> Path | None:
             return Path(current, filename)
         if level >= depth:
             dirnames.clear()
-        dirnames[:] = [d for d in sorted(dirnames) if not _is_ignored_dir(d)]
+        dirnames[:] = [d for d in sorted(dirnames) if not is_ignored_dir(d)]
     return None
 
 
@@ -292,20 +354,25 @@ def report_absent(
 
 def read_names_file(path: Path, report: DataReport) -> dict[str, str]:
     """A JSON object {class key: readable name} from ``path``; problems go to ``report``."""
-    expected = 'a UTF-8 JSON object like {"AnnualCrop": "annual crop land"}'
+    expected = 'a class-names file: a UTF-8 JSON object like {"AnnualCrop": "annual crop land"}'
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        report.add(path, "does not exist", "a class-names file: " + expected, "fix the path")
+        report.add(path, "does not exist", expected, "fix the path")
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         reason = str(err).replace("\n", " ")
         report.add(path, f"cannot be read ({reason})", expected, "fix the file")
         return {}
-    if not isinstance(mapping, dict) or not all(
-        isinstance(v, str) and v.strip() for v in mapping.values()
-    ):
-        report.add(path, "is not an object of non-empty names", expected, "fix the file")
+    if not isinstance(mapping, dict):
+        report.add(path, f"holds a JSON {type(mapping).__name__}", expected, "fix the file")
+        return {}
+    bad = [k for k, v in mapping.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        report.add(
+            path, f"gives {bad[0]!r} the name {mapping[bad[0]]!r}",
+            expected + " with non-empty names", "fix the entry",
+        )  # fmt: skip
         return {}
     return {str(k): v.strip() for k, v in mapping.items()}
 
@@ -320,9 +387,10 @@ class Layout(ABC):
     """One on-disk dataset format, registered as a source under ``name``.
 
     Subclasses set ``name``, ``description``, ``template`` (the dataset's prompt),
-    ``default_split`` (the split ``cdfsl eval`` uses), ``required_splits`` (splits in which every
-    class must have images) and ``options`` (extra keyword options they accept), and implement
-    ``read``.
+    ``default_split`` (the split ``cdfsl eval`` uses; ``"all"``: the layout has no train / test
+    splits), ``required_splits`` (splits in which every class must have images), ``options``
+    (extra keyword options they accept) and ``names_file_complete`` (a ``class_names`` file must
+    name every class, as there are no built-in names to fall back on), and implement ``read``.
     """
 
     name: str
@@ -331,6 +399,12 @@ class Layout(ABC):
     default_split: str = "all"
     required_splits: tuple[str, ...] = ("all",)
     options: tuple[str, ...] = ()
+    names_file_complete: bool = False
+
+    @property
+    def has_splits(self) -> bool:
+        """True if the layout lists train / test splits, not only the whole dataset (``all``)."""
+        return self.default_split != "all"
 
     @abstractmethod
     def read(self, root: Path, report: DataReport, **options: Any) -> Listing | None:
@@ -382,7 +456,14 @@ class Layout(ABC):
             return report, None
         report.image_root = listing.image_root
         if class_names is not None:
-            names = read_names_file(Path(class_names).expanduser(), report)
+            names_path = Path(class_names).expanduser()
+            names = read_names_file(names_path, report)
+            missing = [key for key in listing.classes if key not in names]
+            if names and missing and self.names_file_complete:
+                report.add(
+                    names_path, f"has no entry for class(es) {shown(missing, 5)}",
+                    "one entry per class in the class-names file", "add them to the file",
+                )  # fmt: skip
             pairs = zip(listing.classes, listing.class_names, strict=True)
             listing.class_names = [names.get(key, name) for key, name in pairs]
         self._check_classes(listing, report)
@@ -480,7 +561,7 @@ def _class_location(dataset: LabelledImages, label: int) -> str:
     if callable(locate):
         return locate(label)
     root, classes = getattr(dataset, "root", None), getattr(dataset, "classes", None)
-    if root is not None and classes is not None:  # ImageFolder: one folder per class
+    if root is not None and classes is not None:  # one folder per class under root
         return str(Path(root) / classes[label])
     return repr(dataset.class_names[label])
 

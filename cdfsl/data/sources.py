@@ -1,11 +1,12 @@
 """Named dataset sources: ``source`` name -> a builder of ``LabelledImages``, one per layout.
 
-Besides ``folder`` (one sub-folder per class), the layouts of ``cdfsl.data.cdfsl_targets``
-(the BSCD-FSL targets), ``cdfsl.data.fsl`` (the eleven CoOp datasets) and
-``cdfsl.data.domainbed`` are registered under their names. A source that is a
-``Layout`` also validates a folder without building (``validate_source``: what
-``cdfsl data check`` prints) and lists every split (``build_splits``); ``build_dataset`` runs
-the same checks and raises ``DataError`` before any training starts.
+The layouts ``folder`` (``cdfsl.data.folder``: one sub-folder per class), those of
+``cdfsl.data.cdfsl_targets`` (the BSCD-FSL targets), ``cdfsl.data.fsl`` (the eleven CoOp
+datasets) and ``cdfsl.data.domainbed`` are registered under their names, beside the generated
+``micro`` world and ``mnist``. A source that is a ``Layout`` also validates a folder without
+building (``validate_source``: what ``cdfsl data check`` prints) and, if it has train / test
+splits, lists them (``build_splits``); ``build_dataset`` runs the same checks and raises
+``DataError`` before any training starts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 from cdfsl.data import cdfsl_targets, domainbed, fsl
 from cdfsl.data.base import LabelledImages
-from cdfsl.data.layout import DataReport
+from cdfsl.data.folder import FOLDER
+from cdfsl.data.layout import DataReport, Layout
 from cdfsl.errors import DataError
 
 _SOURCES: dict[str, Callable[..., LabelledImages]] = {}
@@ -36,7 +38,7 @@ def register_source(name: str) -> Callable[[Callable[..., LabelledImages]], Call
     return add
 
 
-for _layout in (*cdfsl_targets.LAYOUTS, *fsl.LAYOUTS, *domainbed.LAYOUTS):
+for _layout in (FOLDER, *cdfsl_targets.LAYOUTS, *fsl.LAYOUTS, *domainbed.LAYOUTS):
     register_source(_layout.name)(_layout)
 
 
@@ -90,14 +92,19 @@ def build_dataset(config: DataConfig) -> LabelledImages:
 def build_splits(config: DataConfig) -> dict[str, LabelledImages]:
     """Every split (``train``, ``val``, ``test``, ...) of the dataset ``config`` describes."""
     source = get_source(config.source)
-    splits = getattr(source, "splits", None)
-    if splits is None:
-        layouts = [n for n, s in sorted(_SOURCES.items()) if hasattr(s, "splits")]
+    if not _has_splits(source):
+        layouts = [n for n, s in sorted(_SOURCES.items()) if _has_splits(s)]
         raise DataError(
             f"dataset source {config.source!r} has no splits; expected a source with train and "
             f"test splits such as {', '.join(layouts[:6])}, ...; fix --data.source"
         )
-    return splits(root=config.root, class_names=config.class_names, **config.options)
+    assert isinstance(source, Layout)
+    return source.splits(root=config.root, class_names=config.class_names, **config.options)
+
+
+def _has_splits(source: Callable[..., LabelledImages]) -> bool:
+    """A layout with train / test splits (``folder`` and the CDFSL targets have only ``all``)."""
+    return isinstance(source, Layout) and source.has_splits
 
 
 def validate_source(config: DataConfig) -> DataReport:
@@ -146,13 +153,3 @@ def _micro(
             'choose it with --data.options \'{"domain": "isic-like"}\''
         )
     return MicroWorld(domain, images_per_class=images_per_class, seed=seed)
-
-
-@register_source("folder")
-def _image_folder(root: str | None, class_names: str | None = None) -> LabelledImages:
-    """root/<class>/<image>: one sub-folder of images per class."""
-    from cdfsl.data.folder import ImageFolder
-
-    if root is None:
-        raise DataError("no dataset root given; pass --data.root DIR (one sub-folder per class)")
-    return ImageFolder(root, class_names_file=class_names)
