@@ -740,3 +740,21 @@ def test_domainbed_folds_file_teacher_and_requests(tmp_path, capsys):
     assert "| Chain-only |" not in out
     with pytest.raises(CdfslError, match="template writes chains from the micro world"):
         teacher_chains(TeacherConfig(kind="template"), fold)
+
+
+def test_a_new_variant_is_one_row_of_the_table(tmp_path, capsys, monkeypatch):
+    """Worked example: a variant that weighs the label twice the chain is one Variant row."""
+    from types import MappingProxyType
+
+    from cdfsl.reasoning import experiment
+
+    row = experiment.Variant("Label-heavy MTCT", "mtct", "reason", weights=(2.0, 1.0))
+    monkeypatch.setattr(
+        experiment, "VARIANTS", MappingProxyType({**experiment.VARIANTS, "label-heavy": row})
+    )
+    out_dir = tmp_path / "run"
+    args = ["reason", "--config", RECIPE, *TINY_RUN, "--variants", "[label-heavy]"]
+    assert main([*args, "--output", str(out_dir)]) == 0
+    assert "| Label-heavy MTCT | q_reason → CONCLUSION | " in capsys.readouterr().out
+    result = json.loads((out_dir / "fold-aerial" / "label-heavy" / "result.json").read_text())
+    assert result["train"]["steps"] > 0

@@ -188,9 +188,21 @@ class Fold:
 
 
 # -- dataset -----------------------------------------------------------------------------------
-def dataset_domains(data: DGDataConfig) -> list[str]:
-    """The domains of the dataset of ``data``."""
-    if data.kind == "micro":
+def registry_row(registry: Mapping[str, Any], key: str, setting: str) -> Any:
+    """``registry[key]``, or a ``CdfslError`` naming ``setting`` and the known keys."""
+    if key not in registry:
+        raise CdfslError(f"{setting}={key!r}; expected one of {sorted(registry)}")
+    return registry[key]
+
+
+def _ids(images: LabelledImages) -> dict[str, int]:
+    return {images.sample_id(i): t for i, t in enumerate(images.targets)}
+
+
+class MicroDGData:
+    """``data.kind: micro``: the micro world's shapes in its DG styles (CPU, generated)."""
+
+    def domains(self, data: DGDataConfig) -> list[str]:
         from cdfsl.reasoning.micro_dg import list_dg_domains
 
         domains = data.domains or list(MICRO_DOMAINS)
@@ -200,7 +212,21 @@ def dataset_domains(data: DGDataConfig) -> list[str]:
                 f"micro DG domains {unknown} are unknown; expected some of {list_dg_domains()}"
             )
         return list(domains)
-    if data.kind == "domainbed":
+
+    def fold(self, data: DGDataConfig, domain: str) -> Fold:
+        from cdfsl.reasoning.micro_dg import micro_dg_split
+
+        train, test = micro_dg_split(
+            self.domains(data), domain, data.train_images_per_class, data.test_images_per_class,
+            data.seed, data.classes,
+        )  # fmt: skip
+        return Fold(domain, train, test, {**_ids(train), **_ids(test)})
+
+
+class DomainBedData:
+    """``data.kind: domainbed``: a DomainBed dataset's folders under ``data.root``."""
+
+    def domains(self, data: DGDataConfig) -> list[str]:
         from cdfsl.data.domainbed import DOMAINBED_DATASETS
 
         if data.domains:
@@ -212,61 +238,69 @@ def dataset_domains(data: DGDataConfig) -> list[str]:
             f"DomainBed dataset {data.dataset!r} has no known domain list; expected one of "
             f"{', '.join(d.name for d in DOMAINBED_DATASETS)}, or set data.domains"
         )
-    raise CdfslError(f"data.kind={data.kind!r}; expected 'micro' or 'domainbed'")
+
+    def fold(self, data: DGDataConfig, domain: str) -> Fold:
+        from cdfsl.data.domainbed import leave_one_domain_out
+
+        self.domains(data)
+        if data.root is None:
+            raise CdfslError(
+                "data.root is not set; pass the DomainBed data root (the folder holding "
+                f"the {data.dataset} folder) as --data.root"
+            )
+        split = leave_one_domain_out(data.root, domain, data.dataset)
+        known: dict[str, int] = {}
+        for images in split.domains.values():
+            known.update(_ids(images))
+        return Fold(domain, split.train, split.test, {**known, **_ids(split.test)})
 
 
-def _ids(images: LabelledImages) -> dict[str, int]:
-    return {images.sample_id(i): t for i, t in enumerate(images.targets)}
+#: ``data.kind`` -> where the DG domains come from (``domains(data)``, ``fold(data, domain)``).
+DG_DATA: dict[str, Any] = {"micro": MicroDGData(), "domainbed": DomainBedData()}
+
+
+def dataset_domains(data: DGDataConfig) -> list[str]:
+    """The domains of the dataset of ``data``."""
+    return registry_row(DG_DATA, data.kind, "data.kind").domains(data)
 
 
 def build_fold(data: DGDataConfig, domain: str) -> Fold:
     """The leave-``domain``-out split of ``data``."""
-    domains = dataset_domains(data)
-    if data.kind == "micro":
-        from cdfsl.reasoning.micro_dg import micro_dg_split
-
-        train, test = micro_dg_split(
-            domains, domain, data.train_images_per_class, data.test_images_per_class, data.seed,
-            data.classes,
-        )  # fmt: skip
-        return Fold(domain, train, test, {**_ids(train), **_ids(test)})
-    from cdfsl.data.domainbed import leave_one_domain_out
-
-    if data.root is None:
-        raise CdfslError(
-            "data.root is not set; pass the DomainBed data root (the folder holding "
-            f"the {data.dataset} folder) as --data.root"
-        )
-    split = leave_one_domain_out(data.root, domain, data.dataset)
-    known: dict[str, int] = {}
-    for images in split.domains.values():
-        known.update(_ids(images))
-    return Fold(domain, split.train, split.test, {**known, **_ids(split.test)})
+    return registry_row(DG_DATA, data.kind, "data.kind").fold(data, domain)
 
 
 # -- teacher chains ----------------------------------------------------------------------------
+def _template_chains(config: TeacherConfig, fold: Fold) -> ChainReport:
+    from cdfsl.reasoning.micro_dg import ConcatImages, TemplateTeacher
+
+    if not isinstance(fold.train, ConcatImages):
+        raise CdfslError(
+            "teacher.kind=template writes chains from the micro world's scenes; for other "
+            "data use teacher.kind=file with a chain file from an external teacher"
+        )
+    chains = TemplateTeacher(config.seed).chains(fold.train)
+    return validate_chains(chains, fold.known, fold.train.class_names)
+
+
+def _file_chains(config: TeacherConfig, fold: Fold) -> ChainReport:
+    if config.path is None:
+        raise CdfslError("teacher.kind=file needs teacher.path, the JSONL chain file")
+    return import_chains(config.path, fold.known, fold.train.class_names, config.source)
+
+
+#: ``teacher.kind`` -> fn(config, fold) -> the validated chains of every image of the dataset
+#: (``none``: no teacher, for variants that need no chains).
+TEACHERS: dict[str, Callable[[TeacherConfig, Fold], ChainReport]] = {
+    "none": lambda config, fold: ChainReport(),
+    "template": _template_chains,
+    "file": _file_chains,
+}
+
+
 def teacher_chains(config: TeacherConfig, fold: Fold) -> tuple[ChainReport, dict[str, Chain]]:
     """Validate the teacher's chains against every image of the dataset; return the report and
     the kept chains of the fold's training images, by image id."""
-    class_names = fold.train.class_names
-    if config.kind == "none":
-        return ChainReport(), {}
-    if config.kind == "template":
-        from cdfsl.reasoning.micro_dg import ConcatImages, TemplateTeacher
-
-        if not isinstance(fold.train, ConcatImages):
-            raise CdfslError(
-                "teacher.kind=template writes chains from the micro world's scenes; for other "
-                "data use teacher.kind=file with a chain file from an external teacher"
-            )
-        chains = TemplateTeacher(config.seed).chains(fold.train)
-        report = validate_chains(chains, fold.known, class_names)
-    elif config.kind == "file":
-        if config.path is None:
-            raise CdfslError("teacher.kind=file needs teacher.path, the JSONL chain file")
-        report = import_chains(config.path, fold.known, class_names, config.source)
-    else:
-        raise CdfslError(f"teacher.kind={config.kind!r}; expected 'template', 'file' or 'none'")
+    report = registry_row(TEACHERS, config.kind, "teacher.kind")(config, fold)
     train_ids = set(_ids(fold.train))
     return report, {c.image_id: c for c in report.kept if c.image_id in train_ids}
 
@@ -303,6 +337,8 @@ class ReasonRun:
                     f"mode of {list(ANSWER_MODES)}"
                 )
         check_label_reduction(config.train.label_reduction)
+        registry_row(TEACHERS, config.teacher.kind, "teacher.kind")
+        registry_row(MODELS, config.model.kind, "model.kind")
         if config.teacher.kind == "none" and self._needing_chains():
             raise CdfslError(
                 f"teacher.kind=none gives no chains, which variants {self._needing_chains()} "
@@ -328,36 +364,9 @@ class ReasonRun:
 
     # -- model ---------------------------------------------------------------------------------
     def build_model(self, texts: Sequence[str]) -> GenerativeVLM:
-        """A fresh model; the micro MLLM's vocabulary comes from ``texts`` (prompts, class
-        names, chains of the fold)."""
-        m = self.config.model
-        seed = self.config.train.seed
-        if m.kind == "micro":
-            from cdfsl.reasoning.micro_mllm import (
-                MicroMLLM,
-                MicroMLLMConfig,
-                WordVocabulary,
-                load_vision_tower,
-            )
-
-            if self._vision is None:
-                self._vision = load_vision_tower(m.vision)
-            micro = MicroMLLMConfig(
-                vision=m.vision, width=m.width, layers=m.layers, heads=m.heads,
-                image_grid=m.image_grid, max_length=m.max_length, dropout=m.dropout,
-            )  # fmt: skip
-            vocabulary = WordVocabulary.from_texts(texts)
-            return MicroMLLM(micro, vocabulary, *self._vision, seed=seed)
-        if m.kind == "internvl":
-            from cdfsl.reasoning.internvl import InternVLReasoner
-
-            if self._internvl is None:
-                self._internvl = InternVLReasoner.from_pretrained(
-                    m.path, m.lora, m.dtype, m.device, m.cache_dir, seed, m.max_tiles,
-                    m.gradient_checkpointing,
-                )  # fmt: skip
-            return self._internvl
-        raise CdfslError(f"model.kind={m.kind!r}; expected 'micro' or 'internvl'")
+        """A fresh model (a row of :data:`MODELS`); the micro MLLM's vocabulary comes from
+        ``texts`` (prompts, class names, chains of the fold)."""
+        return registry_row(MODELS, self.config.model.kind, "model.kind")(self, texts)
 
     # -- driving -------------------------------------------------------------------------------
     def check_output(self) -> None:
@@ -613,6 +622,45 @@ class ReasonRun:
             "MTCT weights, so its time is the SARR rounds alone.",
         ]
         return "\n".join(lines)
+
+
+def _micro_model(run: ReasonRun, texts: Sequence[str]) -> GenerativeVLM:
+    from cdfsl.reasoning.micro_mllm import (
+        MicroMLLM,
+        MicroMLLMConfig,
+        WordVocabulary,
+        load_vision_tower,
+    )
+
+    m = run.config.model
+    if run._vision is None:
+        run._vision = load_vision_tower(m.vision)
+    micro = MicroMLLMConfig(
+        vision=m.vision, width=m.width, layers=m.layers, heads=m.heads,
+        image_grid=m.image_grid, max_length=m.max_length, dropout=m.dropout,
+    )  # fmt: skip
+    vocabulary = WordVocabulary.from_texts(texts)
+    return MicroMLLM(micro, vocabulary, *run._vision, seed=run.config.train.seed)
+
+
+def _internvl_model(run: ReasonRun, texts: Sequence[str]) -> GenerativeVLM:
+    from cdfsl.reasoning.internvl import InternVLReasoner
+
+    m = run.config.model
+    if run._internvl is None:
+        run._internvl = InternVLReasoner.from_pretrained(
+            m.path, m.lora, m.dtype, m.device, m.cache_dir, run.config.train.seed, m.max_tiles,
+            m.gradient_checkpointing,
+        )  # fmt: skip
+    return run._internvl
+
+
+#: ``model.kind`` -> fn(run, texts) -> the model a variant trains or answers with (InternVL is
+#: loaded once per run and its adapters reset per variant).
+MODELS: dict[str, Callable[[ReasonRun, Sequence[str]], GenerativeVLM]] = {
+    "micro": _micro_model,
+    "internvl": _internvl_model,
+}
 
 
 @dataclass
