@@ -33,12 +33,14 @@ from cdfsl.data.views import (
     clean_view_index,
     parse_views,
 )
+from cdfsl.data.wrappers import ConcatImages, Subset
 
 __all__ = [
     "DEFAULT_VIEWS",
     "FOLDER",
     "IMAGE_EXTENSIONS",
     "ClassFolders",
+    "ConcatImages",
     "DataConfig",
     "DataReport",
     "Episode",
@@ -50,6 +52,7 @@ __all__ = [
     "Layout",
     "LeaveOneDomainOut",
     "Problem",
+    "Subset",
     "ViewAugmenter",
     "ViewSpec",
     "build_dataset",

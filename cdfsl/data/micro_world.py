@@ -29,7 +29,7 @@ images are identical across runs and machines.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -183,6 +183,7 @@ class DomainSpec:
     like: str  # the CDFSL dataset this domain stands in for
     classes: tuple[ClassSpec, ...]
     defaults: Mapping[str, str | None] = field(default_factory=dict)  # fixed for the domain
+    stream: tuple[int, ...] = ()  # integers between uid and seed in every image's seed
 
     @property
     def class_names(self) -> list[str]:
@@ -191,6 +192,12 @@ class DomainSpec:
 
 def _cls(name: str, **fixed: str | None) -> ClassSpec:
     return ClassSpec(name, MappingProxyType(fixed))
+
+
+def attribute_classes(attribute: str, values: Sequence[str]) -> tuple[ClassSpec, ...]:
+    """One class per value of a scene ``attribute`` ("colour", "shape"), named by the value;
+    every other attribute is drawn."""
+    return tuple(ClassSpec(v, MappingProxyType({attribute: v})) for v in values)
 
 
 _SOURCE_STREAM_UID = 1000
@@ -674,21 +681,28 @@ def render_scene(
 class MicroWorld:
     """Labelled images of one micro-world domain; implements ``LabelledImages``.
 
-    Image ``i`` has class ``i % num_classes`` and is a pure function of ``(domain, seed, i)``,
-    so ``images_per_class`` only sets the length. ``load(i)`` renders on the fly (about a
-    millisecond); nothing is stored.
+    ``domain``: a registered name (``list_domains``) or a ``DomainSpec`` of one's own (its
+    renderer style, classes and fixed attributes; the DomainBed-style domains of
+    ``cdfsl.reasoning.micro_dg`` are such specs). Image ``i`` has class ``i % num_classes`` and
+    is a pure function of ``(domain, seed, i)``: its generator is
+    ``default_rng([uid, *stream, seed, i])``, so ``images_per_class`` only sets the length.
+    ``load(i)`` renders on the fly (about a millisecond); nothing is stored.
     """
 
     def __init__(
-        self, domain: str, images_per_class: int = 60, seed: int = 0, image_size: int = IMAGE_SIZE
+        self,
+        domain: str | DomainSpec,
+        images_per_class: int = 60,
+        seed: int = 0,
+        image_size: int = IMAGE_SIZE,
     ) -> None:
-        self.spec = get_domain(domain)
+        self.spec = domain if isinstance(domain, DomainSpec) else get_domain(domain)
         if images_per_class < 1:
             raise CdfslError(
-                f"images_per_class={images_per_class} for micro-world {domain!r}; expected an "
-                "integer >= 1; pass e.g. images_per_class=60"
+                f"images_per_class={images_per_class} for micro-world {self.spec.name!r}; "
+                "expected an integer >= 1; pass e.g. images_per_class=60"
             )
-        self.domain = domain
+        self.domain = self.spec.name
         self.images_per_class = images_per_class
         self.seed = seed
         self.image_size = image_size
@@ -715,7 +729,7 @@ class MicroWorld:
         return self._scene_and_rng(index)[0]
 
     def _scene_and_rng(self, index: int) -> tuple[Scene, np.random.Generator]:
-        rng = np.random.default_rng([self.spec.uid, self.seed, index])
+        rng = np.random.default_rng([self.spec.uid, *self.spec.stream, self.seed, index])
         return sample_class_scene(self.spec, index % len(self.spec.classes), rng), rng
 
     def array(self, index: int) -> np.ndarray:

@@ -23,8 +23,10 @@ probe on its features), so colour classes leave the domain shift, not the tower,
 difficulty: the warm cast of dermoscopy and the haze of aerial views move colours.
 
 Image ``i`` of a domain has class ``i % K`` and is a pure function of ``(domain, classes,
-seed, i)``. :class:`TemplateTeacher` writes a five-stage chain for an image from its true scene
-attributes (style, count, size, texture, shape or colour, position, backdrop, evidence for the
+seed, i)``: a :class:`~cdfsl.data.micro_world.MicroWorld` of a ``DomainSpec`` built here.
+``ConcatImages`` (the training domains of a split) lives in :mod:`cdfsl.data.wrappers`.
+:class:`TemplateTeacher` writes a five-stage chain for an image from its true scene attributes
+(style, count, size, texture, shape or colour, position, backdrop, evidence for the
 class, a check against the nearest other class and the style's confounder), with a few
 paraphrases per stage drawn per image, so teacher chains vary in wording as an external
 teacher's do.
@@ -38,9 +40,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
-from PIL import Image
 
-from cdfsl.data.base import LabelledImages
 from cdfsl.data.micro_world import (
     BACKGROUNDS,
     COLOURS,
@@ -48,12 +48,12 @@ from cdfsl.data.micro_world import (
     PLURALS,
     POSITIONS,
     SHAPES,
-    ClassSpec,
     DomainSpec,
+    MicroWorld,
     Scene,
-    render_scene,
-    sample_class_scene,
+    attribute_classes,
 )
+from cdfsl.data.wrappers import ConcatImages
 from cdfsl.errors import CdfslError
 from cdfsl.reasoning.chains import Chain, chain_text
 
@@ -140,11 +140,13 @@ def _style(name: str, classes: str) -> DGStyle:
     return style
 
 
-class MicroDGDomain:
-    """The classes of one scene attribute drawn in one DG style; implements ``LabelledImages``.
+class MicroDGDomain(MicroWorld):
+    """The classes of one scene attribute drawn in one DG style: a ``MicroWorld`` whose
+    ``DomainSpec`` is built from the style and the attribute; implements ``LabelledImages``.
 
     ``classes``: "colour" or "shape" (:data:`CLASS_ATTRIBUTES`). ``sample_id(i)`` is
-    ``"<domain>/<class>/<seed>-<i>"``; ``scene(i)`` the scene drawn.
+    ``"<domain>/<class>/<seed>-<i>"``; ``scene(i)`` the scene drawn; image ``i`` is seeded
+    ``[style uid, attribute position, seed, i]``.
     """
 
     def __init__(
@@ -163,47 +165,16 @@ class MicroDGDomain:
         self.style = _style(domain, classes)
         self.classes = classes
         self.names = CLASS_ATTRIBUTES[classes]
-        specs = tuple(ClassSpec(n, MappingProxyType({classes: n})) for n in self.names)
-        self.spec = DomainSpec(
-            f"dg-{domain}", self.style.uid, self.style.style, "DomainBed-style DG", specs,
-            self.style.fixed,
+        spec = DomainSpec(
+            f"dg-{domain}", self.style.uid, self.style.style, "DomainBed-style DG",
+            attribute_classes(classes, self.names), self.style.fixed,
+            stream=(list(CLASS_ATTRIBUTES).index(classes),),
         )  # fmt: skip
+        super().__init__(spec, images_per_class, seed, image_size)
         self.domain = domain
-        self.images_per_class = images_per_class
-        self.seed = seed
-        self.image_size = image_size
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.names)
-
-    @property
-    def targets(self) -> list[int]:
-        return [i % len(self.names) for i in range(len(self))]
-
-    def __len__(self) -> int:
-        return len(self.names) * self.images_per_class
-
-    def _scene_and_rng(self, index: int) -> tuple[Scene, np.random.Generator]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {self.domain} of length {len(self)}")
-        factor = list(CLASS_ATTRIBUTES).index(self.classes)
-        rng = np.random.default_rng([self.style.uid, factor, self.seed, index])
-        return sample_class_scene(self.spec, index % len(self.names), rng), rng
-
-    def scene(self, index: int) -> Scene:
-        """The scene drawn as image ``index``."""
-        return self._scene_and_rng(index)[0]
-
-    def array(self, index: int) -> np.ndarray:
-        """Image ``index`` as uint8 (H, W, 3)."""
-        scene, rng = self._scene_and_rng(index)
-        return render_scene(scene, self.style.style, rng, self.image_size)
-
-    def load(self, index: int) -> Image.Image:
-        return Image.fromarray(self.array(index), mode="RGB")
 
     def sample_id(self, index: int) -> str:
+        self._check(index)
         return f"{self.domain}/{self.names[index % len(self.names)]}/{self.seed}-{index}"
 
     def __repr__(self) -> str:
@@ -211,49 +182,6 @@ class MicroDGDomain:
             f"MicroDGDomain({self.domain!r}, images_per_class={self.images_per_class}, "
             f"seed={self.seed}, classes={self.classes!r})"
         )
-
-
-class ConcatImages:
-    """Several ``LabelledImages`` with one class list, one after the other (``LabelledImages``)."""
-
-    def __init__(self, parts: Sequence[LabelledImages]) -> None:
-        if not parts:
-            raise CdfslError("ConcatImages needs at least one dataset; pass one or more")
-        names = list(parts[0].class_names)
-        for part in parts[1:]:
-            if list(part.class_names) != names:
-                raise CdfslError(
-                    f"{part!r} has classes {part.class_names}, expected {names}; every domain "
-                    "of a DG split must share one class list"
-                )
-        self.parts = list(parts)
-        self._starts = np.cumsum([0, *(len(p) for p in self.parts)])
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.parts[0].class_names)
-
-    @property
-    def targets(self) -> list[int]:
-        return [t for part in self.parts for t in part.targets]
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def locate(self, index: int) -> tuple[LabelledImages, int]:
-        """The part holding image ``index`` and the index within it."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        k = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return self.parts[k], index - int(self._starts[k])
-
-    def load(self, index: int) -> Image.Image:
-        part, local = self.locate(index)
-        return part.load(local)
-
-    def sample_id(self, index: int) -> str:
-        part, local = self.locate(index)
-        return part.sample_id(local)
 
 
 def micro_dg_split(
