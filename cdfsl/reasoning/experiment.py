@@ -458,6 +458,15 @@ class ReasonRun:
             g.max_new_tokens, g.batch_size,
         )  # fmt: skip
 
+    def score(
+        self, model: GenerativeVLM, ctx: _FoldContext, mode: str, config: TrainConfig
+    ) -> dict[str, DomainResult]:
+        """The trained model's held-out answers by prompt mode: ``mode``, and also ``label``
+        (reported beside) when the label loss was trained but ``mode`` is not it. Reads and
+        writes nothing."""
+        modes = [mode] + (["label"] if config.label_weight and mode != "label" else [])
+        return {m: self.evaluate(model, ctx, m) for m in modes}
+
     def run_variant(
         self, model: GenerativeVLM, ctx: _FoldContext, variant: str, folder: Path
     ) -> dict[str, Any]:
@@ -475,11 +484,7 @@ class ReasonRun:
             "train": training,
             "sarr_rounds": rounds,
         }
-        modes = [mode]
-        if config.label_weight and mode != "label":
-            modes.append("label")  # also scored with q_cls, reported beside
-        for m in modes:
-            scored = self.evaluate(model, ctx, m)
+        for m, scored in self.score(model, ctx, mode, config).items():
             _write_rows(folder / f"answers-{m}.jsonl", scored.rows)
             result["held_out" if m == mode else "held_out_label"] = scored.summary()
             if scored.unparsable:
