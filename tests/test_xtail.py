@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from cdfsl.backbones.base import Preprocess
 from cdfsl.cli import build_parser, main
 from cdfsl.commands.rail import config_from
-from cdfsl.data.episodes import _UniformDraws
+from cdfsl.data.episodes import UniformDraws
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation import xtail
 from cdfsl.evaluation.xtail import (
@@ -184,8 +184,8 @@ def test_random_resized_crop_falls_back_to_the_centred_crop_as_torchvision():
     # crop is the widest centred one of aspect 4/3: h = 10, w = round(40/3) = 13, left
     # (100 - 13) // 2 = 43; standing up, aspect 3/4: h = round(40/3) = 13, top 43.
     crop = xtail.RandomResizedCropFraming((0.9, 1.0))
-    assert crop.box(100, 10, _UniformDraws(0, 0)) == (0, 43, 10, 13)
-    assert crop.box(10, 100, _UniformDraws(0, 0)) == (43, 0, 13, 10)
+    assert crop.box(100, 10, UniformDraws(0, 0)) == (0, 43, 10, 13)
+    assert crop.box(10, 100, UniformDraws(0, 0)) == (43, 0, 13, 10)
 
 
 def test_random_resized_crop_draws_as_torchvisions_get_params():
@@ -195,7 +195,7 @@ def test_random_resized_crop_draws_as_torchvisions_get_params():
 
     width, height, n = 320, 300, 3000
     crop = xtail.RandomResizedCropFraming((0.9, 1.0))
-    ours = np.array([crop.box(width, height, _UniformDraws(5, i)) for i in range(n)], float)
+    ours = np.array([crop.box(width, height, UniformDraws(5, i)) for i in range(n)], float)
     torch.manual_seed(0)
     image = torch.zeros(3, height, width)
     theirs = np.array(
@@ -228,7 +228,7 @@ def test_random_resized_crop_is_a_pure_function_of_seed_and_index():
     assert a.load(0).tobytes() != a.load(1).tobytes()  # same image, another crop
     assert a.load(0).tobytes() != FramedImages(data, frame, _preprocess(16), 8).load(0).tobytes()
     # The image is the box's crop resized, exactly.
-    top, left, h, w = frame.box(40, 30, _UniformDraws(7, 0))
+    top, left, h, w = frame.box(40, 30, UniformDraws(7, 0))
     expected = v2.functional.resized_crop(
         v2.functional.pil_to_tensor(image), top, left, h, w, [16, 16],
         v2.InterpolationMode.BICUBIC, antialias=True,

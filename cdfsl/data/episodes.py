@@ -31,6 +31,7 @@ __all__ = [
     "EpisodeIndices",
     "EpisodeManifest",
     "EpisodeSampler",
+    "UniformDraws",
     "load_episode",
     "manifest_lines",
 ]
@@ -53,7 +54,7 @@ class EpisodeIndices:
     query_labels: tuple[int, ...]
 
 
-class _UniformDraws:
+class UniformDraws:
     """Unbiased uniform integers from the version-stable raw stream of a seeded PCG64."""
 
     def __init__(self, seed: int, index: int) -> None:
@@ -176,7 +177,7 @@ class EpisodeSampler:
         i = operator.index(i)
         if not 0 <= i < self.num_episodes:
             raise IndexError(f"episode {i} out of range; the sampler has {self.num_episodes}")
-        draws = _UniformDraws(self.seed, i)
+        draws = UniformDraws(self.seed, i)
         class_ids = draws.sample(self.eligible_classes, self.n_way)
         support: list[int] = []
         query: list[int] = []

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cdfsl.data.base import LabelledImages
-from cdfsl.data.episodes import _UniformDraws
+from cdfsl.data.episodes import UniformDraws
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.runner import FitConfig, episode_seed, fit_episode, predict_logits
 from cdfsl.evaluation.stats import mean_ci95
@@ -81,7 +81,7 @@ def draw_per_class(
 
     A pure function of (targets, k, seed, stream, exclude); ``exclude`` indices are never drawn.
     """
-    draws = _UniformDraws(seed, 2 * k + stream)
+    draws = UniformDraws(seed, 2 * k + stream)
     members: dict[int, list[int]] = {}
     for index, label in enumerate(targets):
         if index not in exclude:

@@ -12,12 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
-
 from cdfsl.data.base import LabelledImages
-from cdfsl.data.episodes import _UniformDraws
+from cdfsl.data.episodes import UniformDraws
 from cdfsl.data.mnist import TORCHVISION_CLASSES
 from cdfsl.data.sources import DataConfig, build_dataset
+from cdfsl.data.wrappers import Subset
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.runner import episode_seed
 from cdfsl.features import ImageFeatures
@@ -69,12 +68,12 @@ def build_split(spec: Mapping[str, Any], data_root: str | None = None) -> Labell
     return build_dataset(data)
 
 
-def _draw_with_replacement(draws: _UniformDraws, members: Sequence[int], shots: int) -> list[int]:
+def _draw_with_replacement(draws: UniformDraws, members: Sequence[int], shots: int) -> list[int]:
     """``shots`` uniform draws with replacement: the reference's ``random.choices(items, k)``."""
     return [int(members[draws.below(len(members))]) for _ in range(shots)]
 
 
-def _keep_all(draws: _UniformDraws, members: Sequence[int], shots: int) -> list[int]:
+def _keep_all(draws: UniformDraws, members: Sequence[int], shots: int) -> list[int]:
     """Every image of the class once (cdfsl's earlier rule)."""
     return [int(m) for m in members]
 
@@ -113,7 +112,7 @@ def few_shot_indices(
         by_class.setdefault(int(c), []).append(i)
     chosen: list[int] = []
     for c, members in sorted(by_class.items()):
-        draws = _UniformDraws(seed, c)
+        draws = UniformDraws(seed, c)
         if len(members) >= shots:
             chosen.extend(draws.sample(members, shots))
         else:
@@ -162,34 +161,6 @@ def prompt_names(style: str, spec: Mapping[str, Any], names: Sequence[str]) -> l
         )
     rule = rules.get(spec.get("source") or spec.get("class_path"))
     return list(rule(names)) if rule is not None else list(names)
-
-
-class Subset:
-    """The rows ``indices`` of a ``LabelledImages``; a ``LabelledImages`` itself."""
-
-    def __init__(self, dataset: LabelledImages, indices: Sequence[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
-
-    @property
-    def targets(self) -> list[int]:
-        full = self.dataset.targets
-        return [full[i] for i in self.indices]
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.dataset.class_names
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, index: int) -> Image.Image:
-        return self.dataset.load(self.indices[index])
-
-    def sample_id(self, index: int) -> str:
-        return self.dataset.sample_id(self.indices[index])
-
-    def __repr__(self) -> str:
-        return f"Subset({self.dataset!r}, {len(self)} of {len(self.dataset)})"
 
 
 @dataclass

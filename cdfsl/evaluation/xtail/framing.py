@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from cdfsl.backbones.base import GEOMETRIES, Preprocess
 from cdfsl.data.base import LabelledImages
-from cdfsl.data.episodes import _UniformDraws
+from cdfsl.data.episodes import UniformDraws
 from cdfsl.errors import CdfslError
 
 
@@ -55,7 +55,7 @@ class RandomResizedCropFraming:
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
-    def box(self, width: int, height: int, draws: _UniformDraws) -> tuple[int, int, int, int]:
+    def box(self, width: int, height: int, draws: UniformDraws) -> tuple[int, int, int, int]:
         """``(top, left, h, w)`` of the crop in a ``width`` x ``height`` image."""
 
         def uniform(low: float, high: float) -> float:
@@ -80,7 +80,7 @@ class RandomResizedCropFraming:
         return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, image: Image.Image, preprocess: Preprocess, seed: int, index: int) -> Any:
-        top, left, h, w = self.box(*image.size, _UniformDraws(seed, index))
+        top, left, h, w = self.box(*image.size, UniformDraws(seed, index))
         pixels = v2.functional.pil_to_tensor(image)
         interpolation = v2.InterpolationMode(preprocess.interpolation)
         crop = v2.functional.resized_crop(
