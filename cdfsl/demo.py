@@ -5,13 +5,12 @@ Computation only; ``cdfsl.commands.demo`` reads the recipe and writes the files.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
 import signal
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from cdfsl.evaluation.progress import RowProgress
 from cdfsl.evaluation.stats import mean_ci95
 from cdfsl.evaluation.store import ResultStore
 from cdfsl.methods.base import FewShotMethod
+from cdfsl.plumbing import quiet_loggers
 
 
 @dataclass
@@ -221,22 +221,10 @@ def _rank_failure(err: Any) -> BaseException:
     return RuntimeError(f"demo rank {rank} failed: {text}\n{stack}".rstrip())
 
 
-@contextlib.contextmanager
-def _quiet_launcher() -> Iterator[None]:
+def _quiet_launcher() -> Any:
     """Silence the launcher's own logging: a rank's error is reported once, as ours."""
-    names = [
-        n for n in logging.root.manager.loggerDict
-        if n.startswith(("torch.distributed.elastic", "torch.distributed.launcher"))
-    ]  # fmt: skip
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher")
+    return quiet_loggers(prefixes, logging.CRITICAL)
 
 
 def training_curves(

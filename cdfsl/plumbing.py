@@ -23,6 +23,7 @@ __all__ = [
     "PROMPT_TEMPLATE",
     "plain_json",
     "quiet_lightning",
+    "quiet_loggers",
     "resolve_device",
     "save_torch_atomic",
     "warmup_cosine",
@@ -132,18 +133,23 @@ def resolve_device(name: str, cuda_index: int | None = None) -> Any:
 
 
 @contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Lightning's start-up and stop messages at WARNING level for the duration."""
-    names = [n for n in logging.root.manager.loggerDict if n.startswith("lightning")]
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", *names)]
+def quiet_loggers(prefixes: tuple[str, ...], level: int) -> Iterator[None]:
+    """Every logger named ``prefixes[i]`` or below it at ``level`` for the duration."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(prefixes)]
+    loggers = [logging.getLogger(n) for n in dict.fromkeys((*prefixes, *names))]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.WARNING)
+        lg.setLevel(level)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        for lg, old in zip(loggers, levels, strict=True):
+            lg.setLevel(old)
+
+
+def quiet_lightning() -> Any:
+    """Lightning's start-up and stop messages at WARNING level for the duration."""
+    return quiet_loggers(("lightning.pytorch", "lightning.fabric", "lightning"), logging.WARNING)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.0) -> float:

@@ -85,3 +85,16 @@ def test_plain_json_writes_non_finite_numbers_as_null():
         "a": None,
         "b": [None, 1.5],
     }
+
+
+def test_quiet_loggers_raise_the_level_below_a_prefix_and_restore_it():
+    import logging
+
+    from cdfsl.plumbing import quiet_loggers
+
+    child = logging.getLogger("cdfsl-test.quiet.child")
+    child.setLevel(logging.DEBUG)
+    with quiet_loggers(("cdfsl-test.quiet",), logging.ERROR):
+        assert child.level == logging.ERROR
+        assert logging.getLogger("cdfsl-test.quiet").level == logging.ERROR
+    assert child.level == logging.DEBUG
