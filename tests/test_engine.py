@@ -20,7 +20,6 @@ EPISODES = 8
 
 
 def build(cls, **kwargs):
-    torch.manual_seed(0)  # the random-init backbone draws from the global RNG
     if cls is ZeroShot:
         return cls(backbone="tiny-clip", pretrained=None)
     return cls(

@@ -19,7 +19,6 @@ FIT = FitConfig(steps=3, precision="32-true", accelerator="cpu")
 
 
 def mind() -> Mind:
-    torch.manual_seed(0)  # the random-init backbone draws from the global RNG
     return Mind(backbone="tiny-clip", pretrained=None, lora=LoRAConfig(rank=4))
 
 

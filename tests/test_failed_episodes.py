@@ -57,7 +57,6 @@ class NaNZeroShot(ZeroShot):
 
 
 def nan_method(**kwargs) -> NaNLoRAFineTune:
-    torch.manual_seed(0)  # the random-init backbone draws from the global RNG
     seeds = [episode_seed(0, POISONED)]
     return NaNLoRAFineTune(
         backbone="tiny-clip", pretrained=None, views=VIEWS, lora=LoRAConfig(rank=4),
