@@ -41,6 +41,7 @@ import torch
 from cdfsl.data.base import LabelledImages
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.store import check_run_config, write_json_atomic
+from cdfsl.plumbing import save_torch_atomic, write_jsonl_atomic
 from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.chains import Chain, ChainReport, import_chains, validate_chains, write_chains
 from cdfsl.reasoning.dg import ANSWER_MODES, DomainResult, average, evaluate_domain, markdown_table
@@ -485,7 +486,7 @@ class ReasonRun:
             "sarr_rounds": rounds,
         }
         for m, scored in self.score(model, ctx, mode, config).items():
-            _write_rows(folder / f"answers-{m}.jsonl", scored.rows)
+            write_jsonl_atomic(folder / f"answers-{m}.jsonl", scored.rows)
             result["held_out" if m == mode else "held_out_label"] = scored.summary()
             if scored.unparsable:
                 log.warning(
@@ -516,7 +517,7 @@ class ReasonRun:
         """The MTCT loss with ``config``'s weights; saves ``adapter.pt``."""
         training = train_mtct(model, self._examples(ctx), config, folder)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(model.trainable_state_dict(), folder / "adapter.pt")
+        save_torch_atomic(model.trainable_state_dict(), folder / "adapter.pt")
         return training, []
 
     def _sarr_training(
@@ -553,7 +554,7 @@ class ReasonRun:
             model, self._examples(ctx), self._train_config("mtct"), folder / "round-0"
         )
         (folder / "round-0").mkdir(parents=True, exist_ok=True)
-        torch.save(model.trainable_state_dict(), folder / "round-0" / "adapter.pt")
+        save_torch_atomic(model.trainable_state_dict(), folder / "round-0" / "adapter.pt")
         return training
 
     # -- reporting -----------------------------------------------------------------------------
@@ -675,10 +676,3 @@ class _FoldContext:
     train_ids: list[str]
     train_inputs: ImageInputs
     test_inputs: ImageInputs
-
-
-def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from cdfsl.evaluation.store import write_json_atomic
+from cdfsl.plumbing import save_torch_atomic, write_jsonl_atomic
 from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.answers import conclusion_text, parse_class
 from cdfsl.reasoning.chains import Chain, write_chains
@@ -169,7 +170,7 @@ class SARRRunner:
         training = train_mtct(
             self.model, examples, train_config, folder, epochs=self.config.epochs_per_round
         )
-        torch.save(self.model.trainable_state_dict(), folder / "adapter.pt")
+        save_torch_atomic(self.model.trainable_state_dict(), folder / "adapter.pt")
         metrics: dict[str, Any] = {
             "round": round_,
             "generated": len(generated),
@@ -197,10 +198,14 @@ def _write_generated(
     accepted: Sequence[bool],
     round_: int,
 ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for image_id, text, ok in zip(image_ids, texts, accepted, strict=True):
-            row = {"image_id": image_id, "chain": text, "source": SELF_SOURCE, "round": round_}
-            handle.write(json.dumps({**row, "accepted": ok}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    rows = (
+        {
+            "image_id": image_id,
+            "chain": text,
+            "source": SELF_SOURCE,
+            "round": round_,
+            "accepted": ok,
+        }
+        for image_id, text, ok in zip(image_ids, texts, accepted, strict=True)
+    )
+    write_jsonl_atomic(path, rows)
