@@ -7,7 +7,7 @@ installed cdfsl finds them from any working directory. ``CDFSL_ASSETS`` and ``CD
 override both, for installs that keep them elsewhere.
 
 A recipe is addressed by a path, or by its name relative to the recipes folder, with or
-without ``.yaml``: ``micro/demo``, ``tiny/mind``, ``cdfsl/eurosat-mind-1shot``.
+without ``.yaml``: ``micro/demo``, ``tiny/mind``, ``cdfsl/mind``.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ A :class:`~cdfsl.errors.CdfslError` raised while the recipe is parsed or its obj
 reaches the user as one line, ``cdfsl: error: ...``, and exit status 2, also when jsonargparse
 has wrapped it in errors of its own.
 
-Recipes are read in jsonargparse's ``omegaconf`` mode, as LightningCLI offers it: a recipe may
-interpolate its own keys (``output: runs/${method.init_args.backbone}-${shot}shot``). Each file
-is resolved as it is read, so a flag given after it (``--shot 5``) sets its key but not the
-values the file interpolated from it; ``--print_config`` shows the resolved values.
+Recipes are read in jsonargparse's ``omegaconf+`` mode (LightningCLI offers it too): a recipe may
+interpolate its own keys (``output: runs/${method.init_args.backbone}-${shot}shot``), resolved
+after the flags are merged, so ``--shot 5`` changes what was interpolated from ``shot`` as well;
+``--print_config`` shows the resolved values (see :mod:`cdfsl.commands._recipe_file`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import NoReturn
 from jsonargparse import ArgumentParser
 
 import cdfsl.commands
+from cdfsl.commands._recipe_file import PARSER_MODE, configure_recipe_reading
 from cdfsl.errors import CdfslError
 
 #: Environment a subcommand needs set before torch loads: OpenMP reads it once, at load time,
@@ -107,12 +108,8 @@ class _Parser(ArgumentParser):
                   "the options\n")  # fmt: skip
 
 
-#: How recipes are read: OmegaConf interpolation within each file. ("omegaconf+", resolved after
-#: the flags are merged, reads ``${shot}`` of a subcommand's recipe as the top-level key.)
-PARSER_MODE = "omegaconf"
-
-
 def build_parser() -> tuple[ArgumentParser, dict[str, ModuleType]]:
+    configure_recipe_reading()
     parser = _Parser(prog="cdfsl", description=__doc__, parser_mode=PARSER_MODE)
     subcommands = parser.add_subcommands(required=True, dest="command")
     modules = _command_modules()

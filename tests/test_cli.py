@@ -32,16 +32,18 @@ def test_every_recipe_parses_with_its_command(recipe):
     parser, modules = build_parser()
     if command not in modules:
         pytest.skip(f"cdfsl {command} is not part of this checkout yet")
-    args = ["--way", "3", "--shot", "2", "--steps", "7"] if command == "eval" else []
-    cfg = parser.parse_args([command, "--config", str(recipe), *args])
+    args = ["--way", "3", "--shot", "2", "--steps", "7", "--episodes", "4"]
+    cfg = parser.parse_args(
+        [command, "--config", str(recipe), *(args if command == "eval" else [])]
+    )
     if command == "eval":
-        assert (cfg.eval.way, cfg.eval.shot, cfg.eval.steps) == (3, 2, 7)
+        assert (cfg.eval.way, cfg.eval.shot, cfg.eval.steps, cfg.eval.episodes) == (3, 2, 7, 4)
         assert cfg.eval.method.class_path.startswith("cdfsl.methods.")
 
 
 def test_spec_recipes_carry_the_papers_settings():
     cfg = build_parser()[0].parse_args(
-        ["eval", "--config", str(ROOT / "recipes/clip-vit-b16/mind-5shot.yaml")]
+        ["eval", "--config", str(ROOT / "recipes/clip-vit-b16/mind.yaml"), "--shot", "5"]
     )
     args = cfg.eval.method.init_args
     assert args.backbone == "clip-vit-b16"
@@ -50,6 +52,42 @@ def test_spec_recipes_carry_the_papers_settings():
     assert len(args.views) == 5
     assert (cfg.eval.way, cfg.eval.shot, cfg.eval.query, cfg.eval.episodes) == (5, 5, 15, 400)
     assert cfg.eval.steps_per_shot == 250
+
+
+# The spec's protocol per CDFSL target and shot, written out: T = 250·K steps (125·K for
+# ChestX, as the paper's code), 800 episodes at 1 shot and 400 at 5.
+CDFSL_PROTOCOL = {
+    (target, shot): (125 if target == "chestx" else 250, {1: 800, 5: 400}[shot])
+    for target in ("chestx", "crop-disease", "eurosat", "isic2018")
+    for shot in (1, 5)
+}
+
+
+@pytest.mark.parametrize("method", ["mind", "lora-ce"])
+@pytest.mark.parametrize(("target", "shot"), sorted(CDFSL_PROTOCOL))
+def test_one_cdfsl_recipe_per_method_gives_every_targets_settings(method, target, shot):
+    """``cdfsl/mind`` with ``--data.source T --shot K`` is what its 8 copies per method were."""
+    cfg = build_parser()[0].parse_args(
+        ["eval", "--config", f"cdfsl/{method}", "--data.source", target, "--shot", str(shot)]
+    )
+    steps_per_shot, episodes = CDFSL_PROTOCOL[target, shot]
+    assert (cfg.eval.steps_per_shot, cfg.eval.episodes) == (steps_per_shot, episodes)
+    assert cfg.eval.output == f"runs/cdfsl/{target}/{method}-{shot}shot"
+    assert cfg.eval.method.init_args.backbone == "clip-vit-b16"
+    # An explicit flag still wins over the recipe's per-target value.
+    cfg = build_parser()[0].parse_args(
+        ["eval", "--config", f"cdfsl/{method}", "--data.source", target, "--steps_per_shot", "9"]
+    )
+    assert cfg.eval.steps_per_shot == 9
+
+
+def test_a_shot_the_recipe_has_no_episode_count_for_is_one_line(capsys):
+    code, _, err = run(capsys, "eval", "--config", "cdfsl/mind", "--shot", "3", "--print_config")
+    assert code == 2
+    assert err.strip() == (
+        "cdfsl: error: the recipe's episodes has no value for 3 (it has one for 1, 5); "
+        "give --episodes explicitly"
+    )
 
 
 def test_eval_on_any_folder_writes_rows_and_summary(capsys, tmp_path):

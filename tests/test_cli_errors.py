@@ -23,7 +23,7 @@ from cdfsl.errors import CdfslError, DataError, WeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes/tiny/mind.yaml")
-CLIP = str(ROOT / "recipes/clip-vit-b16/mind-1shot.yaml")
+CLIP = str(ROOT / "recipes/clip-vit-b16/mind.yaml")
 RAIL = str(ROOT / "recipes/rail/micro.yaml")
 REASON = str(ROOT / "recipes/rd_mldg/micro.yaml")
 PACS_REASON = str(ROOT / "recipes/rd_mldg/pacs.yaml")

@@ -22,7 +22,7 @@ OTHER_COMMANDS = {"micro/demo": "demo", "rail/": "rail", "rd_mldg/": "reason"}
 EVAL_RECIPE_COMMANDS = [
     (command, ROOT / "recipes" / recipe)
     for command in ("fit", "allway")
-    for recipe in ("tiny/mind.yaml", "clip-vit-b16/mind-5shot.yaml")
+    for recipe in ("tiny/mind.yaml", "clip-vit-b16/mind.yaml")
 ]
 
 
@@ -97,7 +97,7 @@ def test_printed_views_are_mappings(capsys):
 
 
 def test_a_recipe_interpolates_its_own_keys(capsys, tmp_path):
-    """Recipes are read in jsonargparse's omegaconf mode; printing resolves the interpolations."""
+    """Recipes are read in jsonargparse's omegaconf+ mode; printing resolves the interpolations."""
     recipe = tmp_path / "interpolated.yaml"
     tiny = yaml.safe_load((ROOT / "recipes/tiny/mind.yaml").read_text())
     tiny.update(shot=2, steps_per_shot=10, output="runs/${method.init_args.backbone}-${shot}shot")
@@ -106,5 +106,9 @@ def test_a_recipe_interpolates_its_own_keys(capsys, tmp_path):
     assert values["output"] == "runs/tiny-clip-2shot"
     text = printed_config(capsys, "eval", ["--config", str(recipe)])
     assert yaml.safe_load(text)["output"] == "runs/tiny-clip-2shot" and "${" not in text
-    # A flag after the recipe sets its key; what the file interpolated from it is already fixed.
-    assert parsed("eval", ["--config", str(recipe), "--shot", "5"])["output"] == values["output"]
+    # Interpolations resolve after the flags: a flag after the recipe changes them too.
+    assert (
+        parsed("eval", ["--config", str(recipe), "--shot", "5"])["output"] == "runs/tiny-clip-5shot"
+    )
+    with_backbone = ["--config", str(recipe), "--method.init_args.backbone", "tiny-pe-core"]
+    assert parsed("eval", with_backbone)["output"] == "runs/tiny-pe-core-2shot"
