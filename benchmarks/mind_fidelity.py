@@ -8,13 +8,15 @@ per-episode difference Mind − LoRAFineTune (same views) with its CI95, and the
 the gap shift, |modality gap at the last step − at step 0| of the support features (step 0 is
 the zero-shot model, B = 0), for FT and FT+SVL+RA.
 
-Rows are stored per (domain, configuration) under ``--output``; a rerun resumes and
-``--episodes`` may grow between runs. Episodes advance in rounds of ``--episodes_per_step`` over
-every (domain, configuration), so a run stopped at any point leaves a balanced table. Nothing
-is tuned on query accuracy.
+Rows are stored per (domain, configuration) under ``--output`` (committed, so a later session
+resumes them); a rerun resumes and ``--episodes`` may grow between runs. Episodes advance in
+rounds of ``--episodes_per_step`` over every (domain, configuration), so a run stopped at any
+point leaves a balanced table. With ``--target_ci``, a (domain, pair) stops taking rounds once its
+paired CI95 is at most the target over at least ``--min_episodes`` (sequential stopping: the
+count it took is the table's episode column). Nothing is tuned on query accuracy.
 
-    python benchmarks/mind_fidelity.py --episodes 40 --output runs/mind-fidelity
-    python benchmarks/mind_fidelity.py --report --output runs/mind-fidelity
+    python benchmarks/mind_fidelity.py --episodes 64 --target_ci 1.5 --domains crop-like
+    python benchmarks/mind_fidelity.py --report
 """
 
 from __future__ import annotations
@@ -79,16 +81,22 @@ def run(args: argparse.Namespace) -> None:
     )
     methods = {}
     for name, (cls, extra) in CONFIGS.items():
+        if args.configs and name not in args.configs:
+            continue
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             methods[name] = cls(backbone="micro-clip", lora=LORA, **extra)
     domains = args.domains or [d for d in list_domains() if d != "source"]
+    pairs = [pair for pair in PAIRS if set(pair) <= set(methods)]
     for start in range(0, args.episodes, args.group):
         chunk = list(range(start, min(start + args.group, args.episodes)))
         for domain in domains:
             dataset = MicroWorld(domain, images_per_class=args.images_per_class, seed=0)
+            open_pairs = [p for p in pairs if not _settled(args, domain, p)]
             for name, method in methods.items():
-                store = ResultStore(args.output / domain / name.replace("/", "-") / "rows.jsonl")
+                if not any(name in p for p in open_pairs):
+                    continue
+                store = ResultStore(_rows_path(args.output, domain, name))
                 todo = [i for i in chunk if i not in store.completed()]
                 if not todo:
                     continue
@@ -104,37 +112,58 @@ def run(args: argparse.Namespace) -> None:
                       f"{[round(100 * r['accuracy'], 1) for r in rows]}", flush=True)  # fmt: skip
 
 
+def _rows_path(output: Path, domain: str, name: str) -> Path:
+    return output / domain / name.replace("/", "-") / "rows.jsonl"
+
+
+def _paired_diff(output: Path, domain: str, pair: tuple[str, str]) -> list[float]:
+    """Mind − LoRAFineTune accuracy (points) on the episodes both configurations hold."""
+    a, b = ({r["episode"]: r for r in _rows(output, domain, name)} for name in pair)
+    return [100 * (a[e]["accuracy"] - b[e]["accuracy"]) for e in sorted(set(a) & set(b))]
+
+
+def _rows(output: Path, domain: str, name: str) -> list[dict]:
+    path = _rows_path(output, domain, name)
+    return ResultStore(path).rows() if path.exists() else []
+
+
+def _settled(args: argparse.Namespace, domain: str, pair: tuple[str, str]) -> bool:
+    """Whether ``pair`` on ``domain`` already meets ``--target_ci``."""
+    if args.target_ci is None:
+        return False
+    diff = _paired_diff(args.output, domain, pair)
+    return len(diff) >= args.min_episodes and mean_ci95(diff)["ci95"] <= args.target_ci
+
+
 def report(output: Path) -> str:
     """The markdown tables of what ``output`` holds (common episodes only)."""
     domains = [d for d in list_domains() if d != "source"]
     rows = {
-        (d, n): {r["episode"]: r for r in ResultStore(path).rows()}
-        for d in domains
-        for n in CONFIGS
-        if (path := output / d / n.replace("/", "-") / "rows.jsonl").exists()
+        (d, n): {r["episode"]: r for r in _rows(output, d, n)} for d in domains for n in CONFIGS
     }
-    lines = ["| pair | " + " | ".join(domains) + " | episodes |", "|---" * (len(domains) + 2) + "|"]
+
+    lines = ["| pair | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
     for mind, base in PAIRS:
-        cells, counts = [], []
+        cells = []
         for d in domains:
-            a, b = rows.get((d, mind), {}), rows.get((d, base), {})
+            a, b = rows[d, mind], rows[d, base]
             common = sorted(set(a) & set(b))
-            counts.append(len(common))
             if len(common) < 2:
                 cells.append("–")
                 continue
-            diff = [100 * (a[e]["accuracy"] - b[e]["accuracy"]) for e in common]
-            s = mean_ci95(diff)
+            s = mean_ci95(_paired_diff(output, d, (mind, base)))
             ft = np.mean([100 * b[e]["accuracy"] for e in common])
             mi = np.mean([100 * a[e]["accuracy"] for e in common])
-            cells.append(f"{ft:.1f} / {mi:.1f} / {s['mean']:+.1f} ± {s['ci95']:.1f}")
-        lines.append(f"| {mind} − {base} | " + " | ".join(cells) + f" | {min(counts)} |")
+            cells.append(
+                f"{ft:.1f} / {mi:.1f} / {s['mean']:+.1f} ± {s['ci95']:.1f} ({len(common)})"
+            )
+        lines.append(f"| {mind} − {base} | " + " | ".join(cells) + " |")
     lines += ["", "gap shift |gap(T) − gap(0)| of the support features, mean over episodes:", ""]
     lines += ["| configuration | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
     for name in CONFIGS:
         cells = []
         for d in domains:
-            got = list(rows.get((d, name), {}).values())
+            got = list(rows[d, name].values())
             shift = [abs(r["gap_last"] - r["gap_first"]) for r in got]
             cells.append(f"{np.mean(shift):.3f}" if shift else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -143,7 +172,9 @@ def report(output: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=Path("runs/mind-fidelity"))
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).parent / "results" / "mind-fidelity"
+    )
     parser.add_argument("--episodes", type=int, default=40)
     parser.add_argument("--steps", type=int, default=250, help="T; the paper's 1-shot 250")
     parser.add_argument("--group", "--episodes_per_step", type=int, default=4)
@@ -152,16 +183,25 @@ def main() -> None:
     parser.add_argument(
         "--domains", nargs="*", default=None, help="a subset (e.g. one per process); all if unset"
     )
+    parser.add_argument(
+        "--configs", nargs="*", choices=list(CONFIGS), default=None, help="a subset; all if unset"
+    )
+    parser.add_argument(
+        "--target_ci", type=float, default=None, help="stop a (domain, pair) at this paired CI95"
+    )
+    parser.add_argument("--min_episodes", type=int, default=8)
     parser.add_argument("--report", action="store_true", help="only print the tables")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if not args.report:
+        args.output.mkdir(parents=True, exist_ok=True)
+        with (args.output / "commands.jsonl").open("a") as log:
+            log.write(json.dumps({**vars(args), "output": str(args.output)}) + "\n")
         run(args)
     table = report(args.output)
     print(table)
-    (args.output / "table.md").write_text(table + "\n")
-    config = {**vars(args), "output": str(args.output)}
-    (args.output / f"config-{os.getpid()}.json").write_text(json.dumps(config))
+    if args.output.is_dir():
+        (args.output / "table.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":
