@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import NoReturn
 
 from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import LightningArgumentParser
 
 import cdfsl.commands
 from cdfsl.commands._recipe_file import PARSER_MODE, configure_recipe_reading
@@ -87,8 +88,8 @@ def parse_error_line(message: str, error: BaseException | None) -> str:
     return f"{head.rstrip(':')}: {reason}"
 
 
-class _Parser(ArgumentParser):
-    """jsonargparse's parser, whose failures reach the user as one ``cdfsl: error:`` line.
+class _OneLineErrors:
+    """A jsonargparse parser's failures reach the user as one ``cdfsl: error:`` line.
 
     A failure caused by a ``CdfslError`` raises that error (``main`` prints it); any other
     failure of the command line is printed as :func:`parse_error_line` with exit status 2.
@@ -108,13 +109,26 @@ class _Parser(ArgumentParser):
                   "the options\n")  # fmt: skip
 
 
+class _Parser(_OneLineErrors, ArgumentParser):
+    """jsonargparse's parser with :class:`_OneLineErrors`."""
+
+
+class LightningParser(_OneLineErrors, LightningArgumentParser):
+    """LightningCLI's parser (``add_lightning_class_args``) with :class:`_OneLineErrors`."""
+
+
+#: The parser class of each kind a command module may ask for with ``PARSER = "..."``.
+PARSERS: dict[str, type[ArgumentParser]] = {"jsonargparse": _Parser, "lightning": LightningParser}
+
+
 def build_parser() -> tuple[ArgumentParser, dict[str, ModuleType]]:
     configure_recipe_reading()
     parser = _Parser(prog="cdfsl", description=__doc__, parser_mode=PARSER_MODE)
     subcommands = parser.add_subcommands(required=True, dest="command")
     modules = _command_modules()
     for name, module in modules.items():
-        sub = _Parser(description=module.__doc__, parser_mode=PARSER_MODE)
+        kind = PARSERS[getattr(module, "PARSER", "jsonargparse")]
+        sub = kind(description=module.__doc__, parser_mode=PARSER_MODE)
         module.configure(sub)
         subcommands.add_subcommand(name, sub, help=module.HELP)
     return parser, modules
@@ -126,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The support set is one in-memory batch; Lightning's data-loader advice does not apply.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+    # The support batches' loader has no workers; its length is the step count.
+    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
     try:
         cfg = parser.parse_args(argv)
         modules[cfg.command].run(cfg[cfg.command])

@@ -69,7 +69,7 @@ class FitConfig:
     def total_steps(self, k_shot: int) -> int:
         steps = self.steps if self.steps is not None else self.steps_per_shot * k_shot
         if steps < 1:
-            raise CdfslError(f"steps must be >= 1, got {steps}; set --fit.steps or steps_per_shot")
+            raise CdfslError(f"steps must be >= 1, got {steps}; set --steps or --steps_per_shot")
         return steps
 
     def device(self) -> torch.device:
@@ -176,6 +176,9 @@ class _SupportBatches(IterableDataset):
         self.images, self.labels, self.steps = images, labels, steps
         self.batch_size, self.seed = batch_size, seed
 
+    def __len__(self) -> int:
+        return self.steps
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.images)
         if self.batch_size is None or self.batch_size >= n:
@@ -252,23 +255,14 @@ def fit_episode(
     has failed; any other early stop is an interruption (KeyboardInterrupt).
     """
     device = fit.device()
-    if fit.batch_size is not None and fit.batch_size < 1:
-        raise CdfslError(f"batch_size must be >= 1 or null, got {fit.batch_size}")
     if fit.batch_size is not None and len(method.episodes) > 1:
         raise CdfslError(
             f"batch_size={fit.batch_size} with {len(method.episodes)} episodes per step: "
             "expected one episode per step for mini-batched support sets; set "
             "episodes_per_step to 1 (or null)"
         )
-    if device.type == "cpu" and fit.precision.startswith("bf16") and not cpu_has_bf16():
-        warnings.warn(
-            f"precision {fit.precision!r} on a CPU without bf16 matrix units (no amx_bf16 or "
-            "avx512_bf16 flag): bf16 matmuls run 10-80x slower than fp32 here; pass "
-            "--precision 32-true",
-            stacklevel=2,
-        )
-    batches = _SupportBatches(images, labels, steps, fit.batch_size, getattr(method, "seed", 0))
-    loader = DataLoader(batches, batch_size=None)
+    warn_if_slow_bf16(fit.precision, device.type)
+    loader = support_loader(images, labels, steps, fit.batch_size, getattr(method, "seed", 0))
     # Lightning keeps the mode it finds; a model left in eval() by scoring would train without
     # LoRA dropout.
     method.train()
@@ -287,8 +281,40 @@ def fit_episode(
         )
         trainer.fit(method, loader)
     all_failed = any(isinstance(c, NonFiniteGuard) and c.all_failed for c in callbacks or ())
-    if trainer.interrupted or (trainer.global_step != steps and not all_failed):
-        # Lightning turns Ctrl-C into a graceful stop; a half-trained episode must not be scored.
+    if not all_failed:
+        check_finished(trainer, steps)
+
+
+def support_loader(
+    images: Tensor, labels: Tensor, steps: int, batch_size: int | None, seed: int
+) -> DataLoader:
+    """``steps`` support batches, one optimiser step each, as one epoch for ``Trainer.fit``.
+
+    ``batch_size`` None: the whole set every step; otherwise shuffled passes from ``seed``.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise CdfslError(f"batch_size must be >= 1 or null, got {batch_size}")
+    return DataLoader(_SupportBatches(images, labels, steps, batch_size, seed), batch_size=None)
+
+
+def warn_if_slow_bf16(precision: str | int | None, device_type: str) -> None:
+    """Warn that bf16 on this CPU is emulated (no bf16 matrix units) and fp32 is faster."""
+    if device_type == "cpu" and str(precision).startswith("bf16") and not cpu_has_bf16():
+        warnings.warn(
+            f"precision {precision!r} on a CPU without bf16 matrix units (no amx_bf16 or "
+            "avx512_bf16 flag): bf16 matmuls run 10-80x slower than fp32 here; pass "
+            "--precision 32-true",
+            stacklevel=3,
+        )
+
+
+def check_finished(trainer: L.Trainer, steps: int) -> None:
+    """Raise ``KeyboardInterrupt`` unless ``trainer`` ran all ``steps`` steps.
+
+    Lightning turns Ctrl-C into a graceful stop; a half-trained model must not be scored or
+    saved as if it were trained.
+    """
+    if trainer.interrupted or trainer.global_step != steps:
         raise KeyboardInterrupt
 
 

@@ -15,7 +15,7 @@ drop-in module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from cdfsl.lora import (
     set_lora_generators,
     set_num_adapters,
 )
-from cdfsl.plumbing import PROMPT_TEMPLATE
+from cdfsl.plumbing import PROMPT_TEMPLATE, plain_json
 
 #: How views are drawn: ``per_episode`` draws them once when training starts and reuses them at
 #: every step (the reference code: its data loader yields an episode's views once, and every
@@ -128,6 +128,14 @@ class FewShotMethod(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Loggers write hparams through lightning_utilities, which cannot copy frozen
+        # dataclasses (LoRAConfig, ViewSpec): keep them as plain mappings, which __init__
+        # takes back (load_from_checkpoint).
+        self.save_hyperparameters(plain_json(dict(self.hparams)))
+        if isinstance(lora, Mapping):
+            lora = LoRAConfig(**lora)
+        if views is not None:
+            views = [ViewSpec(**v) if isinstance(v, Mapping) else v for v in views]
         if "{}" not in template:
             raise CdfslError(f"template {template!r} has no '{{}}' for the class name")
         if view_sampling not in VIEW_SAMPLING:
