@@ -37,6 +37,7 @@ from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
 from cdfsl.errors import CdfslError
+from cdfsl.plumbing import write_bytes_atomic
 
 __all__ = [
     "LORA_CONFIG_KEY",
@@ -859,10 +860,10 @@ def load_lora_state_dict(root: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def save_lora(root: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Write ``lora_state_dict(root)`` to ``path`` as a safetensors file."""
-    from safetensors.torch import save_file
+    """Write ``lora_state_dict(root)`` to ``path`` as a safetensors file, atomically."""
+    from safetensors.torch import save
 
-    save_file(lora_state_dict(root), str(path), metadata={"format": "pt"})
+    write_bytes_atomic(path, save(lora_state_dict(root), metadata={"format": "pt"}))
 
 
 def load_lora(root: nn.Module, path: str | os.PathLike[str]) -> None:
