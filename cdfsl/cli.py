@@ -17,7 +17,6 @@ import importlib
 import os
 import pkgutil
 import sys
-import warnings
 from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
@@ -28,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 import cdfsl.commands
 from cdfsl.commands._recipe_file import PARSER_MODE, configure_recipe_reading
 from cdfsl.errors import CdfslError
+from cdfsl.plumbing import ignore_noise_warnings
 
 #: Environment a subcommand needs set before torch loads: OpenMP reads it once, at load time,
 #: and building the parser loads torch. On a shared 2-core machine OpenMP's default
@@ -137,11 +137,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ModuleType]]:
 def main(argv: Sequence[str] | None = None) -> int:
     _set_early_environment(sys.argv[1:] if argv is None else argv)
     parser, modules = build_parser()
-    # The support set is one in-memory batch; Lightning's data-loader advice does not apply.
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
-    # The support batches' loader has no workers; its length is the step count.
-    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+    ignore_noise_warnings()
     try:
         cfg = parser.parse_args(argv)
         modules[cfg.command].run(cfg[cfg.command])

@@ -26,7 +26,7 @@ from cdfsl.evaluation.progress import RowProgress
 from cdfsl.evaluation.stats import mean_ci95
 from cdfsl.evaluation.store import ResultStore
 from cdfsl.methods.base import FewShotMethod
-from cdfsl.plumbing import quiet_loggers
+from cdfsl.plumbing import ignore_noise_warnings, quiet_loggers
 
 
 @dataclass
@@ -203,6 +203,7 @@ _LAUNCH_SIGNALS = [signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", sign
 
 def _rank_entry(grid: _Grid) -> list[DemoCell]:
     """A launched rank: its share of the grid; a CdfslError leaves it as its one line."""
+    ignore_noise_warnings()  # a fresh process: the CLI's filters did not come with it
     try:
         return _run_ranked(grid)
     except CdfslError as err:

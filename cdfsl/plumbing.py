@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import socket
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
@@ -150,6 +151,17 @@ def quiet_loggers(prefixes: tuple[str, ...], level: int) -> Iterator[None]:
 def quiet_lightning() -> Any:
     """Lightning's start-up and stop messages at WARNING level for the duration."""
     return quiet_loggers(("lightning.pytorch", "lightning.fabric", "lightning"), logging.WARNING)
+
+
+#: Warnings that say nothing about a cdfsl run: Lightning's data-loader advice (a support set is
+#: one in-memory batch) and a deprecation inside Lightning itself on this torch.
+NOISE_WARNINGS = (".*does not have many workers.*", ".*LeafSpec.*is deprecated.*")
+
+
+def ignore_noise_warnings() -> None:
+    """Filter :data:`NOISE_WARNINGS` in this process (the CLI, and each rank it launches)."""
+    for message in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.0) -> float:

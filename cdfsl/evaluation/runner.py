@@ -8,7 +8,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.episodes import EpisodeManifest, EpisodeSampler, load_episode, manifest_lines
@@ -163,8 +163,8 @@ def episode_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index, 1]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-class _SupportBatches(IterableDataset):
-    """``steps`` batches of the support set, one optimiser step each.
+class _SupportBatches(Dataset):
+    """``steps`` batches of the support set, one optimiser step each; item ``i`` is step ``i``.
 
     ``batch_size`` None: the whole set every step, in a fixed order. Otherwise shuffled passes
     over the set, ``batch_size`` images a step, from a generator seeded with ``seed``.
@@ -174,25 +174,26 @@ class _SupportBatches(IterableDataset):
         self, images: Tensor, labels: Tensor, steps: int, batch_size: int | None, seed: int
     ) -> None:
         self.images, self.labels, self.steps = images, labels, steps
-        self.batch_size, self.seed = batch_size, seed
+        self.index: list[Tensor] | None = None
+        n = len(images)
+        if batch_size is not None and batch_size < n:
+            generator = torch.Generator().manual_seed(seed)
+            order, position, self.index = torch.randperm(n, generator=generator), 0, []
+            for _ in range(steps):
+                if position + batch_size > n:
+                    order, position = torch.randperm(n, generator=generator), 0
+                self.index.append(order[position : position + batch_size])
+                position += batch_size
 
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.images)
-        if self.batch_size is None or self.batch_size >= n:
-            for _ in range(self.steps):
-                yield self.images, self.labels
-            return
-        generator = torch.Generator().manual_seed(self.seed)
-        order, position = torch.randperm(n, generator=generator), 0
-        for _ in range(self.steps):
-            if position + self.batch_size > n:
-                order, position = torch.randperm(n, generator=generator), 0
-            index = order[position : position + self.batch_size]
-            position += self.batch_size
-            yield self.images[index], self.labels[index]
+    def __getitem__(self, step: int) -> tuple[Tensor, Tensor]:
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} of {self.steps}")
+        if self.index is None:
+            return self.images, self.labels
+        return self.images[self.index[step]], self.labels[self.index[step]]
 
 
 class NonFiniteGuard(L.Callback):
