@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cdfsl.commands import _run_args
@@ -37,7 +37,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def configure(parser: ArgumentParser) -> None:
+def configure(parser: LightningArgumentParser) -> None:
     if not isinstance(parser, LightningArgumentParser):
         raise TypeError(f"cdfsl fit needs a LightningArgumentParser, got {type(parser).__name__}")
     _run_args.add_run_arguments(parser)
