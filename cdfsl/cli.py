@@ -13,6 +13,7 @@ after the flags are merged, so ``--shot 5`` changes what was interpolated from `
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -144,6 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cdfsl: interrupted; finished work is saved, rerun to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`cdfsl recipes | head`): stop quietly, as Unix tools do, and
+        # point stdout at /dev/null so the interpreter's last flush does not raise again.
+        _silence_stdout()
+        return 141
     except Exception as err:
         found = cdfsl_error_in(err)
         if found is None:
@@ -151,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cdfsl: error: {_one_line(found)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _silence_stdout() -> None:
+    # A replaced stdout (a test's, a notebook's) may have no file descriptor to redirect.
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _one_line(error: CdfslError) -> str:

@@ -164,3 +164,18 @@ def test_backbones_lists_the_registry(capsys):
     lines = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     assert lines["tiny-clip"][-1] == "yes" and lines["tiny-clip"][-2] == "32"
     assert lines["clip-vit-b16"][-2] == "224"
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    """``cdfsl recipes | head``: the reader leaves early; no traceback, SIGPIPE's status."""
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["recipes"]) == 141
+    assert capsys.readouterr().err == ""
