@@ -58,6 +58,13 @@ PAIRS = [
     ("mind/per_step/shared", "ft/per_step"),
 ]
 
+#: What each option changes, paired per episode: (Mind − LoRAFineTune) of one pair minus that of
+#: another; the shared baseline cancels where both pairs use it.
+CONTRASTS = [
+    ("S shared − separate (views per_episode)", PAIRS[1], PAIRS[0]),
+    ("views per_step − per_episode (S separate)", PAIRS[2], PAIRS[0]),
+]
+
 
 class GapEnds(L.Callback):
     """Each episode's modality gap at the first and the last training step."""
@@ -116,10 +123,14 @@ def _rows_path(output: Path, domain: str, name: str) -> Path:
     return output / domain / name.replace("/", "-") / "rows.jsonl"
 
 
-def _paired_diff(output: Path, domain: str, pair: tuple[str, str]) -> list[float]:
-    """Mind − LoRAFineTune accuracy (points) on the episodes both configurations hold."""
+def _paired_by_episode(output: Path, domain: str, pair: tuple[str, str]) -> dict[int, float]:
+    """Episode -> Mind − LoRAFineTune accuracy (points), on the episodes both configs hold."""
     a, b = ({r["episode"]: r for r in _rows(output, domain, name)} for name in pair)
-    return [100 * (a[e]["accuracy"] - b[e]["accuracy"]) for e in sorted(set(a) & set(b))]
+    return {e: 100 * (a[e]["accuracy"] - b[e]["accuracy"]) for e in sorted(set(a) & set(b))}
+
+
+def _paired_diff(output: Path, domain: str, pair: tuple[str, str]) -> list[float]:
+    return list(_paired_by_episode(output, domain, pair).values())
 
 
 def _rows(output: Path, domain: str, name: str) -> list[dict]:
@@ -158,16 +169,42 @@ def report(output: Path) -> str:
                 f"{ft:.1f} / {mi:.1f} / {s['mean']:+.1f} ± {s['ci95']:.1f} ({len(common)})"
             )
         lines.append(f"| {mind} − {base} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired contrasts, accuracy points (episodes):", ""]
+    lines += ["| contrast | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+    for name, first, second in CONTRASTS:
+        cells = []
+        for d in domains:
+            a, b = _paired_by_episode(output, d, first), _paired_by_episode(output, d, second)
+            common = sorted(set(a) & set(b))
+            if len(common) < 2:
+                cells.append("–")
+                continue
+            s = mean_ci95([a[e] - b[e] for e in common])
+            cells.append(f"{s['mean']:+.1f} ± {s['ci95']:.1f} ({len(common)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "gap shift |gap(T) − gap(0)| of the support features, mean over episodes:", ""]
     lines += ["| configuration | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
     for name in CONFIGS:
         cells = []
         for d in domains:
             got = list(rows[d, name].values())
-            shift = [abs(r["gap_last"] - r["gap_first"]) for r in got]
+            shift = [_gap_shift(r) for r in got]
             cells.append(f"{np.mean(shift):.3f}" if shift else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for mind, base in PAIRS:
+        cells = []
+        for d in domains:
+            a, b = rows[d, mind], rows[d, base]
+            common = sorted(set(a) & set(b))
+            diff = [_gap_shift(a[e]) - _gap_shift(b[e]) for e in common]
+            s = mean_ci95(diff) if len(diff) >= 2 else None
+            cells.append(f"{s['mean']:+.3f} ± {s['ci95']:.3f}" if s else "–")
+        lines.append(f"| paired {mind} − {base} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _gap_shift(row: dict) -> float:
+    return abs(row["gap_last"] - row["gap_first"])
 
 
 def main() -> None:
