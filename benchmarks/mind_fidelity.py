@@ -123,88 +123,90 @@ def _rows_path(output: Path, domain: str, name: str) -> Path:
     return output / domain / name.replace("/", "-") / "rows.jsonl"
 
 
-def _paired_by_episode(output: Path, domain: str, pair: tuple[str, str]) -> dict[int, float]:
-    """Episode -> Mind − LoRAFineTune accuracy (points), on the episodes both configs hold."""
-    a, b = ({r["episode"]: r for r in _rows(output, domain, name)} for name in pair)
-    return {e: 100 * (a[e]["accuracy"] - b[e]["accuracy"]) for e in sorted(set(a) & set(b))}
-
-
-def _paired_diff(output: Path, domain: str, pair: tuple[str, str]) -> list[float]:
-    return list(_paired_by_episode(output, domain, pair).values())
-
-
-def _rows(output: Path, domain: str, name: str) -> list[dict]:
+def _rows(output: Path, domain: str, name: str) -> dict[int, dict]:
+    """Episode -> row of one (domain, configuration); empty before its first row."""
     path = _rows_path(output, domain, name)
-    return ResultStore(path).rows() if path.exists() else []
+    return {r["episode"]: r for r in ResultStore(path).rows()} if path.exists() else {}
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+    """Episode -> a − b, on the episodes both hold."""
+    return {e: a[e] - b[e] for e in sorted(set(a) & set(b))}
+
+
+def _accuracy(rows: dict[int, dict]) -> dict[int, float]:
+    return {e: 100 * r["accuracy"] for e, r in rows.items()}
+
+
+def _gap_shift(rows: dict[int, dict]) -> dict[int, float]:
+    return {e: abs(r["gap_last"] - r["gap_first"]) for e, r in rows.items()}
 
 
 def _settled(args: argparse.Namespace, domain: str, pair: tuple[str, str]) -> bool:
     """Whether ``pair`` on ``domain`` already meets ``--target_ci``."""
     if args.target_ci is None:
         return False
-    diff = _paired_diff(args.output, domain, pair)
+    mind, base = (_accuracy(_rows(args.output, domain, name)) for name in pair)
+    diff = list(_paired(mind, base).values())
     return len(diff) >= args.min_episodes and mean_ci95(diff)["ci95"] <= args.target_ci
+
+
+def _ci_cell(diff: dict[int, float], digits: int, count: bool = True) -> str:
+    """``mean ± CI95 (n)`` of paired differences; "–" under two episodes."""
+    if len(diff) < 2:
+        return "–"
+    s = mean_ci95(list(diff.values()))
+    return f"{s['mean']:+.{digits}f} ± {s['ci95']:.{digits}f}" + (
+        f" ({len(diff)})" if count else ""
+    )
 
 
 def report(output: Path) -> str:
     """The markdown tables of what ``output`` holds (common episodes only)."""
     domains = [d for d in list_domains() if d != "source"]
-    rows = {
-        (d, n): {r["episode"]: r for r in _rows(output, d, n)} for d in domains for n in CONFIGS
-    }
+    rows = {(d, n): _rows(output, d, n) for d in domains for n in CONFIGS}
+    accuracy = {key: _accuracy(value) for key, value in rows.items()}
+    gain = {(d, pair): _paired(accuracy[d, pair[0]], accuracy[d, pair[1]])
+            for d in domains for pair in PAIRS}  # fmt: skip
 
-    lines = ["| pair | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+    def table(head: str, lines: list[tuple[str, list[str]]]) -> list[str]:
+        out = [f"| {head} | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+        return out + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in lines]
+
+    pair_lines = []
     for mind, base in PAIRS:
         cells = []
         for d in domains:
-            a, b = rows[d, mind], rows[d, base]
-            common = sorted(set(a) & set(b))
-            if len(common) < 2:
-                cells.append("–")
-                continue
-            s = mean_ci95(_paired_diff(output, d, (mind, base)))
-            ft = np.mean([100 * b[e]["accuracy"] for e in common])
-            mi = np.mean([100 * a[e]["accuracy"] for e in common])
-            cells.append(
-                f"{ft:.1f} / {mi:.1f} / {s['mean']:+.1f} ± {s['ci95']:.1f} ({len(common)})"
-            )
-        lines.append(f"| {mind} − {base} | " + " | ".join(cells) + " |")
-    lines += ["", "Paired contrasts, accuracy points (episodes):", ""]
-    lines += ["| contrast | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
-    for name, first, second in CONTRASTS:
-        cells = []
-        for d in domains:
-            a, b = _paired_by_episode(output, d, first), _paired_by_episode(output, d, second)
-            common = sorted(set(a) & set(b))
-            if len(common) < 2:
-                cells.append("–")
-                continue
-            s = mean_ci95([a[e] - b[e] for e in common])
-            cells.append(f"{s['mean']:+.1f} ± {s['ci95']:.1f} ({len(common)})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "gap shift |gap(T) − gap(0)| of the support features, mean over episodes:", ""]
-    lines += ["| configuration | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
-    for name in CONFIGS:
-        cells = []
-        for d in domains:
-            got = list(rows[d, name].values())
-            shift = [_gap_shift(r) for r in got]
-            cells.append(f"{np.mean(shift):.3f}" if shift else "–")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for mind, base in PAIRS:
-        cells = []
-        for d in domains:
-            a, b = rows[d, mind], rows[d, base]
-            common = sorted(set(a) & set(b))
-            diff = [_gap_shift(a[e]) - _gap_shift(b[e]) for e in common]
-            s = mean_ci95(diff) if len(diff) >= 2 else None
-            cells.append(f"{s['mean']:+.3f} ± {s['ci95']:.3f}" if s else "–")
-        lines.append(f"| paired {mind} − {base} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _gap_shift(row: dict) -> float:
-    return abs(row["gap_last"] - row["gap_first"])
+            common = gain[d, (mind, base)]
+            cell = _ci_cell(common, 1)
+            if cell != "–":
+                ft = np.mean([accuracy[d, base][e] for e in common])
+                mi = np.mean([accuracy[d, mind][e] for e in common])
+                cell = f"{ft:.1f} / {mi:.1f} / {cell}"
+            cells.append(cell)
+        pair_lines.append((f"{mind} − {base}", cells))
+    contrast_lines = [
+        (name, [_ci_cell(_paired(gain[d, first], gain[d, second]), 1) for d in domains])
+        for name, first, second in CONTRASTS
+    ]
+    shift = {key: _gap_shift(value) for key, value in rows.items()}
+    gap_lines = [
+        (name, [f"{np.mean(list(shift[d, name].values())):.3f}" if shift[d, name] else "–"
+                for d in domains])
+        for name in CONFIGS
+    ] + [
+        (f"paired {mind} − {base}",
+         [_ci_cell(_paired(shift[d, mind], shift[d, base]), 3, count=False) for d in domains])
+        for mind, base in PAIRS
+    ]  # fmt: skip
+    gap_title = "gap shift |gap(T) − gap(0)| of the support features, mean over episodes:"
+    return "\n".join([
+        *table("pair", pair_lines),
+        "", "Paired contrasts, accuracy points (episodes):", "",
+        *table("contrast", contrast_lines),
+        "", gap_title, "",
+        *table("configuration", gap_lines),
+    ])  # fmt: skip
 
 
 def main() -> None:
