@@ -5,8 +5,8 @@ If A_t ranked class pairs differently from how the images relate, RA would pull 
 direction. Per domain, from the zero-shot micro-clip on held-out images (micro-world seed 1, not
 the benchmark's seed 0), this prints:
 
-- the mean off-diagonal of A_t and of the visual prototype relations (class-mean features,
-  normalised, of every image of the class);
+- the mean off-diagonal of A_t and of the visual prototype relations (``class_prototypes`` of
+  every image of the class);
 - their Spearman rank correlation over all class pairs: how well the text orders class pairs the
   way the images do;
 - over the committed episodes of ``mind_fidelity.py`` (reference pair), the Pearson correlation
@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from mind_fidelity import _accuracy, _paired, _rows
 from torch import Tensor
 
 from cdfsl.backbones import Backbone, create_backbone
 from cdfsl.data.micro_world import MicroWorld, list_domains
+from cdfsl.features import encode_images
+from cdfsl.losses import class_prototypes
 from cdfsl.plumbing import PROMPT_TEMPLATE
 
 PAIR = ("mind/per_episode/separate", "ft/per_episode")
@@ -47,20 +48,10 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.no_grad()
 def relations(backbone: Backbone, dataset: MicroWorld) -> tuple[Tensor, Tensor]:
-    """``(A_t, A_v)``, each ``(C, C)``: text cosines and cosines of normalised class means."""
-    text = F.normalize(
-        backbone.text_features([PROMPT_TEMPLATE.format(c) for c in dataset.class_names]).float(),
-        dim=-1,
-    )
-    to_tensor = backbone.preprocess.to_tensor("resize_crop")
-    images = torch.stack([to_tensor(dataset.load(i)) for i in range(len(dataset))])
-    feats = torch.cat(
-        [backbone.encode_image(backbone.normalize(chunk)) for chunk in images.split(100)]
-    )
-    feats = F.normalize(feats.float(), dim=-1)
-    labels = torch.tensor(dataset.targets)
-    protos = torch.stack([feats[labels == c].mean(0) for c in range(len(dataset.class_names))])
-    protos = F.normalize(protos, dim=-1)
+    """``(A_t, A_v)``, each ``(C, C)``: text cosines and cosines of the class prototypes v_c."""
+    text = backbone.text_features([PROMPT_TEMPLATE.format(c) for c in dataset.class_names])
+    feats = encode_images(backbone, dataset, progress=False, geometry="resize_crop")
+    protos = class_prototypes(feats, torch.tensor(dataset.targets), len(dataset.class_names))
     return text @ text.T, protos @ protos.T
 
 
@@ -87,10 +78,10 @@ def main() -> None:
             sub = (off_diagonal(m[ids][:, ids]) for m in (text_rel, visual_rel))
             agreement.append(np.corrcoef(*sub)[0, 1])
         r = np.corrcoef(agreement, list(gain.values()))[0, 1] if len(gain) > 2 else float("nan")
+        text_pairs, visual_pairs = off_diagonal(text_rel), off_diagonal(visual_rel)
         print(
-            f"| {domain} | {off_diagonal(text_rel).mean():.3f} "
-            f"| {off_diagonal(visual_rel).mean():.3f} "
-            f"| {spearman(off_diagonal(text_rel), off_diagonal(visual_rel)):+.2f} "
+            f"| {domain} | {text_pairs.mean():.3f} | {visual_pairs.mean():.3f} "
+            f"| {spearman(text_pairs, visual_pairs):+.2f} "
             f"| {r:+.2f} (n = {len(gain)}) |"
         )
 

@@ -83,13 +83,14 @@ def encode_images(
     batch_size: int = 256,
     progress: bool = True,
     desc: str = "features",
+    geometry: str = "squash",
 ) -> Tensor:
     """Every image of ``dataset`` -> ``(N, D)`` L2-normalised float32 features, eval mode.
 
-    Images go through ``backbone.preprocess.to_tensor()`` and ``backbone.normalize``, as the
-    methods feed them.
+    Images go through ``backbone.preprocess.to_tensor(geometry)`` and ``backbone.normalize``, as
+    the methods feed them.
     """
-    to_tensor = backbone.preprocess.to_tensor()
+    to_tensor = backbone.preprocess.to_tensor(geometry)
     was_training = backbone.training
     backbone.eval()
     chunks = []

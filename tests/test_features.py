@@ -143,3 +143,14 @@ def test_encode_images_restores_training_mode(backbone):
     feats = encode_images(backbone, Patches(n=3), batch_size=2, progress=False)
     assert feats.shape == (3, backbone.text_features(["x"]).shape[1]) and backbone.training
     backbone.eval()
+
+
+def test_encode_images_frames_by_geometry(backbone):
+    data = Patches(n=3)
+    to_tensor = backbone.preprocess.to_tensor("resize_crop")
+    with torch.no_grad():
+        pixels = torch.stack([to_tensor(data.load(i)) for i in range(3)])
+        want = F.normalize(backbone.eval().encode_image(backbone.normalize(pixels)).float(), dim=-1)
+    got = encode_images(backbone, data, progress=False, geometry="resize_crop")
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, encode_images(backbone, data, progress=False), atol=1e-4)
