@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 _PARTS = ("q", "k", "v")
+_INT64_MIN = -(2**63)
 _SCALINGS = ("rslora", "standard")
 
 #: State-dict entry holding the ``LoRAConfig`` as UTF-8 JSON bytes (a uint8 tensor).
@@ -168,7 +169,10 @@ class LoRADropout(nn.Module):
         numel = x[0].numel()
         words = torch.empty(groups, (numel + 3) // 4, dtype=torch.int64, device=x.device)
         for row, generator in zip(words, generators, strict=True):
-            row.random_(generator=generator)  # four int16 draws per int64 word
+            # All 64 bits random: four int16 draws per word. Plain ``random_()`` on int64 draws
+            # from [0, 2**63), whose top int16 is never negative, so one element in four was
+            # never dropped (cdfsl before engine 3).
+            row.random_(_INT64_MIN, None, generator=generator)
         drop = words.view(torch.int16)[:, :numel] < self._threshold
         return x.masked_fill(drop.view(x.shape), 0)
 

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -82,6 +83,18 @@ def test_changed_configuration_refuses_to_mix_results(four_class_folder, tmp_pat
     evaluate(four_class_folder, out, episodes=1).run()
     with pytest.raises(CdfslError, match=r"different configuration.*protocol"):
         evaluate(four_class_folder, out, episodes=1, seed=5).run()
+
+
+def test_rows_of_an_older_engine_are_refused(four_class_folder, tmp_path):
+    """Engine 2's dropout mask never dropped one element in four: its rows must not be mixed."""
+    out = tmp_path / "run"
+    evaluate(four_class_folder, out, episodes=1).run()
+    config = json.loads((out / "run.json").read_text())
+    assert config["engine"] == 3
+    config["engine"] = 2
+    (out / "run.json").write_text(json.dumps(config))
+    with pytest.raises(CdfslError, match=r"different configuration.*engine"):
+        evaluate(four_class_folder, out, episodes=1).run()
 
 
 def test_killed_run_resumes_with_every_episode_exactly_once(four_class_folder, tmp_path):

@@ -15,6 +15,7 @@ from cdfsl.lora import (
     LORA_CONFIG_KEY,
     LoRAAdapter,
     LoRAConfig,
+    LoRADropout,
     LoRALinear,
     LoRAMultiheadAttention,
     inject_lora,
@@ -398,3 +399,53 @@ def test_low_precision_keeps_lora_fp32(base_clip: nn.Module, clip: nn.Module, im
         reference = clip.eval().visual(images)
         lowp = half.eval().visual(images.bfloat16()).float()
         torch.testing.assert_close(lowp, reference, atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "p", "groups"),
+    [((5, 7), 0.25, 1), ((3, 8), 0.25, 3), ((2, 9), 0.5, 2), ((11,), 0.1, 4), ((4, 4), 0.75, 1)],
+)
+def test_dropout_drops_every_element_at_rate_p(shape, p, groups) -> None:
+    """Every element position, of every group, is dropped at rate p within 5 binomial SEs.
+
+    The mask of 16-bit draws once never dropped positions ≡ 3 (mod 4): its overall rate still
+    looked like p (0.19 for 0.25), so only a per-position count catches it.
+    """
+    draws = 3000
+    dropout = LoRADropout(p).train()
+    generators = [torch.Generator().manual_seed(100 + g) for g in range(groups)]
+    ones = torch.ones(groups, *shape)
+    dropped = torch.zeros(groups, *shape)
+    for _ in range(draws):
+        dropped += dropout(ones, generators) == 0
+    rate = dropped / draws
+    se = math.sqrt(p * (1 - p) / draws)
+    worst = (rate - p).abs().max().item()
+    assert worst < 5 * se, f"a position's drop rate is {worst:.3f} from p={p} (5 SE = {5 * se:.3f})"
+    # Kept elements pass unchanged: the 1/(1-p) keep-scale is the adapter's, applied once.
+    out = dropout(torch.full((groups, *shape), 3.0), generators)
+    assert set(out.unique().tolist()) <= {0.0, 3.0}
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5])
+def test_adapter_update_is_unbiased_per_channel(p: float) -> None:
+    """With A = B = I, the update is scale·dropout(x)/(1-p): 0 or scale·x/(1-p) per element,
+    and its mean over draws is scale·x on every input channel (inverted dropout, unbiased)."""
+    width, samples, draws = 6, 5, 4000
+    config = LoRAConfig(rank=width, alpha=2.0, dropout=p, scaling="standard")
+    adapter = LoRAAdapter(width, 0, width, config).train()
+    with torch.no_grad():
+        adapter.lora_A[0].copy_(torch.eye(width))
+        adapter.lora_B[0].copy_(torch.eye(width))
+    adapter.generators = [torch.Generator().manual_seed(3)]
+    x = torch.arange(1, samples * width + 1, dtype=torch.float32).view(samples, width)
+    kept_value = config.scale * x / (1 - p)
+    total = torch.zeros_like(x)
+    with torch.no_grad():
+        for _ in range(draws):
+            d = adapter(x)
+            assert torch.all((d == 0) | torch.isclose(d, kept_value))
+            total += d
+    mean = total / draws
+    se = config.scale * x * math.sqrt(p / (1 - p) / draws)  # sd of scale·x·Bernoulli(1-p)/(1-p)
+    assert torch.all((mean - config.scale * x).abs() < 5 * se)

@@ -34,6 +34,9 @@ from cdfsl.plumbing import quiet_lightning, resolve_device
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
+#: Version of the training engine in every run fingerprint: rows of another version are refused.
+ENGINE_VERSION = 3
+
 
 @dataclass
 class EpisodeProtocol:
@@ -418,9 +421,10 @@ class EpisodicEvaluator:
         self.store = ResultStore(self.output_dir / "results.jsonl")
         self.config = {
             "method": type(method).__name__,
-            # Rows of engine 1 (dropout from the global RNG) differ from engine 2's
-            # per-episode random streams; a resumed run must not mix the two.
-            "engine": 2,
+            # A resumed run must not mix rows of different engines: engine 1 drew dropout from
+            # the global RNG, engine 2 from per-episode streams with a mask that never dropped
+            # one element in four, engine 3 drops every element with probability p.
+            "engine": ENGINE_VERSION,
             # A resumed run must not mix episodes trained with other hyper-parameters.
             "method_args": plain_json(dict(method.hparams)),
             "protocol": asdict(protocol),
