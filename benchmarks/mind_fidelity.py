@@ -1,6 +1,6 @@
 """Mind − LoRAFineTune on the micro world under the reference's options and cdfsl's old ones.
 
-Issue 13, item 6: the paper's 1-shot schedule (T = 250, the five views of the spec, LoRA r16
+The paper's 1-shot schedule (T = 250, the five views of the spec, LoRA r16
 a8 rsLoRA dropout .25 on q/k/v, AdamW 2e-4), micro-clip, 5-way 1-shot 15 queries, on the four
 target domains. For views ``per_episode`` (the reference) and ``per_step`` (cdfsl's old default),
 and Mind's clean support S ``separate`` (the reference) and ``shared``, it reports the paired
@@ -15,8 +15,14 @@ point leaves a balanced table. With ``--target_ci``, a (domain, pair) stops taki
 paired CI95 is at most the target over at least ``--min_episodes`` (sequential stopping: the
 count it took is the table's episode column). Nothing is tuned on query accuracy.
 
+Every (domain, configuration) folder holds ``fingerprint.json`` (engine version, method
+arguments, steps, images per class); a run whose fingerprint differs is refused, so rows of other
+defaults are never mixed. ``--compare DIR`` adds the per-episode contrast with the rows of
+another set of defaults (same protocol seed, so episode i holds the same images in both), e.g.
+the engine-2 rows kept in ``results/mind-fidelity-engine2``.
+
     python benchmarks/mind_fidelity.py --episodes 64 --target_ci 1.5 --domains crop-like
-    python benchmarks/mind_fidelity.py --report
+    python benchmarks/mind_fidelity.py --report --compare benchmarks/results/mind-fidelity-engine2
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ import torch
 
 from cdfsl.data.micro_world import MicroWorld, list_domains
 from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig
+from cdfsl.evaluation.runner import ENGINE_VERSION
 from cdfsl.evaluation.stats import mean_ci95
-from cdfsl.evaluation.store import ResultStore
+from cdfsl.evaluation.store import ResultStore, plain_json
 from cdfsl.lora import LoRAConfig
 from cdfsl.methods import LoRAFineTune, Mind
 
@@ -104,6 +111,7 @@ def run(args: argparse.Namespace) -> None:
                 if not any(name in p for p in open_pairs):
                     continue
                 store = ResultStore(_rows_path(args.output, domain, name))
+                _check_fingerprint(store.path.parent, _fingerprint(args, method))
                 todo = [i for i in chunk if i not in store.completed()]
                 if not todo:
                     continue
@@ -117,6 +125,34 @@ def run(args: argparse.Namespace) -> None:
                     store.append(row)
                 print(f"{domain} {name} episodes {todo}: "
                       f"{[round(100 * r['accuracy'], 1) for r in rows]}", flush=True)  # fmt: skip
+
+
+def _fingerprint(args: argparse.Namespace, method: Any) -> dict[str, Any]:
+    return {
+        "engine": ENGINE_VERSION,
+        "method": type(method).__name__,
+        "method_args": plain_json(dict(method.hparams)),
+        "steps": args.steps,
+        "images_per_class": args.images_per_class,
+    }
+
+
+def _check_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
+    """Write ``folder/fingerprint.json``, or refuse when the rows there were made otherwise."""
+    path = folder / "fingerprint.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != fingerprint:
+            changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
+            raise SystemExit(
+                f"{folder}: its rows were made with other settings ({', '.join(changed)}); "
+                "expected the same fingerprint.json; pass another --output"
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "rows.jsonl").exists():
+        raise SystemExit(f"{folder}: rows without fingerprint.json; move them aside first")
+    path.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
 
 
 def _rows_path(output: Path, domain: str, name: str) -> Path:
@@ -159,6 +195,26 @@ def _ci_cell(diff: dict[int, float], digits: int, count: bool = True) -> str:
     return f"{s['mean']:+.{digits}f} ± {s['ci95']:.{digits}f}" + (
         f" ({len(diff)})" if count else ""
     )
+
+
+def compare(output: Path, other: Path) -> str:
+    """Per-episode contrast of ``output``'s rows with ``other``'s on the reference pair."""
+    domains = [d for d in list_domains() if d != "source"]
+    mind, base = PAIRS[0]
+    lines = []
+    for label, value in (
+        ("LoRAFineTune", lambda out, d: _accuracy(_rows(out, d, base))),
+        ("Mind", lambda out, d: _accuracy(_rows(out, d, mind))),
+        ("Mind − LoRAFineTune", lambda out, d: _paired(
+            _accuracy(_rows(out, d, mind)), _accuracy(_rows(out, d, base)))),
+        ("gap shift, paired Mind − FT", lambda out, d: _paired(
+            _gap_shift(_rows(out, d, mind)), _gap_shift(_rows(out, d, base)))),
+    ):  # fmt: skip
+        digits = 3 if label.startswith("gap") else 1
+        cells = [_ci_cell(_paired(value(output, d), value(other, d)), digits) for d in domains]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    head = f"| {output.name} − {other.name}, per episode | " + " | ".join(domains) + " |"
+    return "\n".join([head, "|---" * (len(domains) + 1) + "|", *lines])
 
 
 def report(output: Path) -> str:
@@ -230,6 +286,9 @@ def main() -> None:
     )
     parser.add_argument("--min_episodes", type=int, default=8)
     parser.add_argument("--report", action="store_true", help="only print the tables")
+    parser.add_argument(
+        "--compare", type=Path, default=None, help="rows of other defaults to contrast with"
+    )
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if not args.report:
@@ -238,6 +297,9 @@ def main() -> None:
             log.write(json.dumps({**vars(args), "output": str(args.output)}) + "\n")
         run(args)
     table = report(args.output)
+    if args.compare is not None:
+        table += "\n\nPer-episode contrast with other defaults, points (episodes):\n\n"
+        table += compare(args.output, args.compare)
     print(table)
     if args.output.is_dir():
         (args.output / "table.md").write_text(table + "\n")

@@ -124,22 +124,40 @@ def test_reset_restores_the_initial_predictions():
         assert torch.equal(method(images), initial)
 
 
-def test_reference_defaults_views_once_per_episode_separate_support_and_crop_geometry():
+def test_reference_defaults_are_the_reference_entry_points_pipeline():
     method = Mind(backbone="tiny-clip", pretrained=None, class_names=NAMES)
+    hparams = method.hparams
     assert (method.view_sampling, method.support, method.geometry) == (
-        "per_episode", "separate", "resize_crop",
+        "per_episode", "separate", "squash",
     )  # fmt: skip
-    # The method frames images as the reference: a 1.15 margin cut by the centre crop (the
-    # geometry itself is checked by hand in test_backbones).
+    assert (
+        hparams.resize_interpolation, hparams.rotation_interpolation, hparams.color_jitter,
+        hparams.lora_init,
+    ) == ("bilinear", "nearest", "pil_uint8", "shared")  # fmt: skip
+    # The method frames images as the reference's episodic loader: Resize([s, s]) on the PIL
+    # image (bilinear), no crop, so a 4-pixel border of 100 survives.
     from PIL import Image
+    from torchvision import transforms
 
-    image = Image.new("RGB", (100, 100), (255, 0, 0))
-    image.paste((0, 0, 255), (4, 4, 96, 96))
-    assert (method.to_tensor()(image)[0] == 0).all()
+    image = Image.new("RGB", (100, 60), (255, 0, 0))
+    image.paste((0, 0, 255), (4, 4, 96, 56))
+    framed = method.to_tensor()(image)
+    assert framed[0, 0, 0] == 1 and framed[2, 0, 0] == 0
+    size = list(framed.shape[1:])
+    reference = transforms.ToTensor()(transforms.Resize(size)(image))
+    assert torch.equal((framed * 255).round(), (reference * 255).round())
+    square = Image.new("RGB", (100, 100), (255, 0, 0))
+    square.paste((0, 0, 255), (4, 4, 96, 96))
+    crop = Mind(backbone="tiny-clip", pretrained=None, geometry="resize_crop")
+    assert (crop.to_tensor()(square)[0] == 0).all()  # the 1.15 margin cuts the border off
     with pytest.raises(CdfslError, match="support='both'"):
         Mind(backbone="tiny-clip", pretrained=None, support="both")
     with pytest.raises(CdfslError, match="geometry='stretch'"):
         LoRAFineTune(backbone="tiny-clip", pretrained=None, geometry="stretch")
+    with pytest.raises(CdfslError, match="resize_interpolation='area'.*'backbone'"):
+        LoRAFineTune(backbone="tiny-clip", pretrained=None, resize_interpolation="area")
+    with pytest.raises(CdfslError, match="lora_init='random'"):
+        LoRAFineTune(backbone="tiny-clip", pretrained=None, lora_init="random")
 
 
 def _first_relation(support_mode: str) -> tuple[torch.Tensor, dict[str, float]]:
@@ -211,3 +229,32 @@ def test_default_views_are_drawn_once_and_reused_at_every_step(monkeypatch):
     assert not torch.equal(seen["per_step"][0], seen["per_step"][1])
     # The clean view (rows 0..5) is the un-augmented support set either way.
     assert torch.equal(seen["per_step"][1][: len(images)], images)
+
+
+def test_lora_init_shared_or_per_episode_draws_a_from_the_right_seed():
+    """Episode e's initial A: Kaiming-uniform (a = √5) from Generator(seed), drawn per adapter in
+    module order; ``shared`` uses the constructor's seed for every episode (the reference deep-
+    copies one LoRA model), ``per_episode`` the episode's own seed. B starts at zero."""
+    import math
+
+    from cdfsl.lora import LoRAAdapter
+
+    def expected_first_a(seed: int, adapter: LoRAAdapter) -> torch.Tensor:
+        a = torch.empty(adapter.rank, adapter.in_features)
+        return torch.nn.init.kaiming_uniform_(
+            a, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed)
+        )
+
+    def first_adapter(method) -> LoRAAdapter:
+        return next(m for m in method.backbone.lora_root().modules() if isinstance(m, LoRAAdapter))
+
+    for lora_init, episode_seeds in (("shared", [11, 12, 13]), ("per_episode", [11, 12, 13])):
+        method = LoRAFineTune(
+            backbone="tiny-clip", pretrained=None, lora=LORA, seed=7, lora_init=lora_init
+        )
+        method.start_episodes(episode_seeds, [NAMES] * 3)
+        adapter = first_adapter(method)
+        for e, seed in enumerate(episode_seeds):
+            want = expected_first_a(7 if lora_init == "shared" else seed, adapter)
+            assert torch.equal(adapter.lora_A[e], want), (lora_init, e)
+            assert not adapter.lora_B[e].any()

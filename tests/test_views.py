@@ -83,9 +83,11 @@ def test_clean_view_is_bit_identical_and_all_views_stay_in_range() -> None:
 
 @pytest.mark.parametrize("view", [ViewSpec("r", rotation=45), ViewSpec("j", jitter=0.4)])
 def test_each_image_gets_its_own_parameters(view: ViewSpec) -> None:
-    image = _images(batch=1)
+    image = _images(batch=1, size=32)
     batch = image.expand(8, -1, -1, -1).contiguous()
-    out, _ = ViewAugmenter([view])(batch, torch.Generator().manual_seed(0))
+    # Seed 3's eight angles are at least 2 degrees apart: nearest sampling maps angles within a
+    # fraction of a degree to the same pixels (as PIL does), which is not the point here.
+    out, _ = ViewAugmenter([view])(batch, torch.Generator().manual_seed(3))
     assert len({tuple(row.flatten().tolist()) for row in out}) == 8
 
 
@@ -177,3 +179,72 @@ def test_cuda_batch_gets_the_same_parameters_as_cpu() -> None:
     assert gpu.device.type == gpu_ids.device.type == "cuda"
     assert torch.equal(gpu_ids.cpu(), cpu_ids)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+def _pil(image: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def _from_pil(image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+
+
+def _uint8_images(batch: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 3, 23, 19), generator=generator).float() / 255
+
+
+def test_pil_uint8_jitter_is_pil_image_enhance_bit_for_bit() -> None:
+    """The reference's ImageJitter: Brightness, Contrast, Color in turn on a PIL image."""
+    from PIL import ImageEnhance
+
+    from cdfsl.data.views import _jitter_pil_uint8
+
+    images = _uint8_images(24)
+    generator = torch.Generator().manual_seed(1)
+    factors = tuple(0.6 + 0.8 * torch.rand(24, generator=generator) for _ in range(3))
+    ours = _jitter_pil_uint8(images, factors)
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for index, image in enumerate(images):
+        pil = _pil(image)
+        for enhancer, factor in zip(enhancers, factors, strict=True):
+            pil = enhancer(pil).enhance(float(factor[index]))
+        assert torch.equal(ours[index], _from_pil(pil)), f"image {index}"
+    # The float arithmetic of ColorJitter is another result (the option matters).
+    from cdfsl.data.views import _jitter_float
+
+    assert not torch.equal(_jitter_float(images, factors), ours)
+
+
+def test_nearest_rotation_is_pil_rotate_bit_for_bit() -> None:
+    """torchvision's RandomRotation on a PIL image: PIL rotate, nearest, black corners."""
+    from PIL import Image
+
+    from cdfsl.data.views import _rotate
+
+    images = _uint8_images(16, seed=2)
+    angles = torch.linspace(-45, 45, 16)
+    ours = _rotate(images, angles, "nearest")
+    for image, angle, rotated in zip(images, angles.tolist(), ours, strict=True):
+        theirs = _from_pil(_pil(image).rotate(angle, resample=Image.NEAREST))
+        assert torch.equal(rotated, theirs), f"angle {angle}"
+
+
+def test_augmenter_defaults_are_the_reference_pipeline_and_options_are_checked() -> None:
+    images = _uint8_images(6, seed=3)
+    rotate = [ViewSpec("r", rotation=45)]
+    reference, _ = ViewAugmenter(rotate)(images, torch.Generator().manual_seed(0))
+    # Nearest sampling keeps every value on the 8-bit grid; bilinear leaves it.
+    assert torch.equal((reference * 255).round() / 255, reference)
+    smooth, _ = ViewAugmenter(rotate, rotation_interpolation="bilinear")(
+        images, torch.Generator().manual_seed(0)
+    )
+    assert not torch.equal((smooth * 255).round() / 255, smooth)
+    with pytest.raises(DataError, match="rotation_interpolation='bicubic'"):
+        ViewAugmenter(rotate, rotation_interpolation="bicubic")
+    with pytest.raises(DataError, match=r"color_jitter='hsv'.*\['float', 'pil_uint8'\]"):
+        ViewAugmenter(rotate, color_jitter="hsv")

@@ -12,7 +12,8 @@ from torchvision.transforms import v2
 
 from cdfsl.errors import CdfslError
 
-_INTERPOLATIONS = {
+#: Resampling filters of the resize that frames an image (antialiased, as PIL's resize).
+INTERPOLATIONS = {
     "bicubic": v2.InterpolationMode.BICUBIC,
     "bilinear": v2.InterpolationMode.BILINEAR,
     "nearest": v2.InterpolationMode.NEAREST,
@@ -34,22 +35,31 @@ class Preprocess:
         size = (size, size) if isinstance(size, int) else tuple(size)
         return cls(size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"))
 
-    def to_tensor(self, geometry: str = "squash") -> Callable[[Image.Image], Tensor]:
+    def to_tensor(
+        self, geometry: str = "squash", interpolation: str | None = None
+    ) -> Callable[[Image.Image], Tensor]:
         """PIL RGB image -> ``(3, H, W)`` float in [0, 1] at ``size``, framed by ``geometry``.
 
         ``geometry`` names a row of :data:`GEOMETRIES`: ``"squash"`` resizes to ``size`` whatever
-        the aspect ratio; ``"resize_crop"`` resizes to 1.15·size and centre-crops ``size`` (the
-        Mind reference's CDFSL pipeline); ``"short_side_crop"`` resizes the short side to the
-        size and centre-crops (CLIP's own preprocessing, the RAIL reference's test transform).
+        the aspect ratio (the Mind reference's episodic loader, ``Resize([224, 224])``);
+        ``"resize_crop"`` resizes to 1.15·size and centre-crops ``size`` (the reference's other
+        loader package, which its ``main.py`` does not use); ``"short_side_crop"`` resizes the
+        short side to the size and centre-crops (CLIP's own preprocessing, the RAIL reference's
+        test transform). ``interpolation`` is a key of :data:`INTERPOLATIONS`; None takes the
+        model's own (``self.interpolation``).
         """
         frame = GEOMETRIES.get(geometry)
         if frame is None:
             raise CdfslError(f"geometry={geometry!r}: expected one of {sorted(GEOMETRIES)}")
-        interpolation = _INTERPOLATIONS[self.interpolation]
+        name = self.interpolation if interpolation is None else interpolation
+        if name not in INTERPOLATIONS:
+            raise CdfslError(f"interpolation={name!r}: expected one of {sorted(INTERPOLATIONS)}")
+        # Framed on the PIL image, so the resize is PIL's own (torchvision's tensor resize of
+        # uint8 differs from it by up to 2 levels when upsampling).
         return v2.Compose(
             [
+                *frame(self.size, INTERPOLATIONS[name]),
                 v2.PILToTensor(),
-                *frame(self.size, interpolation),
                 v2.ToDtype(torch.float32, scale=True),
             ]
         )
@@ -74,7 +84,7 @@ def _short_side_crop(size: tuple[int, int], interpolation: v2.InterpolationMode)
 RESIZE_CROP_RATIO = 1.15
 
 #: How an image is framed to the model's input size: name -> fn(size, interpolation) -> the
-#: geometric transforms, applied to a ``uint8`` tensor image before scaling to [0, 1].
+#: geometric transforms, applied to the PIL image before it becomes a tensor.
 GEOMETRIES: dict[str, Callable[[tuple[int, int], v2.InterpolationMode], list[nn.Module]]] = {
     "squash": _squash,
     "resize_crop": _resize_crop,

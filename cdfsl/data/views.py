@@ -8,12 +8,16 @@ jsonargparse a ``ViewSpec`` is a registered type that reads from and prints as t
 
 ``ViewAugmenter`` works on a batch already at model resolution, on whatever device it lives, and
 draws separate random parameters for every image. Normalisation is the backbone's job, not this.
+How a rotation samples (:data:`ROTATION_INTERPOLATIONS`) and how jitter computes
+(:data:`COLOR_JITTERS`) are named options; the defaults are the Mind reference's pipeline
+(torchvision's ``RandomRotation`` on a PIL image: nearest; Facebook's ``ImageJitter``: PIL
+``ImageEnhance`` on 8-bit images).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,10 +28,20 @@ from torch import Tensor
 
 from cdfsl.errors import DataError
 
-__all__ = ["DEFAULT_VIEWS", "ViewAugmenter", "ViewSpec", "clean_view_index", "parse_views"]
+__all__ = [
+    "COLOR_JITTERS",
+    "DEFAULT_VIEWS",
+    "ROTATION_INTERPOLATIONS",
+    "ViewAugmenter",
+    "ViewSpec",
+    "clean_view_index",
+    "parse_views",
+]
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale, so jitter matches ColorJitter.
 _LUMA = (0.2989, 0.587, 0.114)
+# PIL's RGB -> L conversion in 16-bit fixed point: (R·19595 + G·38470 + B·7471 + 2^15) >> 16.
+_PIL_LUMA = (19595, 38470, 7471)
 
 
 @dataclass(frozen=True)
@@ -164,8 +178,12 @@ def _blend(images: Tensor, other: Tensor | float, factor: Tensor) -> Tensor:
     return (factor * images + (1 - factor) * other).clamp(0, 1)
 
 
-def _rotate(images: Tensor, degrees: Tensor) -> Tensor:
-    """Rotate each image about its centre by its own angle; degrees: (B,); black corners."""
+def _rotate(images: Tensor, degrees: Tensor, interpolation: str = "bilinear") -> Tensor:
+    """Rotate each image about its centre by its own angle; degrees: (B,); black corners.
+
+    A positive angle turns the image counter-clockwise on screen, as ``PIL.Image.rotate``;
+    ``interpolation`` is a ``grid_sample`` mode (``nearest`` keeps 8-bit values on their grid).
+    """
     batch, _, height, width = images.shape
     radians = torch.deg2rad(degrees.to(images.dtype))
     cos, sin = radians.cos(), radians.sin()
@@ -178,9 +196,71 @@ def _rotate(images: Tensor, degrees: Tensor) -> Tensor:
     theta[:, 1, 1] = cos
     grid = functional.affine_grid(theta, list(images.shape), align_corners=False)
     rotated = functional.grid_sample(
-        images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        images, grid, mode=interpolation, padding_mode="zeros", align_corners=False
     )
     return rotated.clamp(0, 1)
+
+
+def _jitter_float(images: Tensor, factors: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """torchvision ColorJitter's blends on floats: brightness, contrast, saturation."""
+    brightness, contrast, saturation = factors
+    out = _blend(images, 0.0, brightness)
+    out = _blend(out, _grayscale(out).mean(dim=(1, 2, 3), keepdim=True), contrast)
+    return _blend(out, _grayscale(out), saturation)
+
+
+def _pil_luma(values: Tensor) -> Tensor:
+    """(B, 3, H, W) 8-bit values (float) -> (B, 1, H, W) PIL "L" values, rounded as PIL does."""
+    v = values.to(torch.int32)
+    weighted = _PIL_LUMA[0] * v[:, 0] + _PIL_LUMA[1] * v[:, 1] + _PIL_LUMA[2] * v[:, 2]
+    return ((weighted + 32768) >> 16).unsqueeze(1).to(values.dtype)
+
+
+def _pil_blend(degenerate: Tensor | float, values: Tensor, factor: Tensor) -> Tensor:
+    """``PIL.Image.blend(degenerate, image, factor)`` on 8-bit values held in float32.
+
+    PIL computes ``in1 + factor·(in2 − in1)`` in C floats and truncates to an integer in
+    [0, 255]; two float32 operations here, so the rounding is the same.
+    """
+    factor = factor.to(torch.float32).view(-1, 1, 1, 1)
+    return (degenerate + factor * (values - degenerate)).trunc().clamp(0, 255)
+
+
+def _jitter_pil_uint8(images: Tensor, factors: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """PIL ``ImageEnhance`` Brightness, Contrast, Color in turn, on 8-bit images.
+
+    Each enhancement rounds to an 8-bit image, as the Mind reference's ``ImageJitter`` on PIL
+    images: inputs are taken to the 8-bit grid first (exact for framed images, which are
+    ``uint8 / 255``). Contrast blends with the rounded mean of the L image, Color with the L
+    image itself.
+    """
+    brightness, contrast, saturation = factors
+    values = (images.to(torch.float32) * 255).round()
+    values = _pil_blend(0.0, values, brightness)
+    luma = _pil_luma(values)
+    mean = (luma.to(torch.float64).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()
+    values = _pil_blend(mean.to(torch.float32), values, contrast)
+    values = _pil_blend(_pil_luma(values), values, saturation)
+    return (values / 255).to(images.dtype)
+
+
+#: How a rotated view samples the source: name -> ``grid_sample`` mode. ``nearest`` is
+#: torchvision's ``RandomRotation`` default on PIL images (the Mind reference's); ``bilinear``
+#: interpolates (cdfsl before engine 3).
+ROTATION_INTERPOLATIONS: dict[str, str] = {"nearest": "nearest", "bilinear": "bilinear"}
+
+#: How colour jitter computes, given its three factors: ``pil_uint8`` PIL ``ImageEnhance`` on
+#: 8-bit images, rounded after each enhancement (the Mind reference's ``ImageJitter``);
+#: ``float`` torchvision ``ColorJitter``'s blends on floats (cdfsl before engine 3).
+COLOR_JITTERS: dict[str, Callable[[Tensor, tuple[Tensor, Tensor, Tensor]], Tensor]] = {
+    "pil_uint8": _jitter_pil_uint8,
+    "float": _jitter_float,
+}
+
+
+def _choice(table: Mapping[str, object], name: str, option: str) -> None:
+    if name not in table:
+        raise DataError(f"{option}={name!r}: expected one of {sorted(table)}; fix the option")
 
 
 class ViewAugmenter:
@@ -193,8 +273,17 @@ class ViewAugmenter:
     same output on every run and on CPU or GPU (up to floating-point differences of the device).
     """
 
-    def __init__(self, views: Sequence[ViewSpec | Mapping[str, object]] = DEFAULT_VIEWS) -> None:
+    def __init__(
+        self,
+        views: Sequence[ViewSpec | Mapping[str, object]] = DEFAULT_VIEWS,
+        rotation_interpolation: str = "nearest",
+        color_jitter: str = "pil_uint8",
+    ) -> None:
         self.views: tuple[ViewSpec, ...] = parse_views(views)
+        _choice(ROTATION_INTERPOLATIONS, rotation_interpolation, "rotation_interpolation")
+        _choice(COLOR_JITTERS, color_jitter, "color_jitter")
+        self.rotation_mode = ROTATION_INTERPOLATIONS[rotation_interpolation]
+        self.jitter = COLOR_JITTERS[color_jitter]
 
     def __len__(self) -> int:
         return len(self.views)
@@ -226,14 +315,14 @@ class ViewAugmenter:
         # grid_sample and the blends are not implemented for half types on every device.
         out = images if images.dtype in (torch.float32, torch.float64) else images.float()
         if view.rotation > 0:
-            out = _rotate(out, _uniform(batch, -view.rotation, view.rotation, generator, device))
+            angles = _uniform(batch, -view.rotation, view.rotation, generator, device)
+            out = _rotate(out, angles, self.rotation_mode)
         if view.jitter > 0:
-            # Fixed order brightness -> contrast -> saturation (ColorJitter permutes them).
+            # Fixed order brightness -> contrast -> saturation (as ImageJitter; ColorJitter
+            # permutes them).
             low, high = max(0.0, 1.0 - view.jitter), 1.0 + view.jitter
-            out = _blend(out, 0.0, _uniform(batch, low, high, generator, device))
-            mean = _grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
-            out = _blend(out, mean, _uniform(batch, low, high, generator, device))
-            out = _blend(out, _grayscale(out), _uniform(batch, low, high, generator, device))
+            factors = tuple(_uniform(batch, low, high, generator, device) for _ in range(3))
+            out = self.jitter(out, factors)
         if view.hflip:
             flip = _uniform(batch, 0.0, 1.0, generator, device) < 0.5
             out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from cdfsl import alignment, losses
 from cdfsl.backbones import Backbone, create_backbone
-from cdfsl.backbones.base import GEOMETRIES
+from cdfsl.backbones.base import GEOMETRIES, INTERPOLATIONS
 from cdfsl.data.views import DEFAULT_VIEWS, ViewAugmenter, ViewSpec, clean_view_index
 from cdfsl.errors import CdfslError
 from cdfsl.lora import (
@@ -45,6 +45,15 @@ from cdfsl.plumbing import PROMPT_TEMPLATE, plain_json
 #: every step (the reference code: its data loader yields an episode's views once, and every
 #: step trains on the same augmented images); ``per_step`` redraws every view at every step.
 VIEW_SAMPLING = ("per_episode", "per_step")
+
+
+#: Where an episode's initial LoRA A comes from: ``shared`` (one A for every episode, drawn from
+#: the method's constructor seed: the reference builds its LoRA model once and deep-copies it per
+#: episode) or ``per_episode`` (drawn from the episode's own seed).
+LORA_INITS = ("shared", "per_episode")
+
+#: ``resize_interpolation`` value that takes the backbone's own preprocessing filter.
+BACKBONE_INTERPOLATION = "backbone"
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -91,16 +100,29 @@ class FewShotMethod(L.LightningModule):
         view_sampling: ``"per_episode"`` (the reference's: drawn once when training starts,
             reused every step) or ``"per_step"`` (new views every step); see
             :data:`VIEW_SAMPLING`.
-        geometry: how images are framed to the input size, a row of
-            ``cdfsl.backbones.base.GEOMETRIES``; ``"resize_crop"`` (the reference CDFSL
-            pipeline: resize to 1.15·224 square, centre-crop 224, before every view and for
-            queries) or ``"squash"`` (resize to the input size).
+        geometry: how images are framed to the input size, for support and queries, a row of
+            ``cdfsl.backbones.base.GEOMETRIES``: ``"squash"`` (the reference's: its episodic
+            loader resizes every view to 224×224) or ``"resize_crop"`` (resize to 1.15·224,
+            centre-crop 224: the reference's unused ``fslcd_datasets`` loaders).
+        resize_interpolation: the framing resize's filter, a key of
+            ``cdfsl.backbones.base.INTERPOLATIONS`` (``"bilinear"``, torchvision ``Resize``'s
+            default, the reference's) or ``"backbone"`` (the model's own config, e.g. open_clip's
+            bicubic).
+        rotation_interpolation: how rotated views sample, a key of
+            ``cdfsl.data.views.ROTATION_INTERPOLATIONS`` (``"nearest"``, the reference's).
+        color_jitter: how jittered views compute, a key of ``cdfsl.data.views.COLOR_JITTERS``
+            (``"pil_uint8"``, the reference's PIL ``ImageEnhance`` on 8-bit images, or
+            ``"float"``).
+        lora_init: where each episode's initial LoRA A comes from, a key of :data:`LORA_INITS`:
+            ``"shared"`` (the reference's: one A for every episode, drawn from ``seed``) or
+            ``"per_episode"`` (drawn from each episode's own seed).
         lr, weight_decay: AdamW settings for the adapter weights.
         t_max_factor: cosine schedule period as a multiple of the run's total steps.
         eta_min: the cosine schedule's floor.
         seed: seeds a random-initialised backbone (``pretrained=None``), the adapters' initial
             values, view sampling, LoRA dropout and the method's own draws; an episode's own
-            seed replaces it for everything but the backbone.
+            seed replaces it for everything but the backbone and, with ``lora_init: shared``,
+            the initial A.
     """
 
     trainable: bool = True
@@ -119,7 +141,11 @@ class FewShotMethod(L.LightningModule):
         lora: LoRAConfig | None = LoRAConfig(),  # noqa: B008  (frozen value, never mutated)
         views: Sequence[ViewSpec] | None = tuple(DEFAULT_VIEWS),
         view_sampling: str = "per_episode",
-        geometry: str = "resize_crop",
+        geometry: str = "squash",
+        resize_interpolation: str = "bilinear",
+        rotation_interpolation: str = "nearest",
+        color_jitter: str = "pil_uint8",
+        lora_init: str = "shared",
         lr: float = 2e-4,
         weight_decay: float = 1e-2,
         t_max_factor: float = 8.0,
@@ -143,6 +169,17 @@ class FewShotMethod(L.LightningModule):
         if geometry not in GEOMETRIES:
             raise CdfslError(f"geometry={geometry!r}: expected one of {sorted(GEOMETRIES)}")
         self.geometry = geometry
+        if resize_interpolation not in (*INTERPOLATIONS, BACKBONE_INTERPOLATION):
+            raise CdfslError(
+                f"resize_interpolation={resize_interpolation!r}: expected one of "
+                f"{sorted(INTERPOLATIONS)} or {BACKBONE_INTERPOLATION!r} (the model's own)"
+            )
+        self.resize_interpolation = resize_interpolation
+        if lora_init not in LORA_INITS:
+            raise CdfslError(f"lora_init={lora_init!r}: expected one of {LORA_INITS}")
+        self.lora_init = lora_init
+        #: The constructor's seed: the shared initial LoRA A comes from it, whatever the episode.
+        self.init_seed = seed
         self.backbone: Backbone = create_backbone(backbone, pretrained, init_seed=seed)
         self.backbone.requires_grad_(False)
         self.lora_config = lora if self.trainable else None
@@ -152,7 +189,9 @@ class FewShotMethod(L.LightningModule):
             self._reset_adapters([seed])
         self.views = list(views) if views is not None else None
         self.view_sampling = view_sampling
-        self._augmenter = ViewAugmenter(self.views) if self.views else None
+        self._augmenter = (
+            ViewAugmenter(self.views, rotation_interpolation, color_jitter) if self.views else None
+        )
         self._clean_view = clean_view_index(self.views) if self.views else None
         self.scale = logit_scale if logit_scale is not None else self.backbone.logit_scale
         self.template = template
@@ -166,8 +205,9 @@ class FewShotMethod(L.LightningModule):
     def start_episodes(self, seeds: Sequence[int], class_names: Sequence[Sequence[str]]) -> None:
         """Start ``E = len(seeds)`` episodes side by side, episode ``e`` seeded ``seeds[e]``.
 
-        Adapter set ``e`` is re-initialised from ``seeds[e]`` alone (B = 0), and episode ``e``
-        classifies ``class_names[e]``; every episode needs the same number of classes.
+        Adapter set ``e`` is re-initialised (B = 0, A by ``lora_init``: from the constructor's
+        seed, or from ``seeds[e]`` alone), and episode ``e`` classifies ``class_names[e]``;
+        every episode needs the same number of classes.
         """
         if len(seeds) != len(class_names) or not seeds:
             raise CdfslError(
@@ -205,12 +245,16 @@ class FewShotMethod(L.LightningModule):
         )
 
     def _reset_adapters(self, seeds: Sequence[int]) -> None:
-        """One adapter set per seed, set ``e`` re-initialised from ``seeds[e]`` alone (B = 0)."""
+        """One adapter set per seed (B = 0); set ``e``'s A drawn from ``seeds[e]`` alone, or,
+        with ``lora_init: shared``, from the constructor's seed for every set."""
         if self.lora_config is None:
             return
         root = self.backbone.lora_root()
         if adapter_sets(root) != len(seeds):
             set_num_adapters(root, len(seeds))
+        if self.lora_init == "shared":
+            reset_lora(root, self.init_seed)
+            return
         for index, seed in enumerate(seeds):
             reset_lora(root, seed, adapter_index=index)
 
@@ -283,7 +327,10 @@ class FewShotMethod(L.LightningModule):
 
     def to_tensor(self) -> Any:
         """PIL RGB image -> ``(3, H, W)`` in [0, 1] at the input size, framed by ``geometry``."""
-        return self.backbone.preprocess.to_tensor(self.geometry)
+        interpolation = self.resize_interpolation
+        return self.backbone.preprocess.to_tensor(
+            self.geometry, None if interpolation == BACKBONE_INTERPOLATION else interpolation
+        )
 
     # -- training ------------------------------------------------------------------------------
     def loss_terms(
