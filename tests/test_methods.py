@@ -154,7 +154,7 @@ def test_reference_defaults_are_the_reference_entry_points_pipeline():
         Mind(backbone="tiny-clip", pretrained=None, support="both")
     with pytest.raises(CdfslError, match="geometry='stretch'"):
         LoRAFineTune(backbone="tiny-clip", pretrained=None, geometry="stretch")
-    with pytest.raises(CdfslError, match="resize_interpolation='area'.*'backbone'"):
+    with pytest.raises(CdfslError, match=r"resize_interpolation='area'.*'backbone'"):
         LoRAFineTune(backbone="tiny-clip", pretrained=None, resize_interpolation="area")
     with pytest.raises(CdfslError, match="lora_init='random'"):
         LoRAFineTune(backbone="tiny-clip", pretrained=None, lora_init="random")
