@@ -1,6 +1,6 @@
 """Mind − LoRAFineTune on the micro world under the reference's options and cdfsl's old ones.
 
-The paper's 1-shot schedule (T = 250, the five views of the spec, LoRA r16
+The paper's 1-shot schedule (T = 250, the paper's five views, LoRA r16
 a8 rsLoRA dropout .25 on q/k/v, AdamW 2e-4), micro-clip, 5-way 1-shot 15 queries, on the four
 target domains. For views ``per_episode`` (the reference) and ``per_step`` (cdfsl's old default),
 and Mind's clean support S ``separate`` (the reference) and ``shared``, it reports the paired

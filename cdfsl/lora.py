@@ -185,7 +185,8 @@ class LoRAAdapter(nn.Module):
 
     ``lora_A``: ``(E, rank, in_features)``, Kaiming-uniform; ``lora_B``: ``(E, stop - start,
     rank)``, zeros; both fp32 whatever the base dtype (under autocast the products run in the
-    autocast dtype, as the spec's fp32-master LoRA does). ``E = num_adapters``.
+    autocast dtype, as the Mind reference's fp32 LoRA over an fp16 model does).
+    ``E = num_adapters``.
     """
 
     def __init__(

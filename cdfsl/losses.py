@@ -1,8 +1,9 @@
 """Mind's loss terms and schedule as pure functions of tensors.
 
-Notation follows the spec (``shared/specs/mind.md``, "Losses"): ``F`` (M, D) the L2-normalised
-features of the augmented support images of one step, ``y`` (M,) their labels, ``T`` (N, D) the
-normalised text features of the N classes, ``S`` (N·K, D) the normalised clean support features.
+Notation follows the Mind paper (CVPR 2026, arXiv 2603.13341; docs/fidelity.md): ``F`` (M, D)
+the L2-normalised features of the augmented support images of one step, ``y`` (M,) their
+labels, ``T`` (N, D) the normalised text features of the N classes, ``S`` (N·K, D) the
+normalised clean support features.
 The method weights and composes the terms; nothing here holds state or does I/O.
 """
 
@@ -48,7 +49,7 @@ def vlm_cross_entropy(
 
 
 def class_prototypes(support_feats: Tensor, support_labels: Tensor, num_classes: int) -> Tensor:
-    """v_c: the L2-normalised mean of class c's support features (the spec's "The idea").
+    """v_c: the L2-normalised mean of class c's support features (the paper's t_c = v_c + g_c)
 
     support_feats: (S, D) L2-normalised; support_labels: (S,) int64 in [0, N); every class needs
     at least one support row. Returns (N, D).
@@ -254,7 +255,7 @@ class MindStep:
 
 
 def mind_schedule(step: int, total_steps: int) -> MindStep:
-    """The terms of step k of T (0-based), per the spec's schedule.
+    """The terms of step k of T (0-based), per the reference code's schedule.
 
     With R = 3·floor(T/5): step 0 uses SVL only (no previous A_v yet); steps 1 .. R-1 use SVL and
     RA with w_k = 1 - k / floor(0.6·T); steps >= R use L_vlm only. fusion_weight is 0.0 whenever RA

@@ -33,7 +33,7 @@ __all__ = [
     "write_jsonl_atomic",
 ]
 
-#: CLIP's plain prompt, the spec's classifier prompt and every dataset's fallback.
+#: CLIP's plain prompt, the Mind paper's classifier prompt and every dataset's fallback.
 PROMPT_TEMPLATE = "a photo of a {}."
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from imagegen import make_image_folder
 
+from cdfsl.assets import find_recipe
 from cdfsl.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,32 @@ def test_spec_recipes_carry_the_papers_settings():
     assert len(args.views) == 5
     assert (cfg.eval.way, cfg.eval.shot, cfg.eval.query, cfg.eval.episodes) == (5, 5, 15, 400)
     assert cfg.eval.steps_per_shot == 250
+
+
+GPU_RECIPES = [
+    f"{family}/{method}"
+    for family in ("clip-vit-b16", "cdfsl", "pe-core-b16", "siglip-vit-b16")
+    for method in ("mind", "lora-ce")
+]
+
+
+@pytest.mark.parametrize("recipe", GPU_RECIPES)
+def test_paper_recipes_run_the_reference_entry_points_pipeline(recipe):
+    """What the Mind reference's main.py runs: its episodic loader's squash framing (bilinear),
+    nearest rotation, PIL jitter, one LoRA init for all episodes, fp16 autocast + GradScaler."""
+    cfg = build_parser()[0].parse_args(["eval", "--config", recipe])
+    args = cfg.eval.method.init_args
+    assert (args.view_sampling, args.geometry, args.resize_interpolation) == (
+        "per_episode", "squash", "bilinear",
+    )  # fmt: skip
+    assert (args.rotation_interpolation, args.color_jitter, args.lora_init) == (
+        "nearest", "pil_uint8", "shared",
+    )  # fmt: skip
+    assert cfg.eval.precision == "16-mixed"
+    if recipe.endswith("/mind"):
+        assert args.support == "separate"
+    text = find_recipe(recipe).read_text()
+    assert "shared/" not in text and "specs" not in text  # users have no such folder
 
 
 # The spec's protocol per CDFSL target and shot, written out: T = 250·K steps (125·K for

@@ -73,9 +73,10 @@ def test_per_episode_views_hold_for_every_grouping(four_class_folder, tmp_path):
     assert any(per_step[i]["terms"]["loss"] != alone[i]["terms"]["loss"] for i in alone)
 
 
-def test_each_adapter_set_gets_only_its_own_gradient(four_class_folder, tmp_path):
+@pytest.mark.parametrize("lora_init", ["shared", "per_episode"])
+def test_each_adapter_set_gets_only_its_own_gradient(four_class_folder, tmp_path, lora_init):
     """Set e after a grouped run equals the adapters episode e trains alone."""
-    method = build(LoRAFineTune)
+    method = build(LoRAFineTune, lora_init=lora_init)
     rows_by_groups(method, four_class_folder, tmp_path, [[4]])
     alone = lora_state_dict(method.backbone.lora_root())
     rows_by_groups(method, four_class_folder, tmp_path, [[1, 4, 6]])
@@ -95,3 +96,21 @@ def test_start_episodes_needs_one_way(tmp_path):
         _ = method.text_feats
     method.set_classes(["x", "y"])  # back to one episode
     assert method.text_feats.shape[0] == 2
+
+
+def test_16_mixed_trains_one_episode_per_step(four_class_folder, tmp_path):
+    """One GradScaler over E episodes would couple them: 16-mixed chooses E = 1 and refuses more."""
+    from cdfsl.evaluation.runner import episodes_per_step, fit_episode
+
+    method = build(LoRAFineTune)
+    protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=EPISODES, seed=0)
+    fp16 = FitConfig(steps=2, precision="16-mixed", accelerator="cpu")
+    assert episodes_per_step(method, protocol, fp16) == 1
+    assert episodes_per_step(method, protocol, FitConfig(precision="32-true")) > 1
+    four = FitConfig(steps=2, precision="16-mixed", accelerator="cpu", episodes_per_step=4)
+    with pytest.raises(CdfslError, match=r"16-mixed' with 4 episodes per step.*bf16-mixed"):
+        episodes_per_step(method, protocol, four)
+    method.start_episodes([0, 1], [["a", "b"], ["c", "d"]])
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(CdfslError, match="16-mixed' with 2 episodes per step"):
+        fit_episode(method, images, labels, 2, fp16)

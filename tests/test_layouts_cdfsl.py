@@ -55,11 +55,18 @@ def test_crop_disease_has_38_plantvillage_classes_named_for_prompts(tmp_path):
     root = make_crop_disease(tmp_path / "CropDiseases", per_class=1)
     ds = build("crop-disease", root)
 
+    # The reference's prompts: the folder name with "_" as spaces (option names: folder).
     names = dict(zip(ds.classes, ds.class_names, strict=True))
     assert len(names) == 38 and len(set(ds.class_names)) == 38
+    assert names["Apple___Apple_scab"] == "Apple   Apple scab"
+    assert names["Corn_(maize)___Common_rust_"] == "Corn (maize)   Common rust "
+    assert ds.sample_id(0).startswith("Apple___Apple_scab/")
+    curated = build("crop-disease", root, names="curated")
+    names = dict(zip(curated.classes, curated.class_names, strict=True))
     assert names["Apple___Apple_scab"] == "apple scab"
     assert names["Tomato___healthy"] == "healthy tomato leaf"
-    assert ds.sample_id(0).startswith("Apple___Apple_scab/")
+    with pytest.raises(DataError, match=r"names='raw': expected one of \('curated', 'folder'\)"):
+        build("crop-disease", root, names="raw")
     # The Kaggle archive's dataset/train/ and a bare train/ are both found.
     shutil.move(root / "dataset" / "train", root / "train")
     assert build("crop-disease", root).classes == ds.classes
@@ -92,6 +99,30 @@ def test_chestx_keeps_single_label_images_of_seven_findings(tmp_path, spread):
     image = ds.load(1)
     assert image.mode == "RGB" and image.getextrema()[0][1] < 255
     assert image.getpixel((0, 0))[0] == image.getpixel((0, 0))[1] == image.getpixel((0, 0))[2]
+
+
+def test_chestx_is_read_at_256_as_the_reference_reads_it(tmp_path):
+    """The reference: ``Image.open(p).resize((256, 256)).convert('RGB')`` (PIL's default filter,
+    in the file's own mode); ``pre_resize: null`` keeps the file's size."""
+    from PIL import Image
+
+    root = make_chestx(tmp_path / "chestX", per_class=1)
+    ds = build("chestx", root)
+    assert ds.read_size == (256, 256)
+    with Image.open(ds.path(0)) as original:
+        assert original.mode == "L" and original.size != (256, 256)
+        reference = original.resize((256, 256)).convert("RGB")
+    image = ds.load(0)
+    assert image.size == (256, 256) and image.tobytes() == reference.tobytes()
+    # Resized before the RGB conversion with PIL's default filter: not a nearest resize.
+    with Image.open(ds.path(0)) as original:
+        nearest = original.resize((256, 256), Image.Resampling.NEAREST).convert("RGB")
+    assert image.tobytes() != nearest.tobytes()
+    assert build("chestx", root, pre_resize=64).load(1).size == (64, 64)  # 16-bit file too
+    native = build("chestx", root, pre_resize=None)
+    assert native.read_size is None and native.load(0).size == original.size
+    with pytest.raises(DataError, match=r"pre_resize=0: expected a positive integer"):
+        build("chestx", root, pre_resize=0)
 
 
 def test_class_names_file_overrides_built_in_names(tmp_path):

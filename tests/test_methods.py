@@ -258,3 +258,31 @@ def test_lora_init_shared_or_per_episode_draws_a_from_the_right_seed():
             want = expected_first_a(7 if lora_init == "shared" else seed, adapter)
             assert torch.equal(adapter.lora_A[e], want), (lora_init, e)
             assert not adapter.lora_B[e].any()
+
+
+def test_cosine_schedule_has_period_eight_t_and_its_floor_at_every_step():
+    """The reference: CosineAnnealingLR(T_max = 8·T, eta_min = 1e-6), stepped every iteration,
+    so step k trains at eta_min + (lr − eta_min)·(1 + cos(π·k / 8T)) / 2."""
+    import math
+
+    steps, lr, eta_min = 6, 2e-4, 1e-6
+    images, labels = support()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
+    method = LoRAFineTune(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    seen: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit = trainer(steps)
+    fit.callbacks.append(Record())
+    fit.fit(method, loader)
+    expected = [
+        eta_min + (lr - eta_min) * (1 + math.cos(math.pi * k / (8 * steps))) / 2
+        for k in range(steps)
+    ]
+    assert seen == pytest.approx(expected, rel=1e-9, abs=0)
+    optimizer = fit.optimizers[0]
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-2
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)

@@ -758,3 +758,19 @@ def test_a_new_variant_is_one_row_of_the_table(tmp_path, capsys, monkeypatch):
     assert "| Label-heavy MTCT | q_reason → CONCLUSION | " in capsys.readouterr().out
     result = json.loads((out_dir / "fold-aerial" / "label-heavy" / "result.json").read_text())
     assert result["train"]["steps"] > 0
+
+
+@pytest.mark.parametrize("dataset", ["pacs", "vlcs", "office-home", "terra-incognita"])
+def test_paper_recipes_carry_the_papers_training_settings(dataset):
+    """RD-MLDG's stated settings: InternVL3-8B, LoRA rank 8 on both towers, 3 epochs per stage,
+    batch 128, learning rate 5e-4, N = 3 SARR rounds, every held-out domain."""
+    from cdfsl.cli import build_parser
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "rd_mldg" / f"{dataset}.yaml"
+    cfg = build_parser()[0].parse_args(["reason", "--config", str(recipe)]).reason
+    assert cfg.model.path == "OpenGVLab/InternVL3-8B-hf"
+    assert (cfg.model.lora.rank, cfg.model.lora.vision, cfg.model.lora.llm) == (8, True, True)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (3, 128, 5e-4)
+    assert cfg.train.batch_size % cfg.train.micro_batch_size == 0
+    assert (cfg.sarr.rounds, cfg.sarr.epochs_per_round) == (3, 3)
+    assert cfg.held_out is None and cfg.data.dataset == dataset

@@ -614,3 +614,19 @@ def test_a_recipe_names_an_unregistered_learner_by_its_class_path(tmp_path):
         XTailRun(_config(tmp_path, ["cdfsl.nowhere.Learner"]))
     with pytest.raises(CdfslError, match="expected an XTailLearner subclass"):
         XTailRun(_config(tmp_path, ["cdfsl.evaluation.xtail.XTailConfig"]))
+
+
+def test_zero_shot_probabilities_are_softmax_of_the_scaled_cosines_over_the_union():
+    """RAIL's reference: softmax(100 · f·t) over every class of the sequence; cdfsl takes the
+    backbone's own temperature (100 for OpenAI CLIP), checked here against a hand softmax."""
+    from cdfsl.evaluation.xtail.config import XTailConfig
+    from cdfsl.evaluation.xtail.learners import LearnerContext, ZeroShotLearner
+
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    feats = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    context = LearnerContext(XTailConfig(), [], ["a", "b", "c"], text, 100.0, torch.device("cpu"))
+    probs = ZeroShotLearner(context).zero_shot_probs(feats)
+    cos = [[0.8, 0.6, 0.96], [0.0, 1.0, 0.8]]
+    for row, expected in zip(probs.tolist(), cos, strict=True):
+        exps = [math.exp(100 * c - 100 * max(expected)) for c in expected]
+        assert row == pytest.approx([e / sum(exps) for e in exps], rel=1e-5, abs=1e-12)

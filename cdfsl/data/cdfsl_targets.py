@@ -16,7 +16,7 @@ chestx          NIH ``Data_Entry_2017.csv`` and ``images/*.png`` or ``images_0NN
 
 Each has one split, ``all``: the benchmark draws its episodes from the whole dataset. Readable
 class names come from ``cdfsl/data/classnames/<dataset>.json``; every class of the benchmark
-must be present. The prompt is the spec's "a photo of a {}.".
+must be present. The prompt is the Mind reference's "a photo of a {}.".
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from cdfsl.data.layout import (
     sub_folders,
     walk_files,
 )
+from cdfsl.errors import DataError
 
 __all__ = ["ISIC2018", "LAYOUTS", "ChestX", "ClassFolderTarget", "read_csv"]
 
@@ -82,22 +83,45 @@ def read_csv(
     return position, rows
 
 
+def _folder_name(key: str) -> str:
+    # The reference's prompt name: the folder name with "_" as spaces (the tokenizer then
+    # collapses the runs of spaces: "Apple___Apple_scab" -> "apple apple scab").
+    return key.replace("_", " ")
+
+
+#: Readable class names of a class-folder target (layout option ``names``): ``curated`` the
+#: package's names file, ``folder`` the folder name with underscores as spaces.
+CLASS_NAMINGS = ("curated", "folder")
+
+
 class ClassFolderTarget(Layout):
     """A target with one folder per class (EuroSAT, CropDisease), classes from a names file.
 
     ``image_dirs``: where the class folders may sit under the root, tried in order ("" is the
-    root itself); the first holding a known class folder is used.
+    root itself); the first holding a known class folder is used. Option ``names`` (a value of
+    :data:`CLASS_NAMINGS`, default ``default_names``: the Mind reference's for the target) says
+    where readable class names come from.
     """
 
+    options = ("names",)
+
     def __init__(
-        self, name: str, description: str, image_dirs: tuple[str, ...], names_file: str
-    ) -> None:
+        self, name: str, description: str, image_dirs: tuple[str, ...], names_file: str,
+        default_names: str = "curated",
+    ) -> None:  # fmt: skip
         self.name = name
         self.description = description
         self.image_dirs = image_dirs
         self.names = load_package_names(names_file)
+        self.default_names = default_names
 
     def read(self, root: Path, report: DataReport, **options: Any) -> Listing | None:
+        naming = options.get("names", self.default_names)
+        if naming not in CLASS_NAMINGS:
+            raise DataError(
+                f"{self.name} option names={naming!r}: expected one of {CLASS_NAMINGS} (the "
+                f"reference's is {self.default_names!r}); fix --data.options"
+            )
         candidates = [root / d if d else root for d in self.image_dirs]
         image_root = next(
             (p for p in candidates if p.is_dir() and set(sub_folders(p)) & set(self.names)), None
@@ -129,10 +153,10 @@ class ClassFolderTarget(Layout):
             report.notes.append(
                 f"skipped {len(skipped)} non-image file(s) in {image_root}, e.g. {shown(skipped)}"
             )
+        readable = [self.names[c] if naming == "curated" else _folder_name(c) for c in classes]
         return Listing(
-            image_root, classes, [self.names[c] for c in classes], {"all": entries},
-            [str(image_root / c) for c in classes],
-        )  # fmt: skip
+            image_root, classes, readable, {"all": entries}, [str(image_root / c) for c in classes]
+        )
 
 
 ISIC_IMAGES = "ISIC2018_Task3_Training_Input"
@@ -217,21 +241,33 @@ def _one_hot_label(values: list[str]) -> int | None:
 
 
 CHESTX_CSV = "Data_Entry_2017.csv"
+#: The Mind reference reads every ChestX image resized to 256×256 (``Chest_few_shot_da``).
+CHESTX_PRE_RESIZE = 256
 
 
 class ChestX(Layout):
     """NIH ChestX-ray14: ``Data_Entry_2017.csv`` and its PNGs; single-label images of 7 findings.
 
     Images may sit in ``images/`` or in the release's ``images_001/images/`` ... folders.
+    Option ``pre_resize`` (default 256, the Mind reference's): each image is resized to that
+    square when read, with PIL's default filter in the file's own mode, before any framing;
+    ``null`` reads it at its own size (1024²).
     """
 
     name = "chestx"
     description = f"the NIH ChestX-ray14 release: {CHESTX_CSV} and images/*.png"
+    options = ("pre_resize",)
 
     def __init__(self) -> None:
         self.names = load_package_names("chestx.json")
 
     def read(self, root: Path, report: DataReport, **options: Any) -> Listing | None:
+        size = options.get("pre_resize", CHESTX_PRE_RESIZE)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise DataError(
+                f"chestx option pre_resize={size!r}: expected a positive integer (the reference's "
+                f"{CHESTX_PRE_RESIZE}) or null (no resize when read); fix --data.options"
+            )
         csv_path = root / CHESTX_CSV
         table = read_csv(
             csv_path, report, ["Image Index", "Finding Labels"],
@@ -269,7 +305,7 @@ class ChestX(Layout):
             report_absent(report, csv_path, searched, (n for n, _ in kept), set(location))
         return Listing(
             root, classes, [self.names[c] for c in classes], {"all": entries},
-            [str(csv_path)] * len(classes),
+            [str(csv_path)] * len(classes), None if size is None else (size, size),
         )  # fmt: skip
 
 
@@ -285,6 +321,7 @@ LAYOUTS: tuple[Layout, ...] = (
         "PlantVillage (CropDisease): train/<class>/*.jpg with the 38 classes",
         ("dataset/train", "train", ""),
         "crop_disease.json",
+        default_names="folder",  # the Mind reference prompts with the raw folder names
     ),
     ISIC2018(),
     ChestX(),

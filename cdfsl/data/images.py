@@ -12,10 +12,13 @@ from cdfsl.errors import DataError
 __all__ = ["open_rgb"]
 
 
-def open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: Path, read_size: tuple[int, int] | None = None) -> Image.Image:
     """The image file ``path`` as RGB; 16-bit grayscale is scaled to 8 bits first.
 
-    Raises ``DataError`` naming the file when PIL cannot read it.
+    ``read_size`` (width, height): resize in the file's own mode with PIL's default filter
+    (bicubic for L, RGB and RGBA) before the RGB conversion, as the Mind reference reads ChestX
+    (``Image.open(path).resize((256, 256)).convert('RGB')``). Raises ``DataError`` naming the
+    file when PIL cannot read it.
     """
     try:
         with Image.open(path) as image:
@@ -25,7 +28,9 @@ def open_rgb(path: Path) -> Image.Image:
                 if pixels.max(initial=0) > 255:
                     pixels = pixels / 257.0
                 gray = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-                return gray.convert("RGB")
+                return (gray if read_size is None else gray.resize(read_size)).convert("RGB")
+            if read_size is not None:
+                image = image.resize(read_size)
             if image.mode == "P" and "transparency" in image.info:
                 return image.convert("RGBA").convert("RGB")
             return image.convert("RGB")

@@ -187,6 +187,7 @@ class ImageList:
         template: str = GENERIC_TEMPLATE,
         class_locations: Sequence[str] | None = None,
         name: str = "",
+        read_size: tuple[int, int] | None = None,
     ) -> None:
         if len(files) != len(targets):
             raise ValueError(f"{len(files)} files but {len(targets)} targets")
@@ -198,6 +199,8 @@ class ImageList:
         self._locations = list(class_locations) if class_locations is not None else None
         self.template = template
         self.name = name
+        #: (width, height) every image is resized to when read (``open_rgb``), or None.
+        self.read_size = read_size
 
     @property
     def targets(self) -> list[int]:
@@ -226,7 +229,7 @@ class ImageList:
 
     def load(self, index: int) -> Image.Image:
         """Image ``index`` as RGB; raises ``DataError`` naming the file if it is unreadable."""
-        return open_rgb(self.path(index))
+        return open_rgb(self.path(index), self.read_size)
 
     def class_location(self, label: int) -> str:
         """Where class ``label``'s images are listed (a folder, or a file and its class key)."""
@@ -254,7 +257,8 @@ class Listing:
     image_root: the folder the image paths are relative to; classes: the layout's class keys
     (folder, CSV column, wnid), class-index order; class_names: readable names, same order;
     splits: split name -> (image path relative to image_root, class index) pairs;
-    locations: the folder or file that lists each class's images, for messages.
+    locations: the folder or file that lists each class's images, for messages;
+    read_size: (width, height) every image is resized to when read, or None.
     """
 
     image_root: Path
@@ -262,6 +266,7 @@ class Listing:
     class_names: list[str]
     splits: dict[str, list[tuple[str, int]]]
     locations: list[str]
+    read_size: tuple[int, int] | None = None
 
 
 def walk_files(folder: Path) -> tuple[list[str], list[str]]:
@@ -528,6 +533,7 @@ class Layout(ABC):
                 report.template,
                 locations,
                 name=f"{self.name}:{split}",
+                read_size=listing.read_size,
             )
             for split, entries in self.arrange(listing, **options).items()
         }

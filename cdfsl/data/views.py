@@ -1,6 +1,6 @@
 """Augmentation views of the support set, as configuration.
 
-Each fine-tuning step sees every support image in V views (the spec's five by default: clean,
+Each fine-tuning step sees every support image in V views (the Mind paper's five by default: clean,
 rotate + jitter + flip, rotate, jitter, flip). A view is a ``ViewSpec`` of plain numbers, so a
 recipe lists views in YAML and ``ViewSpec(**item)`` reads them; nothing assumes V = 5. For
 jsonargparse a ``ViewSpec`` is a registered type that reads from and prints as that mapping, so

@@ -103,7 +103,10 @@ def episodes_per_step(method: FewShotMethod, protocol: EpisodeProtocol, fit: Fit
                 f"episodes_per_step={fit.episodes_per_step}: expected an integer >= 1, or null "
                 "to choose from memory"
             )
+        _check_scaler_episodes(fit.precision, fit.episodes_per_step)
         return fit.episodes_per_step
+    if fit.precision in _ONE_EPISODE_PRECISIONS:
+        return 1
     device = fit.device()
     cap = _MAX_EPISODES_PER_STEP.get(device.type, 1)
     if not method.trainable:
@@ -113,6 +116,21 @@ def episodes_per_step(method: FewShotMethod, protocol: EpisodeProtocol, fit: Fit
     images = protocol.n_way * protocol.k_shot * max(1, len(method.views or ()))
     need = images * _BYTES_PER_PROJECTED_ELEMENT * _projected_elements(method, device)
     return int(max(1, min(cap, _free_bytes(device) // 2 // max(1, need))))
+
+
+#: Precisions whose one loss scaler would couple episodes trained side by side: an overflow
+#: in one episode skips the step of all and lowers the shared scale.
+_ONE_EPISODE_PRECISIONS = ("16-mixed",)
+
+
+def _check_scaler_episodes(precision: str, episodes: int) -> None:
+    if precision in _ONE_EPISODE_PRECISIONS and episodes > 1:
+        raise CdfslError(
+            f"precision {precision!r} with {episodes} episodes per step: one GradScaler would "
+            "cover every episode (an overflow in one skips the step of all); expected one "
+            "episode per step under 16-mixed; set --episodes_per_step 1 (or null), or use "
+            "--precision bf16-mixed"
+        )
 
 
 def _projected_elements(method: FewShotMethod, device: torch.device) -> int:
@@ -265,6 +283,7 @@ def fit_episode(
             "expected one episode per step for mini-batched support sets; set "
             "episodes_per_step to 1 (or null)"
         )
+    _check_scaler_episodes(fit.precision, len(method.episodes))
     warn_if_slow_bf16(fit.precision, device.type)
     loader = support_loader(images, labels, steps, fit.batch_size, getattr(method, "seed", 0))
     # Lightning keeps the mode it finds; a model left in eval() by scoring would train without

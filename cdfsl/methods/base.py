@@ -425,7 +425,7 @@ class FewShotMethod(L.LightningModule):
     def _alignment_terms(
         self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, episode: EpisodeState
     ) -> dict[str, Tensor]:
-        """The paper's analysis quantities for one episode's step (see ``shared/specs``).
+        """The paper's analysis quantities for one episode's step (the Mind paper's analysis).
 
         The split of L_vlm needs every class's prototype v_c, so a mini-batch that misses a
         class (``FitConfig.batch_size``) logs the alignment metrics without it.

@@ -11,7 +11,7 @@ whatever the block sizes and their order, without storing past images:
 
 :func:`fuse` is RAIL-Fusion: a sample whose zero-shot argmax is a learned class takes the
 adapter's scores on the learned classes; any other keeps its zero-shot probabilities.
-Spec: ``/work/shared/specs/rail.md`` (Xu et al., NeurIPS 2024, arXiv 2406.18868).
+Paper: Xu et al., NeurIPS 2024, arXiv 2406.18868; docs/fidelity.md maps its public code to cdfsl.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class PrimalAdapter:
             K = P S^-1;   M <- M - K P^T;   W <- W + K (Y_b - Phi_b W).
 
         K equals the *updated* M times Phi_b^T (expand M_new Phi_b^T = P - K (S - I) = K), so
-        this is the spec's W <- W + M Phi_b^T (Y_b - Phi_b W) without a second H²·b product.
+        this is the paper's W <- W + M Phi_b^T (Y_b - Phi_b W) without a second H²·b product.
         """
         _check_block(features, labels, num_classes, self.num_classes, self.in_dim)
         if num_classes > self.num_classes:

@@ -137,7 +137,7 @@ class TeacherConfig:
     scene), "file" (a JSONL file from any teacher, ``path``; ``source`` names it) or "none".
 
     ``tell_class``: whether ``--teacher_requests`` tells the external teacher each image's class
-    (:func:`~cdfsl.reasoning.prompts.teacher_prompt`). Default false: the spec keeps a chain
+    (:func:`~cdfsl.reasoning.prompts.teacher_prompt`). Default false: the paper keeps a chain
     "only if its conclusion names the true class", which filters only a teacher that was not
     told; true is cdfsl's earlier request."""
 

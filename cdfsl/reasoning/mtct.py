@@ -12,7 +12,7 @@ in the same step. ``w_chain = 0`` is label-only training and ``w_label = 0`` cha
 training; both terms are logged (``train/label_nll``, ``train/chain_nll``).
 
 ``label_reduction`` (:data:`NLL_REDUCTIONS`) says how the label's tokens are reduced: "sum"
-(the default) follows the spec's "Loss = NLL of the label answer + length-normalised NLL of the
+(the default) follows the paper's "Loss = NLL of the label answer + length-normalised NLL of the
 chain (mean over the chain's tokens), weighted 1:1", which length-normalises the chain alone
 (the NLL of an answer being the sum over its tokens); "mean" averages the label's tokens too,
 so that a label token and a chain token weigh the same.
@@ -54,7 +54,7 @@ class TrainConfig:
     """One training stage. ``batch_size`` images per optimiser step, in micro-batches of
     ``micro_batch_size`` (gradient accumulation; None: no accumulation). AdamW with linear
     warm-up over ``warmup_ratio`` of the steps, then cosine decay to zero. ``label_reduction``:
-    "sum" (the spec's, module docstring) or "mean" over the label's tokens."""
+    "sum" (the paper's, module docstring) or "mean" over the label's tokens."""
 
     epochs: int = 3
     batch_size: int = 128
@@ -144,7 +144,7 @@ class ReasoningExamples(Dataset):
 class MTCTModule(L.LightningModule):
     """The MTCT objective (module docstring) over a :class:`GenerativeVLM`'s trainable weights.
 
-    ``label_reduction``: a key of :data:`NLL_REDUCTIONS` ("sum", the spec's, by default).
+    ``label_reduction``: a key of :data:`NLL_REDUCTIONS` ("sum", the paper's, by default).
     """
 
     def __init__(

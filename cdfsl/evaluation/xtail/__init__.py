@@ -16,7 +16,7 @@ kill loses at most the step it was in):
 - ``primal`` / ``dual``: Primal-RAIL and Dual-RAIL on cached frozen features, with RAIL-Fusion.
 
 Where the public RAIL implementation (github.com/linghan1997/Regression-based-Analytic-
-Incremental-Learning, ``primal_RAIL.py``) makes a choice the spec leaves open, it is a named
+Incremental-Learning, ``primal_RAIL.py``) makes a choice the paper leaves open, it is a named
 option whose default is the reference's: the class names in prompts (``class_name_style``),
 the framing of training and test images (``train_preprocess``, ``train_crop_scale``,
 ``test_preprocess``), the draw for a class with fewer images than ``shots``
