@@ -114,3 +114,19 @@ def test_16_mixed_trains_one_episode_per_step(four_class_folder, tmp_path):
     images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
     with pytest.raises(CdfslError, match="16-mixed' with 2 episodes per step"):
         fit_episode(method, images, labels, 2, fp16)
+
+
+def test_automatic_episodes_per_step_after_a_multi_episode_group(four_class_folder, tmp_path):
+    """The memory probe forwards images through adapters that may still hold E > 1 sets (the
+    demo reuses its methods across cells): it must not need a batch of one."""
+    from cdfsl.evaluation.runner import episodes_per_step
+
+    method = build(Mind)
+    protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=EPISODES, seed=0)
+    auto = FitConfig(steps=2, precision="32-true", accelerator="cpu", episodes_per_step=None)
+    alone = episodes_per_step(method, protocol, auto)
+    rows_by_groups(method, four_class_folder, tmp_path, [[0, 1, 2, 3]])  # adapters hold 4 sets
+    assert episodes_per_step(method, protocol, auto) == alone
+    evaluator = EpisodicEvaluator(method, ImageFolder(four_class_folder), protocol, tmp_path, auto)
+    rows = evaluator.run_episodes([4, 5])
+    assert [row["episode"] for row in rows] == [4, 5]

@@ -135,22 +135,25 @@ def _check_scaler_episodes(precision: str, episodes: int) -> None:
 
 def _projected_elements(method: FewShotMethod, device: torch.device) -> int:
     """Sum of the LoRA projections' input sizes in a forward of one image."""
-    from cdfsl.lora import LoRAProjection
+    from cdfsl.lora import LoRAProjection, adapter_sets
 
     seen: list[int] = []
+    root = method.backbone.lora_root()
     hooks = [
         m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].numel()))
-        for m in method.backbone.lora_root().modules()
+        for m in root.modules()
         if isinstance(m, LoRAProjection)
     ]
+    # One image per adapter set: the adapters may still hold the E sets of the last group.
+    images = adapter_sets(root) if hooks else 1
     size = method.backbone.preprocess.size
     try:
         with torch.no_grad():
-            method.backbone.to(device).encode_image(torch.zeros(1, 3, *size, device=device))
+            method.backbone.to(device).encode_image(torch.zeros(images, 3, *size, device=device))
     finally:
         for hook in hooks:
             hook.remove()
-    return sum(seen)
+    return sum(seen) // images
 
 
 def _free_bytes(device: torch.device) -> int:
