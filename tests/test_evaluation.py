@@ -137,3 +137,36 @@ def test_support_batches_full_or_shuffled_passes():
         assert len(set(first) | set(second)) == 8
     again = [lab.tolist() for _, lab in _SupportBatches(images, labels, 6, 4, seed=1)]
     assert again == batches
+
+
+def test_mini_batched_support_trains_each_image_with_its_own_views(monkeypatch):
+    """With batch_size set, step k's batch holds other images than step 0's: per-episode views
+    would pair step 0's images with step k's labels. They are drawn per step, with a warning."""
+    from cdfsl.data.views import ViewSpec
+    from cdfsl.evaluation.runner import fit_episode
+    from cdfsl.methods import LoRAFineTune
+
+    views = [ViewSpec("clean"), ViewSpec("flip", hflip=True)]
+    method = LoRAFineTune(
+        backbone="tiny-clip", pretrained=None, class_names=["a", "b", "c"],
+        lora=LoRAConfig(rank=4), views=views, view_sampling="per_episode",
+    )  # fmt: skip
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = method._episode_views
+
+    def spy(episode, batch):
+        out, ids = original(episode, batch)
+        seen.append((batch.clone(), out[ids == 0].clone()))
+        return out, ids
+
+    monkeypatch.setattr(method, "_episode_views", spy)
+    fit = FitConfig(steps=4, precision="32-true", accelerator="cpu", batch_size=2)
+    with pytest.warns(UserWarning, match="per_episode.*batch_size=2.*per_step"):
+        fit_episode(method, images, labels, 4, fit)
+    assert len(seen) == 4
+    assert any(not torch.equal(seen[0][0], batch) for batch, _ in seen[1:])  # batches differ
+    for batch, clean_rows in seen:
+        assert torch.equal(clean_rows, batch)  # the views are of this step's images
+    assert method.view_sampling == "per_episode"  # the method's own setting is left as it was

@@ -292,6 +292,31 @@ def fit_episode(
     # Lightning keeps the mode it finds; a model left in eval() by scoring would train without
     # LoRA dropout.
     method.train()
+    sampling = getattr(method, "view_sampling", None)
+    if _mini_batched(fit, len(images)) and sampling == "per_episode" and method.views:
+        warnings.warn(
+            f"view_sampling per_episode with batch_size={fit.batch_size} of {len(images)} support "
+            "images: every step holds other images, so their views are drawn per_step for this "
+            "fit (as CLIP-LoRA's loop does); set view_sampling: per_step to say so",
+            stacklevel=2,
+        )
+        method.view_sampling = "per_step"
+    try:
+        _fit(method, loader, steps, fit, device, callbacks)
+    finally:
+        if sampling is not None:
+            method.view_sampling = sampling
+
+
+def _mini_batched(fit: FitConfig, support_size: int) -> bool:
+    """Whether the steps see different subsets of the support set."""
+    return fit.batch_size is not None and fit.batch_size < support_size
+
+
+def _fit(
+    method: FewShotMethod, loader: DataLoader, steps: int, fit: FitConfig, device: torch.device,
+    callbacks: list[L.Callback] | None,
+) -> None:  # fmt: skip
     with quiet_lightning():
         trainer = L.Trainer(
             accelerator=device.type,
