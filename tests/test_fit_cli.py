@@ -16,7 +16,10 @@ from cdfsl.commands import _run_args
 from cdfsl.evaluation.runner import FitConfig, fit_episode
 from cdfsl.lora import lora_state_dict
 
-FLAGS = ["--config", "tiny/mind", "--precision", "32-true", "--progress", "false"]
+FLAGS = [
+    "--config", "tiny/mind", "--precision", "32-true", "--progress", "false",
+    "--accelerator", "cpu",  # compared bit for bit with a CPU fit_episode: pin the device
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,8 @@ def test_fit_trains_what_the_episode_trainer_trains(tmp_path, folder):
     method.reset(cfg.seed)
     method.set_classes(dataset.class_names)
     untrained = {k: v.clone() for k, v in lora_state_dict(method.backbone.lora_root()).items()}
-    fit_episode(method, images, torch.tensor(dataset.targets), 3, FitConfig(precision="32-true"))
+    on_cpu = FitConfig(precision="32-true", accelerator="cpu")
+    fit_episode(method, images, torch.tensor(dataset.targets), 3, on_cpu)
     expected = lora_state_dict(method.backbone.lora_root())
     saved = adapters(out)
     assert saved.keys() == expected.keys()
@@ -106,3 +110,18 @@ def test_a_bad_trainer_option_is_one_line(capsys, folder):
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.startswith("cdfsl: error:") and "max_stepz" in err and len(err.splitlines()) == 1
+
+
+def test_fit_trains_on_one_device_unless_asked(folder):
+    """Lightning's default (every visible GPU, a distributed sampler) would split the T steps
+    over ranks and stop each short; one support set trains on one device, all T steps on each
+    rank when several are asked for."""
+    cfg = build_parser()[0].parse_args(["fit", *FLAGS, "--data.root", str(folder)]).fit
+    assert cfg.trainer.devices == 1
+    assert cfg.trainer.use_distributed_sampler is False
+    cfg = (
+        build_parser()[0]
+        .parse_args(["fit", *FLAGS, "--data.root", str(folder), "--trainer.devices", "2"])
+        .fit
+    )
+    assert str(cfg.trainer.devices) == "2"  # Lightning types devices as int | str

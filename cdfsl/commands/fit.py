@@ -29,7 +29,11 @@ PARSER = "lightning"
 
 #: Trainer defaults for one support set: its T steps are one epoch; no checkpoints or logger
 #: unless asked for (the adapters are the result); ``default_root_dir`` None means ``output``.
+#: One device (Lightning's ``auto`` takes every visible GPU); with several asked for, every rank
+#: runs all T steps on the whole set (no distributed sampler: it would split the steps).
 TRAINER_DEFAULTS: dict[str, Any] = {
+    "devices": 1,
+    "use_distributed_sampler": False,
     "max_epochs": 1,
     "logger": False,
     "enable_checkpointing": False,
@@ -125,10 +129,11 @@ class FitCLI(LightningCLI):
             warn_if_slow_bf16(trainer.precision, trainer.strategy.root_device.type)
             trainer.fit(method, support_loader(images, labels, steps, cfg.batch_size, cfg.seed))
         check_finished(trainer, steps)
-        out.mkdir(parents=True, exist_ok=True)
-        save_lora(method.backbone.lora_root(), out / "adapter.safetensors")
-        classes = json.dumps(dataset.class_names, indent=2) + "\n"
-        write_bytes_atomic(out / "classes.json", classes.encode())
+        if trainer.is_global_zero:  # ranks hold the same adapters: one writes them
+            out.mkdir(parents=True, exist_ok=True)
+            save_lora(method.backbone.lora_root(), out / "adapter.safetensors")
+            classes = json.dumps(dataset.class_names, indent=2) + "\n"
+            write_bytes_atomic(out / "classes.json", classes.encode())
         return out
 
 
