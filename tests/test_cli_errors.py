@@ -56,6 +56,11 @@ CASES = [
     ("eval", ["--config", TINY, *BAD_BACKBONE], "unknown backbone 'clip-vit-b99'"),
     ("eval", ["--config", "tiny/nosuch"], "tiny/nosuch"),
     ("eval", ["--config", TINY, "--method.init_args.lora.rank", "0"], "LoRAConfig.rank=0"),
+    (
+        "eval", ["--config", TINY, "--precision", "16-true"],
+        "precision='16-true': expected one of 32-true, 16-mixed, bf16-mixed",
+    ),
+    ("demo", ["--precision", "bf16-true"], "precision='bf16-true': expected one of"),
     ("eval", ["--config", TINY, "--method.init_args.lora.dropout", "1.5"], "LoRAConfig.dropout"),
     (
         "eval", ["--config", TINY, "--method.init_args.views", "[{name: a, rotation: -1}]"],

@@ -34,6 +34,9 @@ from cdfsl.plumbing import quiet_lightning, resolve_device
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
+#: The Lightning precisions a fit accepts: fp32, or fp32 adapters under fp16 / bf16 autocast.
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+
 #: Version of the training engine in every run fingerprint: rows of another version are refused.
 ENGINE_VERSION = 3
 
@@ -68,6 +71,13 @@ class FitConfig:
     accelerator: str = "auto"
     batch_size: int | None = None
     episodes_per_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise CdfslError(
+                f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)} (the LoRA "
+                "weights stay fp32; a '*-true' low precision would cast them); fix --precision"
+            )
 
     def total_steps(self, k_shot: int) -> int:
         steps = self.steps if self.steps is not None else self.steps_per_shot * k_shot
