@@ -97,6 +97,18 @@ def test_rows_of_an_older_engine_are_refused(four_class_folder, tmp_path):
         evaluate(four_class_folder, out, episodes=1).run()
 
 
+def test_a_resume_on_another_device_is_refused(four_class_folder, tmp_path):
+    """Dropout draws (MT19937 on the CPU, Philox on CUDA) and kernels depend on the device."""
+    out = tmp_path / "run"
+    evaluate(four_class_folder, out, episodes=1).run()
+    config = json.loads((out / "run.json").read_text())
+    assert config["device"] == {"type": "cpu"}
+    config["device"] = {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}
+    (out / "run.json").write_text(json.dumps(config))
+    with pytest.raises(CdfslError, match=r"different configuration \(changed: device\)"):
+        evaluate(four_class_folder, out, episodes=1).run()
+
+
 def test_killed_run_resumes_with_every_episode_exactly_once(four_class_folder, tmp_path):
     out = tmp_path / "killed"
     cmd = [

@@ -34,6 +34,14 @@ from cdfsl.plumbing import quiet_lightning, resolve_device
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
+
+def device_fingerprint(device: torch.device) -> dict[str, str]:
+    """What of ``device`` a row depends on: its type, and a GPU's model name."""
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
+    return {"type": device.type}
+
+
 #: The Lightning precisions a fit accepts: fp32, or fp32 adapters under fp16 / bf16 autocast.
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 
@@ -482,6 +490,9 @@ class EpisodicEvaluator:
             # the global RNG, engine 2 from per-episode streams with a mask that never dropped
             # one element in four, engine 3 drops every element with probability p.
             "engine": ENGINE_VERSION,
+            # Random streams and kernels differ between device types (and GPU models): rows
+            # made on one are not those of another, so a resume elsewhere is refused.
+            "device": device_fingerprint(self.fit.device()),
             # A resumed run must not mix episodes trained with other hyper-parameters.
             "method_args": plain_json(dict(method.hparams)),
             "protocol": asdict(protocol),
