@@ -36,6 +36,21 @@ def test_logits_are_scaled_cosines_to_the_prompts():
         assert torch.allclose(method(images), expected, atol=1e-5)
 
 
+def test_the_classifier_head_is_fp32_under_autocast():
+    """Under bf16 autocast the head still computes s·F·Tᵀ in fp32 (a bf16 head rounds logits
+    of 20-40 to steps of 0.125-0.25)."""
+    method = ZeroShot(backbone="tiny-clip", pretrained=None, class_names=NAMES)
+    feats = torch.nn.functional.normalize(
+        torch.randn(16, method.text_feats.shape[1], generator=torch.Generator().manual_seed(0)),
+        dim=-1,
+    )
+    exact = method.scale * feats.double() @ method.text_feats.double().t()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = method.logits(feats)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits.double(), exact, atol=1e-4, rtol=0)
+
+
 def test_only_adapters_are_trainable_and_receive_gradients():
     method = LoRAFineTune(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
     trainable = {n for n, p in method.named_parameters() if p.requires_grad}

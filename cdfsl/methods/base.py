@@ -314,7 +314,10 @@ class FewShotMethod(L.LightningModule):
         """``image_feats: (B, D)`` normalised -> ``(B, N)`` logits s·cos (+ bias) of ``episode``
         (the single episode when None)."""
         text = (episode or self._single()).text_feats
-        out = self.scale * image_feats @ text.t()
+        # fp32 under any autocast: a bf16 head puts logits of 20-40 on steps of 0.125-0.25, and
+        # ties then go to the lower class index.
+        with torch.autocast(image_feats.device.type, enabled=False):
+            out = self.scale * image_feats.float() @ text.float().t()
         if self.backbone.logit_bias is not None:
             out = out + self.backbone.logit_bias
         return out
