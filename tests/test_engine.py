@@ -130,3 +130,30 @@ def test_automatic_episodes_per_step_after_a_multi_episode_group(four_class_fold
     evaluator = EpisodicEvaluator(method, ImageFolder(four_class_folder), protocol, tmp_path, auto)
     rows = evaluator.run_episodes([4, 5])
     assert [row["episode"] for row in rows] == [4, 5]
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_fit_sets_tf32_and_determinism_as_asked_and_restores_them(tf32):
+    """torch lets cuDNN use TF32 by default: ``32-true`` is fp32 only with TF32 off."""
+    import lightning as L
+
+    from cdfsl.evaluation.runner import fit_episode
+
+    seen: list[tuple[bool, bool, bool]] = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.are_deterministic_algorithms_enabled(),
+            ))  # fmt: skip
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    method = build(LoRAFineTune)
+    method.set_classes(["a", "b"])
+    fit = FitConfig(steps=2, precision="32-true", accelerator="cpu", tf32=tf32, deterministic=True)
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    fit_episode(method, images, labels, 2, fit, callbacks=[Probe()])
+    assert seen == [(tf32, tf32, True)] * 2
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    torch.use_deterministic_algorithms(False)  # Lightning leaves it set

@@ -33,6 +33,12 @@ def add_run_arguments(parser: ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--precision", type=str, default="bf16-mixed")
     parser.add_argument("--accelerator", type=str, default="auto")
+    parser.add_argument(
+        "--tf32", type=bool, default=False, help="CUDA matmuls and convolutions in TF32"
+    )
+    parser.add_argument(
+        "--deterministic", type=bool, default=False, help="deterministic kernels only (CUDA)"
+    )
     parser.add_argument("--output", type=str, default="runs/cdfsl", help="results directory")
     parser.add_argument("--progress", type=bool, default=True)
 
@@ -40,7 +46,7 @@ def add_run_arguments(parser: ArgumentParser) -> None:
 def fit_config(cfg: Namespace) -> FitConfig:
     return FitConfig(
         cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator, cfg.batch_size,
-        cfg.episodes_per_step,
+        cfg.episodes_per_step, cfg.tf32, cfg.deterministic,
     )  # fmt: skip
 
 

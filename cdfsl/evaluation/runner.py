@@ -8,8 +8,8 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,9 @@ class FitConfig:
     for support sets too large for one batch (all-way protocols on big datasets).
     ``episodes_per_step`` episodes train side by side in one pass over the frozen backbone
     (None: as many as memory allows, see :func:`episodes_per_step`); rows do not depend on it.
+    ``tf32``: let CUDA matmuls and convolutions run in TF32 under ``32-true`` (off: fp32 is
+    fp32); ``deterministic``: Lightning's ``deterministic`` (deterministic kernels only, e.g.
+    CUDA attention backward and ``index_add``; CUDA needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``).
     """
 
     steps_per_shot: int = 250
@@ -79,6 +82,8 @@ class FitConfig:
     accelerator: str = "auto"
     batch_size: int | None = None
     episodes_per_step: int | None = None
+    tf32: bool = False
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -326,6 +331,18 @@ def fit_episode(
             method.view_sampling = sampling
 
 
+@contextmanager
+def tf32_allowed(allowed: bool) -> Iterator[None]:
+    """CUDA matmuls and cuDNN convolutions in TF32 (``allowed``) or fp32 inside the block;
+    torch lets cuDNN use TF32 by default, so ``32-true`` on a GPU would not be fp32."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def _mini_batched(fit: FitConfig, support_size: int) -> bool:
     """Whether the steps see different subsets of the support set."""
     return fit.batch_size is not None and fit.batch_size < support_size
@@ -335,12 +352,15 @@ def _fit(
     method: FewShotMethod, loader: DataLoader, steps: int, fit: FitConfig, device: torch.device,
     callbacks: list[L.Callback] | None,
 ) -> None:  # fmt: skip
-    with quiet_lightning():
+    if fit.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    with quiet_lightning(), tf32_allowed(fit.tf32):
         trainer = L.Trainer(
             accelerator=device.type,
             # devices=1 would be cuda:0 for every rank of a launcher.
             devices=[device.index] if device.index is not None else 1,
             precision=fit.precision,
+            deterministic=fit.deterministic,
             max_steps=steps,
             logger=False,
             enable_checkpointing=False,
@@ -405,7 +425,7 @@ def predict_logits(
     grouped = images.unflatten(0, (count, -1))  # (E, Q, 3, H, W)
     step = max(1, batch_size // count)
     out = []
-    with autocast:
+    with autocast, tf32_allowed(fit.tf32):
         for start in range(0, grouped.shape[1], step):
             chunk = grouped[:, start : start + step].flatten(0, 1).to(device)
             out.append(method(chunk).float().cpu().unflatten(0, (count, -1)))
