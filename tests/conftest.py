@@ -14,3 +14,18 @@ def four_class_folder(tmp_path_factory) -> Path:
     """Four classes of 12 small images each: enough for 3-way 1-shot 5-query episodes."""
     root = tmp_path_factory.mktemp("folder")
     return make_image_folder(root, {"red_fox": 12, "blue_jay": 12, "gray_wolf": 12, "Oak": 12})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -37,7 +37,7 @@ def test_short_mind_run_changes_query_accuracy(tmp_path):
 
     data = MicroWorld("chestx-like", images_per_class=30, seed=0)
     protocol = EpisodeProtocol(5, 1, 15, 3, seed=0)
-    fit = FitConfig(steps=20, precision="32-true")
+    fit = FitConfig(steps=20, precision="32-true", accelerator="cpu")
     accuracy = {}
     mind = Mind(backbone="micro-clip", views=parse_views(TWO_VIEWS))
     for method in (ZeroShot(backbone="micro-clip"), mind):

@@ -226,7 +226,7 @@ def test_demo_on_two_launched_ranks_equals_one_process(tmp_path):
         {"class_path": "cdfsl.methods.Mind", "init_args": {"views": TWO_VIEWS}},
     ]
     args = (["chestx-like"], [1], EpisodeProtocol(5, 1, 15, 3, seed=3))
-    fit = FitConfig(steps=3, precision="32-true")
+    fit = FitConfig(steps=3, precision="32-true", accelerator="cpu")
     one = demo.run_grid(specs, "micro-clip", *args, fit, tmp_path / "a", 20, progress=False)
     two = demo.run_grid(
         specs, "micro-clip", *args, fit, tmp_path / "b", 20, progress=False, workers=2, threads=1

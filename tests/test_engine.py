@@ -106,7 +106,9 @@ def test_16_mixed_trains_one_episode_per_step(four_class_folder, tmp_path):
     protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=EPISODES, seed=0)
     fp16 = FitConfig(steps=2, precision="16-mixed", accelerator="cpu")
     assert episodes_per_step(method, protocol, fp16) == 1
-    assert episodes_per_step(method, protocol, FitConfig(precision="32-true")) > 1
+    assert (
+        episodes_per_step(method, protocol, FitConfig(precision="32-true", accelerator="cpu")) > 1
+    )
     four = FitConfig(steps=2, precision="16-mixed", accelerator="cpu", episodes_per_step=4)
     with pytest.raises(CdfslError, match=r"16-mixed' with 4 episodes per step.*bf16-mixed"):
         episodes_per_step(method, protocol, four)

@@ -156,7 +156,7 @@ def test_svl_cpu_generator_with_features_elsewhere():
     assert loss.device.type == "meta"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_svl_cpu_generator_with_cuda_features():
     feats = torch.nn.functional.normalize(torch.randn(6, 4, device="cuda"), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2], device="cuda")

@@ -171,7 +171,7 @@ def test_augmenter_reports_its_views() -> None:
     assert ViewAugmenter([ViewSpec("flip", hflip=True)]).clean_view is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_batch_gets_the_same_parameters_as_cpu() -> None:
     images = _images(batch=4)
     cpu, cpu_ids = ViewAugmenter()(images, torch.Generator().manual_seed(5))
