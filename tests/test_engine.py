@@ -159,3 +159,20 @@ def test_fit_sets_tf32_and_determinism_as_asked_and_restores_them(tf32):
     assert seen == [(tf32, tf32, True)] * 2
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     torch.use_deterministic_algorithms(False)  # Lightning leaves it set
+
+
+def test_16_mixed_rows_are_the_rows_of_one_episode_at_a_time(four_class_folder, tmp_path):
+    """CPU float16 autocast with Lightning's GradScaler: the automatic E is 1, and a run of
+    three episodes gives each episode the row it gets alone."""
+    from cdfsl.evaluation import ResultStore
+
+    method = build(Mind)
+    protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=3, seed=0)
+    fp16 = FitConfig(steps=4, precision="16-mixed", accelerator="cpu")
+    folder = ImageFolder(four_class_folder)
+    EpisodicEvaluator(method, folder, protocol, tmp_path / "run", fp16, progress=False).run()
+    rows = {row["episode"]: row for row in ResultStore(tmp_path / "run" / "results.jsonl").rows()}
+    assert sorted(rows) == [0, 1, 2]
+    assert all(row.get("status", "ok") == "ok" for row in rows.values())
+    alone = EpisodicEvaluator(method, folder, protocol, tmp_path / "alone", fp16)
+    assert_same_rows({1: alone.run_episodes([1])[0]}, {1: rows[1]})
