@@ -151,6 +151,29 @@ def test_support_batches_full_or_shuffled_passes():
     assert again == batches
 
 
+def test_support_batches_reach_every_image_at_the_shuffled_rate():
+    """Batch 3 of 10: a pass serves three disjoint batches (9 images), one image left out at
+    random, so over 150 passes each image is trained on in 90% of them (within 5 SEs), in
+    every position of the batch."""
+    from cdfsl.evaluation.runner import _SupportBatches
+
+    n, size, passes = 10, 3, 150
+    labels = torch.arange(n)
+    batches = [lab for _, lab in _SupportBatches(labels.float(), labels, 3 * passes, size, seed=2)]
+    counts = torch.zeros(n)
+    first = torch.zeros(n)
+    for k in range(passes):
+        one_pass = torch.cat(batches[3 * k : 3 * k + 3])
+        assert len(set(one_pass.tolist())) == 9
+        counts[one_pass] += 1
+        first[batches[3 * k][0]] += 1
+    se = (passes * 0.9 * 0.1) ** 0.5
+    assert ((counts - 0.9 * passes).abs() < 5 * se).all(), counts.tolist()
+    # Which image leads a batch is uniform too (a fixed order would always start with image 0).
+    se_first = (passes * 0.1 * 0.9) ** 0.5
+    assert ((first - 0.1 * passes).abs() < 5 * se_first).all(), first.tolist()
+
+
 def test_mini_batched_support_trains_each_image_with_its_own_views(monkeypatch):
     """With batch_size set, step k's batch holds other images than step 0's: per-episode views
     would pair step 0's images with step k's labels. They are drawn per step, with a warning."""
@@ -182,3 +205,26 @@ def test_mini_batched_support_trains_each_image_with_its_own_views(monkeypatch):
     for batch, clean_rows in seen:
         assert torch.equal(clean_rows, batch)  # the views are of this step's images
     assert method.view_sampling == "per_episode"  # the method's own setting is left as it was
+
+
+def test_row_accuracy_is_recomputed_from_logits_and_query_labels(four_class_folder, tmp_path):
+    """Each row's accuracy equals the fraction of its queries (by id) whose argmax over the
+    row's class prompts is their own class, recomputed here outside the evaluator."""
+    method = ZeroShot("tiny-clip", None)
+    evaluate(four_class_folder, tmp_path / "run", episodes=4, method=method).run()
+    folder = ImageFolder(four_class_folder)
+    index_of = {folder.sample_id(i): i for i in range(len(folder))}
+    to_tensor = method.to_tensor()
+    accuracies = []
+    for row in ResultStore(tmp_path / "run" / "results.jsonl").rows():
+        indices = [index_of[q] for q in row["query_ids"]]
+        images = torch.stack([to_tensor(folder.load(i)) for i in indices])
+        labels = torch.tensor(
+            [row["classes"].index(folder.class_names[folder.targets[i]]) for i in indices]
+        )
+        scorer = ZeroShot("tiny-clip", None, class_names=row["classes"])
+        with torch.no_grad():
+            predicted = scorer(images).argmax(dim=1)
+        assert row["accuracy"] == pytest.approx((predicted == labels).float().mean().item())
+        accuracies.append(row["accuracy"])
+    assert len(set(accuracies)) > 1  # the episodes differ: not a constant

@@ -301,3 +301,68 @@ def test_cosine_schedule_has_period_eight_t_and_its_floor_at_every_step():
     optimizer = fit.optimizers[0]
     assert optimizer.param_groups[0]["weight_decay"] == 1e-2
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_mind_terms_rebuilt_from_recorded_features_over_the_schedule(monkeypatch):
+    """L_vlm and L_ra recomputed by hand from each step's recorded features, S and labels:
+    A_v = F Sᵀ, A_t[i, j] = t_{y_i}·t_{y_j}, target = w_k·A_v(k−1) + (1 − w_k)·A_t with
+    w_k = 1 − k/⌊0.6·T⌋, L_ra = mean(exp(target)·(target − A_v)) (KLDivLoss(A_v, target),
+    log_target), on steps 1 … 3⌊T/5⌋ − 1; no SVL or RA after."""
+    import math
+
+    steps = 10  # RA on steps 1..5, w_k = 1 - k/6; L_vlm alone from step 6
+    images, labels = support()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
+    method = Mind(
+        backbone="tiny-clip", pretrained=None, class_names=NAMES,
+        lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.25),
+        views=[{"name": "clean"}, {"name": "flip", "hflip": True}],
+    )  # fmt: skip
+    records: list[tuple] = []
+    original = method.loss_terms
+
+    def spy(feats, labels, view_ids, episode):
+        terms = original(feats, labels, view_ids, episode)
+        support_feats, support_labels = episode.support
+        records.append((
+            feats.detach().clone(), labels.clone(), support_feats.detach().clone(),
+            support_labels.clone(), {k: v.detach().clone() for k, v in terms.items()},
+        ))  # fmt: skip
+        return terms
+
+    monkeypatch.setattr(method, "loss_terms", spy)
+    trainer(steps).fit(method, loader)
+    assert len(records) == steps
+    text, scale = method.episodes[0].text_feats, method.scale
+    for k, (feats, y, sup, y_sup, terms) in enumerate(records):
+        vlm = torch.nn.functional.cross_entropy(scale * feats @ text.T, y)
+        assert terms["vlm"].item() == pytest.approx(vlm.item(), rel=1e-5)
+        if 1 <= k < 6:
+            previous = records[k - 1][0] @ records[k - 1][2].T
+            w = 1 - k / math.floor(0.6 * steps)
+            target = w * previous + (1 - w) * (text[y] @ text[y_sup].T)
+            ra = (target.exp() * (target - feats @ sup.T)).mean()
+            assert terms["ra"].item() == pytest.approx(ra.item(), rel=1e-4, abs=1e-7), k
+            expected = terms["vlm"] + 0.1 * terms["svl"] + 3.0 * terms["ra"]
+            assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+        else:
+            assert "ra" not in terms
+            assert ("svl" in terms) == (k == 0)
+
+
+def test_views_dropout_and_draws_use_independent_streams_of_the_episode_seed():
+    """Views and SVL draw from stream 0 of the episode's seed, LoRA dropout from stream 1: two
+    generators with different seeds, neither the other's."""
+    from cdfsl.lora import LoRAAdapter
+    from cdfsl.methods.base import stream_seed
+
+    method = Mind(backbone="tiny-clip", pretrained=None, lora=LoRAConfig(rank=4))
+    method.start_episodes([5, 9], [NAMES, NAMES])
+    method.on_train_start()
+    adapter = next(m for m in method.backbone.modules() if isinstance(m, LoRAAdapter))
+    for e, seed in enumerate((5, 9)):
+        views, dropout = method.episodes[e].generator, adapter.generators[e]
+        assert views.initial_seed() == stream_seed(seed, 0)
+        assert dropout.initial_seed() == stream_seed(seed, 1)
+        assert views.initial_seed() != dropout.initial_seed()
+    assert len({stream_seed(s, k) for s in (5, 9) for k in (0, 1)}) == 4

@@ -248,3 +248,64 @@ def test_augmenter_defaults_are_the_reference_pipeline_and_options_are_checked()
         ViewAugmenter(rotate, rotation_interpolation="bicubic")
     with pytest.raises(DataError, match=r"color_jitter='hsv'.*\['float', 'pil_uint8'\]"):
         ViewAugmenter(rotate, color_jitter="hsv")
+
+
+def _ks_uniform(values: torch.Tensor, low: float, high: float) -> float:
+    """Kolmogorov-Smirnov distance between the sample and U(low, high)."""
+    x = ((values.double().sort().values - low) / (high - low)).clamp(0, 1)
+    n = len(x)
+    above = torch.arange(1, n + 1, dtype=torch.float64) / n - x
+    below = x - torch.arange(0, n, dtype=torch.float64) / n
+    return max(above.max().item(), below.max().item())
+
+
+def test_rotation_angles_are_uniform_on_both_sides(monkeypatch):
+    """Angles ~ U(−r, r) by a KS test (α = 0.001: D < 1.95/√n); U(0, r) would give D ≈ 0.5."""
+    import cdfsl.data.views as views
+
+    seen: list[torch.Tensor] = []
+    original = views._rotate
+
+    def record(images, degrees, interpolation="bilinear"):
+        seen.append(degrees.clone())
+        return original(images, degrees, interpolation)
+
+    monkeypatch.setattr(views, "_rotate", record)
+    augment = ViewAugmenter([ViewSpec("r", rotation=30)])
+    augment(torch.rand(2000, 3, 2, 2), torch.Generator().manual_seed(0))
+    angles = torch.cat(seen)
+    assert len(angles) == 2000 and angles.abs().max() <= 30
+    assert _ks_uniform(angles, -30, 30) < 1.95 / len(angles) ** 0.5
+
+
+def test_jitter_factors_are_uniform_in_one_plus_minus_strength(monkeypatch):
+    """Brightness, contrast and saturation factors each ~ U(1 − j, 1 + j), drawn per image."""
+    augment = ViewAugmenter([ViewSpec("j", jitter=0.4)])
+    seen: list[tuple[torch.Tensor, ...]] = []
+
+    def record(images, factors):
+        seen.append(factors)
+        return images
+
+    monkeypatch.setattr(augment, "jitter", record)
+    augment(torch.rand(2000, 3, 2, 2), torch.Generator().manual_seed(0))
+    brightness, contrast, saturation = seen[0]
+    for factor in (brightness, contrast, saturation):
+        assert len(factor) == 2000
+        assert _ks_uniform(factor, 0.6, 1.4) < 1.95 / 2000**0.5
+    assert not torch.equal(brightness, contrast)  # three draws, not one reused
+
+
+def test_each_image_position_is_flipped_half_the_time():
+    """Per image position over 400 draws: flipped at rate 0.5 within 5 SEs (± 0.125)."""
+    images = _images(batch=10, size=4)
+    augment = ViewAugmenter([ViewSpec("flip", hflip=True)])
+    generator = torch.Generator().manual_seed(0)
+    flips = torch.zeros(10)
+    draws = 400
+    for _ in range(draws):
+        out, _ = augment(images, generator)
+        pairs = zip(out, images, strict=True)
+        flips += torch.tensor([torch.equal(o, i.flip(-1)) for o, i in pairs]).float()
+    rate = flips / draws
+    assert ((rate - 0.5).abs() < 5 * (0.25 / draws) ** 0.5).all(), rate.tolist()
