@@ -220,8 +220,10 @@ def test_pil_uint8_jitter_is_pil_image_enhance_bit_for_bit() -> None:
     assert not torch.equal(_jitter_float(images, factors), ours)
 
 
-def test_nearest_rotation_is_pil_rotate_bit_for_bit() -> None:
-    """torchvision's RandomRotation on a PIL image: PIL rotate, nearest, black corners."""
+def test_nearest_rotation_is_pil_rotate() -> None:
+    """torchvision's RandomRotation on a PIL image: PIL rotate, nearest, black corners. Bit for
+    bit on small images; PIL finds source pixels in 16.16 fixed point and cdfsl in float32, so
+    at 224 px a pixel on a rounding boundary may take its neighbour (measured: 0.1%)."""
     from PIL import Image
 
     from cdfsl.data.views import _rotate
@@ -232,6 +234,16 @@ def test_nearest_rotation_is_pil_rotate_bit_for_bit() -> None:
     for image, angle, rotated in zip(images, angles.tolist(), ours, strict=True):
         theirs = _from_pil(_pil(image).rotate(angle, resample=Image.NEAREST))
         assert torch.equal(rotated, theirs), f"angle {angle}"
+    large = torch.randint(0, 256, (4, 3, 224, 224), generator=torch.Generator().manual_seed(3))
+    large = large.float() / 255
+    angles = torch.tensor([-40.3, -7.7, 12.9, 44.1])
+    ours = _rotate(large, angles, "nearest")
+    same = 0
+    for image, angle, rotated in zip(large, angles.tolist(), ours, strict=True):
+        theirs = _from_pil(_pil(image).rotate(angle, resample=Image.NEAREST))
+        same += int((rotated == theirs).all(dim=0).sum())
+    assert same / (4 * 224 * 224) > 0.997
+    assert not torch.equal(ours, _rotate(large, angles, "bilinear"))
 
 
 def test_augmenter_defaults_are_the_reference_pipeline_and_options_are_checked() -> None:
