@@ -32,7 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from cdfsl.data.episodes import EpisodeSampler, load_episode
 from cdfsl.data.micro_world import MicroWorld
 from cdfsl.data.views import DEFAULT_VIEWS, ViewAugmenter
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig, episode_seed
+from cdfsl.engine import FitConfig, episode_seed
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.lora import LoRAConfig, reset_lora
 from cdfsl.losses import (
     fusion_target,

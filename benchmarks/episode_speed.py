@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from imagegen import make_image_folder
 
 from cdfsl.data.folder import ImageFolder
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig
+from cdfsl.engine import FitConfig
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.lora import LoRAConfig
 from cdfsl.methods import LoRAFineTune, Mind, ZeroShot
 

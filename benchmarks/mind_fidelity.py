@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from cdfsl.data.micro_world import MicroWorld, list_domains
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig
-from cdfsl.evaluation.runner import ENGINE_VERSION
+from cdfsl.engine import ENGINE_VERSION, FitConfig
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.evaluation.stats import mean_ci95
 from cdfsl.evaluation.store import ResultStore, plain_json
 from cdfsl.lora import LoRAConfig

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from cdfsl.data.micro_world import MicroWorld
+from cdfsl.engine import FitConfig
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig, distributed
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, distributed
 from cdfsl.evaluation.history import TermHistory
 from cdfsl.evaluation.progress import RowProgress
 from cdfsl.evaluation.stats import mean_ci95

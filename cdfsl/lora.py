@@ -25,7 +25,7 @@ import copy
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -62,6 +62,7 @@ __all__ = [
     "set_lora_generators",
     "set_num_adapters",
     "unmerge_lora",
+    "zero_set_gradients",
 ]
 
 _PARTS = ("q", "k", "v")
@@ -778,6 +779,15 @@ def set_lora_generators(root: nn.Module, generators: list[torch.Generator | None
         )
     for _, adapter in _named_adapters(root):
         adapter.generators = None if generators is None else list(generators)
+
+
+def zero_set_gradients(root: nn.Module, sets: Sequence[int]) -> None:
+    """Zero the gradients of adapter sets ``sets`` under ``root`` (the others keep theirs)."""
+    index = list(sets)
+    for _, adapter in _named_adapters(root):
+        for param in (adapter.lora_A, adapter.lora_B):
+            if param.grad is not None:
+                param.grad[index] = 0
 
 
 def merge_lora(root: nn.Module) -> None:

@@ -112,6 +112,18 @@ def plain_json(value: Any) -> Any:
     return repr(value)
 
 
+def cuda_index() -> int:
+    """The CUDA device of this process: LOCAL_RANK, modulo the devices it can see.
+
+    One visible device (a scheduler that sets CUDA_VISIBLE_DEVICES per rank) gives 0; more
+    ranks than devices share them round-robin.
+    """
+    import torch
+
+    count = torch.cuda.device_count()
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(count, 1)
+
+
 def resolve_device(name: str, cuda_index: int | None = None) -> Any:
     """The ``torch.device`` a setting names: ``"auto"`` is CUDA when present, else the CPU;
     ``"cuda"`` / ``"gpu"`` (device ``cuda_index`` when given) and ``"cuda:N"`` need CUDA; any

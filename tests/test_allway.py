@@ -13,11 +13,11 @@ from layouts import make_imagenet, make_split_file_dataset
 from cdfsl.cli import main
 from cdfsl.data import DataConfig, ImageList, build_splits
 from cdfsl.data.fsl import SPLIT_FILE_DATASETS
+from cdfsl.engine import FitConfig
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation import (
     AllWayEvaluator,
     AllWayProtocol,
-    FitConfig,
     ResultStore,
     allway_table,
     draw_per_class,

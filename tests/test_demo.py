@@ -11,7 +11,8 @@ import pytest
 from cdfsl import demo
 from cdfsl.cli import main
 from cdfsl.data.micro_world import MicroWorld
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig
+from cdfsl.engine import FitConfig
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "micro-clip"
 needs_micro_clip = pytest.mark.skipif(

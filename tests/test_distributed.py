@@ -219,7 +219,8 @@ TWO_VIEWS = [{"name": "clean"}, {"name": "rj", "rotation": 45.0, "jitter": 0.4, 
 def test_demo_on_two_launched_ranks_equals_one_process(tmp_path):
     """Every cell split over two elastic-launched ranks gives the one-process rows."""
     from cdfsl import demo
-    from cdfsl.evaluation import EpisodeProtocol, FitConfig
+    from cdfsl.engine import FitConfig
+    from cdfsl.evaluation import EpisodeProtocol
 
     specs = [
         {"class_path": "cdfsl.methods.ZeroShot"},

@@ -7,8 +7,9 @@ import torch
 
 from cdfsl.data.folder import ImageFolder
 from cdfsl.data.views import ViewSpec
+from cdfsl.engine import FitConfig
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.lora import LoRAConfig, lora_state_dict
 from cdfsl.methods import LoRAFineTune, Mind, ZeroShot
 
@@ -100,18 +101,15 @@ def test_start_episodes_needs_one_way(tmp_path):
 
 def test_16_mixed_trains_one_episode_per_step(four_class_folder, tmp_path):
     """One GradScaler over E episodes would couple them: 16-mixed chooses E = 1 and refuses more."""
-    from cdfsl.evaluation.runner import episodes_per_step, fit_episode
+    from cdfsl.engine import episodes_per_step, fit_episode
 
     method = build(LoRAFineTune)
-    protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=EPISODES, seed=0)
     fp16 = FitConfig(steps=2, precision="16-mixed", accelerator="cpu")
-    assert episodes_per_step(method, protocol, fp16) == 1
-    assert (
-        episodes_per_step(method, protocol, FitConfig(precision="32-true", accelerator="cpu")) > 1
-    )
+    assert episodes_per_step(method, 3, fp16) == 1
+    assert episodes_per_step(method, 3, FitConfig(precision="32-true", accelerator="cpu")) > 1
     four = FitConfig(steps=2, precision="16-mixed", accelerator="cpu", episodes_per_step=4)
     with pytest.raises(CdfslError, match=r"16-mixed' with 4 episodes per step.*bf16-mixed"):
-        episodes_per_step(method, protocol, four)
+        episodes_per_step(method, 3, four)
     method.start_episodes([0, 1], [["a", "b"], ["c", "d"]])
     images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
     with pytest.raises(CdfslError, match="16-mixed' with 2 episodes per step"):
@@ -121,14 +119,14 @@ def test_16_mixed_trains_one_episode_per_step(four_class_folder, tmp_path):
 def test_automatic_episodes_per_step_after_a_multi_episode_group(four_class_folder, tmp_path):
     """The memory probe forwards images through adapters that may still hold E > 1 sets (the
     demo reuses its methods across cells): it must not need a batch of one."""
-    from cdfsl.evaluation.runner import episodes_per_step
+    from cdfsl.engine import episodes_per_step
 
     method = build(Mind)
     protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=EPISODES, seed=0)
     auto = FitConfig(steps=2, precision="32-true", accelerator="cpu", episodes_per_step=None)
-    alone = episodes_per_step(method, protocol, auto)
+    alone = episodes_per_step(method, 3, auto)
     rows_by_groups(method, four_class_folder, tmp_path, [[0, 1, 2, 3]])  # adapters hold 4 sets
-    assert episodes_per_step(method, protocol, auto) == alone
+    assert episodes_per_step(method, 3, auto) == alone
     evaluator = EpisodicEvaluator(method, ImageFolder(four_class_folder), protocol, tmp_path, auto)
     rows = evaluator.run_episodes([4, 5])
     assert [row["episode"] for row in rows] == [4, 5]
@@ -139,7 +137,7 @@ def test_fit_sets_tf32_and_determinism_as_asked_and_restores_them(tf32):
     """torch lets cuDNN use TF32 by default: ``32-true`` is fp32 only with TF32 off."""
     import lightning as L
 
-    from cdfsl.evaluation.runner import fit_episode
+    from cdfsl.engine import fit_episode
 
     seen: list[tuple[bool, bool, bool]] = []
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cdfsl.data.folder import ImageFolder
+from cdfsl.engine import FitConfig
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, FitConfig, ResultStore, mean_ci95
+from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, ResultStore, mean_ci95
 from cdfsl.lora import LoRAConfig
 from cdfsl.methods import Mind, ZeroShot
 
@@ -136,7 +137,7 @@ def test_killed_run_resumes_with_every_episode_exactly_once(four_class_folder, t
 
 
 def test_support_batches_full_or_shuffled_passes():
-    from cdfsl.evaluation.runner import _SupportBatches
+    from cdfsl.engine.fit import _SupportBatches
 
     images = torch.arange(10).float().view(10, 1, 1, 1)
     labels = torch.arange(10)
@@ -155,7 +156,7 @@ def test_support_batches_reach_every_image_at_the_shuffled_rate():
     """Batch 3 of 10: a pass serves three disjoint batches (9 images), one image left out at
     random, so over 150 passes each image is trained on in 90% of them (within 5 SEs), in
     every position of the batch."""
-    from cdfsl.evaluation.runner import _SupportBatches
+    from cdfsl.engine.fit import _SupportBatches
 
     n, size, passes = 10, 3, 150
     labels = torch.arange(n)
@@ -178,7 +179,7 @@ def test_mini_batched_support_trains_each_image_with_its_own_views(monkeypatch):
     """With batch_size set, step k's batch holds other images than step 0's: per-episode views
     would pair step 0's images with step k's labels. They are drawn per step, with a warning."""
     from cdfsl.data.views import ViewSpec
-    from cdfsl.evaluation.runner import fit_episode
+    from cdfsl.engine import fit_episode
     from cdfsl.methods import LoRAFineTune
 
     views = [ViewSpec("clean"), ViewSpec("flip", hflip=True)]

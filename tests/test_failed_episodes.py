@@ -12,12 +12,11 @@ from imagegen import make_image_folder
 from cdfsl.cli import main
 from cdfsl.data.folder import ImageFolder
 from cdfsl.data.views import ViewSpec
+from cdfsl.engine import FitConfig, episode_seed
 from cdfsl.evaluation import (
     EpisodeProtocol,
     EpisodicEvaluator,
-    FitConfig,
     ResultStore,
-    episode_seed,
     mean_ci95,
     summary_table,
 )

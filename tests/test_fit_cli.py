@@ -13,7 +13,7 @@ from imagegen import make_image_folder
 
 from cdfsl.cli import build_parser, main
 from cdfsl.commands import _run_args
-from cdfsl.evaluation.runner import FitConfig, fit_episode
+from cdfsl.engine import FitConfig, fit_episode
 from cdfsl.lora import lora_state_dict
 
 FLAGS = [

@@ -7,7 +7,7 @@ from jsonargparse import ArgumentParser, Namespace
 from cdfsl.commands._recipe_file import RecipeFile
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.sources import DataConfig, build_dataset
-from cdfsl.evaluation.runner import FitConfig
+from cdfsl.engine import FitConfig
 from cdfsl.methods.base import FewShotMethod
 
 

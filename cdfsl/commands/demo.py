@@ -68,7 +68,8 @@ def run(cfg: Namespace) -> None:
 
     from cdfsl import demo
     from cdfsl.data.micro_world import list_domains
-    from cdfsl.evaluation import EpisodeProtocol, FitConfig, distributed
+    from cdfsl.engine import FitConfig
+    from cdfsl.evaluation import EpisodeProtocol, distributed
     from cdfsl.evaluation.plots import plot_accuracy_by_domain, plot_training_curves
     from cdfsl.evaluation.store import write_json_atomic
 

@@ -100,7 +100,7 @@ class FitCLI(LightningCLI):
         """Train on the folder for T steps, save the adapters and class names; their folder."""
         import torch
 
-        from cdfsl.evaluation.runner import check_finished, support_loader, warn_if_slow_bf16
+        from cdfsl.engine import check_finished, support_loader, warn_if_slow_bf16
         from cdfsl.lora import save_lora
         from cdfsl.plumbing import quiet_lightning, write_bytes_atomic
 

@@ -1,15 +1,10 @@
-"""Episodic evaluation, resumable result rows and statistics over episodes."""
+"""Evaluation protocols (episodic, all-way, X-TAIL), resumable result rows and statistics.
+
+Training is the engine's: :mod:`cdfsl.engine` (``FitConfig``, ``fit_episode``, ...)."""
 
 from cdfsl.evaluation.allway import AllWayEvaluator, AllWayProtocol, allway_table, draw_per_class
 from cdfsl.evaluation.report import summary_table
-from cdfsl.evaluation.runner import (
-    EpisodeProtocol,
-    EpisodicEvaluator,
-    FitConfig,
-    episode_seed,
-    fit_episode,
-    predict_logits,
-)
+from cdfsl.evaluation.runner import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.evaluation.stats import EpisodeAccuracy, mean_ci95
 from cdfsl.evaluation.store import ResultStore, write_json_atomic
 from cdfsl.evaluation.xtail import XTailConfig, XTailRun, xtail_metrics
@@ -20,16 +15,12 @@ __all__ = [
     "EpisodeAccuracy",
     "EpisodeProtocol",
     "EpisodicEvaluator",
-    "FitConfig",
     "ResultStore",
     "XTailConfig",
     "XTailRun",
     "allway_table",
     "draw_per_class",
-    "episode_seed",
-    "fit_episode",
     "mean_ci95",
-    "predict_logits",
     "summary_table",
     "write_json_atomic",
     "xtail_metrics",

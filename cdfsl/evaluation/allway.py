@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.episodes import UniformDraws
+from cdfsl.engine import FitConfig, episode_seed, fit_episode, predict_logits
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.runner import FitConfig, episode_seed, fit_episode, predict_logits
 from cdfsl.evaluation.stats import mean_ci95
 from cdfsl.evaluation.store import ResultStore, check_run_config, write_json_atomic
 from cdfsl.methods.base import FewShotMethod

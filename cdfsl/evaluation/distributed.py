@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.shards import Shard
+from cdfsl.plumbing import cuda_index
 
 T = TypeVar("T")
 
@@ -63,16 +64,6 @@ def launched_ranks() -> Ranks | None:
             "0 <= RANK < WORLD_SIZE; fix: start the command with torchrun"
         )
     return Ranks(rank, world, local_rank)
-
-
-def cuda_index() -> int:
-    """The CUDA device of this process: LOCAL_RANK, modulo the devices it can see.
-
-    One visible device (a scheduler that sets CUDA_VISIBLE_DEVICES per rank) gives 0; more
-    ranks than devices share them round-robin.
-    """
-    count = torch.cuda.device_count()
-    return int(os.environ.get("LOCAL_RANK", "0")) % max(count, 1)
 
 
 def is_grouped() -> bool:

@@ -17,8 +17,8 @@ from cdfsl.data.episodes import UniformDraws
 from cdfsl.data.mnist import TORCHVISION_CLASSES
 from cdfsl.data.sources import DataConfig, build_dataset
 from cdfsl.data.wrappers import Subset
+from cdfsl.engine import episode_seed
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.runner import episode_seed
 from cdfsl.features import ImageFeatures
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from cdfsl.engine import FitConfig, episode_seed, fit_episode, predict_logits
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.runner import FitConfig, episode_seed, fit_episode, predict_logits
 from cdfsl.evaluation.xtail.data import import_class_path
 from cdfsl.lora import load_lora_state_dict, lora_state_dict
 from cdfsl.methods.rail import DualAdapter, PrimalAdapter, fuse

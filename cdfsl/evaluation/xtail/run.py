@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from cdfsl.backbones import Backbone, create_backbone
+from cdfsl.engine import episode_seed
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.runner import episode_seed
 from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, write_json_atomic
 from cdfsl.evaluation.xtail.config import XTailConfig
 from cdfsl.evaluation.xtail.data import Domain, domain_splits
