@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from cdfsl.memory import peak_rss
-from cdfsl.methods.rail import DualAdapter, PrimalAdapter
+from cdfsl.methods.rail import DualRegressor, PrimalRegressor
 
 
 def clustered(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +71,7 @@ def sweep_hidden(args: argparse.Namespace) -> None:
     first, second = domains(args)
     rows = []
     for hidden in args.hidden:
-        adapter = PrimalAdapter(args.dim, hidden, dtype=args.dtype, block_size=args.block)
+        adapter = PrimalRegressor(args.dim, hidden, dtype=args.dtype, block_size=args.block)
         rows.append((hidden, *timed_update(adapter, first, second)))
         del adapter
         gc.collect()
@@ -88,7 +88,7 @@ def sweep_block(args: argparse.Namespace) -> None:
     first, second = domains(args)
     rows = []
     for block in args.blocks:
-        adapter = PrimalAdapter(args.dim, args.block_hidden, dtype=args.dtype, block_size=block)
+        adapter = PrimalRegressor(args.dim, args.block_hidden, dtype=args.dtype, block_size=block)
         rows.append((block, *timed_update(adapter, first, second)))
         del adapter
         gc.collect()
@@ -101,7 +101,7 @@ def sweep_block(args: argparse.Namespace) -> None:
     )
     rows = []
     for block in args.blocks:
-        adapter = DualAdapter(block_size=block)
+        adapter = DualRegressor(block_size=block)
         rows.append((block, *timed_update(adapter, first, second)))
     print_rows(
         f"Dual update vs block size ({args.samples} stored + {args.samples} new, float64)",
@@ -116,7 +116,7 @@ def identity(args: argparse.Namespace) -> None:
     n = args.identity_samples
     x, y = clustered(n, args.dim, args.classes, 7)
     y = y % args.classes
-    a32 = PrimalAdapter(args.dim, hidden, dtype=torch.float32, block_size=args.block)
+    a32 = PrimalRegressor(args.dim, hidden, dtype=torch.float32, block_size=args.block)
     start = time.perf_counter()
     for lo in range(0, n, args.samples):  # domain-sized calls, streamed in blocks inside
         a32.update(x[lo : lo + args.samples], y[lo : lo + args.samples], args.classes)
@@ -134,7 +134,7 @@ def identity(args: argparse.Namespace) -> None:
     results = [("float32", w32, seconds32)]
     del w32
     if not args.skip_float64:
-        a64 = PrimalAdapter(args.dim, hidden, dtype=torch.float64, block_size=args.block)
+        a64 = PrimalRegressor(args.dim, hidden, dtype=torch.float64, block_size=args.block)
         start = time.perf_counter()
         for lo in range(0, n, args.samples):
             a64.update(x[lo : lo + args.samples], y[lo : lo + args.samples], args.classes)

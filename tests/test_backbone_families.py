@@ -20,7 +20,7 @@ from timm.models import Eva, VisionTransformer
 from cdfsl.backbones import Backbone, create_backbone, list_backbones
 from cdfsl.backbones.clip import ClipBackbone
 from cdfsl.backbones.pe_core import PeCoreBackbone
-from cdfsl.backbones.registry import _adapter_for, resolve_entry, resolve_weights
+from cdfsl.backbones.registry import _family_for, resolve_entry, resolve_weights
 from cdfsl.backbones.siglip import SiglipBackbone
 from cdfsl.backbones.tokenizers import TOKENIZER_DIR_ENV, find_tokenizer_dir, resolve_tokenizer
 from cdfsl.cli import main
@@ -181,9 +181,9 @@ def test_rows_name_real_open_clip_models_tags_and_families() -> None:
     entries = {e.name: e for e in list_backbones()}
     for name, (model, adapter, size) in REAL_ROWS.items():
         assert entries[name].model == model
-        assert _adapter_for(model) is adapter
+        assert _family_for(model) is adapter
         assert open_clip.get_model_config(model)["vision_cfg"]["image_size"] == size
-    assert _adapter_for("ViT-B-16") is ClipBackbone
+    assert _family_for("ViT-B-16") is ClipBackbone
     for entry in entries.values():  # every row's default tag is one open_clip knows
         if entry.pretrained is not None:
             assert open_clip.get_pretrained_cfg(entry.model, entry.pretrained), entry.name

@@ -1,4 +1,4 @@
-"""RAIL adapters against direct float64 solves, and the fusion rule on hand-computed cases.
+"""RAIL regressors against direct float64 solves, and the fusion rule on hand-computed cases.
 
 Measured on these problems (float64 direct solve as reference, relative Frobenius error of W,
 H=256): float64 recursive primal ~1e-13 with the default U(±1/sqrt(D)) layer, ~1e-12 with an
@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from cdfsl.errors import CdfslError
-from cdfsl.methods.rail import DualAdapter, PrimalAdapter, fuse, rbf_kernel
+from cdfsl.methods.rail import DualRegressor, PrimalRegressor, fuse, rbf_kernel
 
 D, C, H = 24, 9, 256
 
@@ -45,17 +45,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # -- primal ----------------------------------------------------------------------------------
 def test_hidden_layer_is_relu_of_a_seeded_random_projection():
-    a, b = PrimalAdapter(D, H, seed=3), PrimalAdapter(D, H, seed=3)
+    a, b = PrimalRegressor(D, H, seed=3), PrimalRegressor(D, H, seed=3)
     x, _ = _problem(5)
     assert a.projection.shape == (D, H) and torch.equal(a.projection, b.projection)
-    assert not torch.equal(a.projection, PrimalAdapter(D, H, seed=4).projection)
+    assert not torch.equal(a.projection, PrimalRegressor(D, H, seed=4).projection)
     assert torch.equal(a.hidden_features(x), torch.clamp(x @ a.projection, min=0))
     # float32 and float64 adapters of one seed share the same random layer
-    f32 = PrimalAdapter(D, H, seed=3, dtype="float32")
+    f32 = PrimalRegressor(D, H, seed=3, dtype="float32")
     assert torch.equal(f32.projection.double(), a.projection)
-    normal = PrimalAdapter(D, H, seed=3, random_init="normal")
+    normal = PrimalRegressor(D, H, seed=3, random_init="normal")
     assert not torch.equal(normal.projection, a.projection)
-    again = PrimalAdapter(D, H, 0.1, 3, random_init="normal")
+    again = PrimalRegressor(D, H, 0.1, 3, random_init="normal")
     assert torch.equal(normal.projection, again.projection)
 
 
@@ -68,7 +68,7 @@ def _preactivation_variance_check(random_init: str, unit_variance: float) -> Non
     d, h = 512, 40000
     x = torch.randn(1, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     x = 1.7 * F.normalize(x, dim=1)  # ||x||² = 2.89, to see the norm enter
-    pre = (x @ PrimalAdapter(d, h, seed=0, random_init=random_init).projection)[0]
+    pre = (x @ PrimalRegressor(d, h, seed=0, random_init=random_init).projection)[0]
     expected = float((x * x).sum()) * unit_variance
     assert float(pre.mean()) == pytest.approx(0.0, abs=5 * (expected / h) ** 0.5)
     assert float(pre.var()) == pytest.approx(expected, rel=5 * (2 / h) ** 0.5)
@@ -79,10 +79,10 @@ def test_default_random_layer_is_the_references_nn_linear_init():
     # variance b²/3, so Var(w·x) = ||x||² / (3 d) for x fixed.
     d = 512
     _preactivation_variance_check("uniform_fan_in", 1.0 / (3 * d))
-    w = PrimalAdapter(d, 4000, seed=1).projection
+    w = PrimalRegressor(d, 4000, seed=1).projection
     bound = d**-0.5
     assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.999 * bound
-    assert PrimalAdapter(d, 8).random_init == "uniform_fan_in"
+    assert PrimalRegressor(d, 8).random_init == "uniform_fan_in"
 
 
 def test_normal_random_layer_has_unit_variance_weights():
@@ -90,9 +90,9 @@ def test_normal_random_layer_has_unit_variance_weights():
 
 
 def test_old_primal_states_load_as_the_normal_layer_they_drew():
-    state = PrimalAdapter(D, 16, seed=2, random_init="normal").state_dict()
+    state = PrimalRegressor(D, 16, seed=2, random_init="normal").state_dict()
     del state["config"]["random_init"]  # as saved before the option existed
-    loaded = PrimalAdapter.from_state_dict(state)
+    loaded = PrimalRegressor.from_state_dict(state)
     assert loaded.random_init == "normal" and torch.equal(loaded.projection, state["projection"])
 
 
@@ -114,7 +114,7 @@ def test_recursive_primal_equals_joint_ridge(order, cuts, block_size):
         "shuffled": torch.randperm(240, generator=torch.Generator().manual_seed(1)),
     }[order]
     x, y = x[perm], y[perm]
-    adapter = PrimalAdapter(D, H, reg=0.1, seed=0, block_size=block_size)
+    adapter = PrimalRegressor(D, H, reg=0.1, seed=0, block_size=block_size)
     # The label space grows as classes appear, so W is padded between updates.
     _feed(adapter, x, y, cuts, lambda seen: int(seen.max()) + 1)
     phi = torch.relu(x @ adapter.projection)
@@ -129,7 +129,7 @@ def test_recursive_primal_equals_joint_ridge(order, cuts, block_size):
 def test_primal_pads_classes_learned_later_and_matches_joint_solution_at_each_step():
     x, y = _problem()
     first = y < 4  # step 1 knows classes 0..3 only, step 2 brings 4..8
-    adapter = PrimalAdapter(D, H, seed=0, block_size=50)
+    adapter = PrimalRegressor(D, H, seed=0, block_size=50)
     adapter.update(x[first], y[first], 4)
     phi = torch.relu(x @ adapter.projection)
     assert _rel(adapter.weights, _ridge(phi[first], y[first], 4, 0.1)) < 1e-9
@@ -142,7 +142,7 @@ def test_primal_pads_classes_learned_later_and_matches_joint_solution_at_each_st
 
 def test_float32_primal_holds_the_identity_to_the_stated_tolerance():
     x, y = _problem(600)
-    a32 = PrimalAdapter(D, H, seed=0, dtype=torch.float32, block_size=100, random_init="normal")
+    a32 = PrimalRegressor(D, H, seed=0, dtype=torch.float32, block_size=100, random_init="normal")
     a32.update(x.float(), y, C)
     phi = torch.relu(x @ a32.projection.double())
     joint = _ridge(phi, y, C, 0.1)
@@ -155,9 +155,9 @@ def test_float32_primal_holds_the_identity_to_the_stated_tolerance():
 
 def test_primal_state_dict_continues_exactly():
     x, y = _problem()
-    a = PrimalAdapter(D, 64, seed=2, block_size=40)
+    a = PrimalRegressor(D, 64, seed=2, block_size=40)
     a.update(x[:100], y[:100], C)
-    b = PrimalAdapter.from_state_dict(a.state_dict())
+    b = PrimalRegressor.from_state_dict(a.state_dict())
     a.update(x[100:], y[100:], C)
     b.update(x[100:], y[100:], C)
     assert torch.equal(a.weights, b.weights) and torch.equal(a.inverse, b.inverse)
@@ -166,9 +166,9 @@ def test_primal_state_dict_continues_exactly():
 
 def test_primal_errors_name_the_input():
     x, y = _problem(10)
-    adapter = PrimalAdapter(D, 16)
+    adapter = PrimalRegressor(D, 16)
     with pytest.raises(CdfslError, match=r"random_init='xavier': expected one of"):
-        PrimalAdapter(D, 16, random_init="xavier")
+        PrimalRegressor(D, 16, random_init="xavier")
     with pytest.raises(CdfslError, match=r"features of shape \(10, 23\)"):
         adapter.update(x[:, :-1], y, C)
     with pytest.raises(CdfslError, match="labels in"):
@@ -177,7 +177,7 @@ def test_primal_errors_name_the_input():
     with pytest.raises(CdfslError, match="num_classes=3: expected >= 9"):
         adapter.update(x, y % 3, 3)
     with pytest.raises(CdfslError, match="reg"):
-        PrimalAdapter(D, 16, reg=0.0)
+        PrimalRegressor(D, 16, reg=0.0)
 
 
 # -- dual ------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_rbf_kernel_matches_its_definition():
 )
 def test_incremental_dual_equals_fresh_kernel_solve(cuts, block_size):
     x, y = _problem()
-    adapter = DualAdapter(gamma=0.1, reg=1e-3, block_size=block_size)
+    adapter = DualRegressor(gamma=0.1, reg=1e-3, block_size=block_size)
     _feed(adapter, x, y, cuts, lambda seen: int(seen.max()) + 1)
     alpha, inverse = _fresh_kernel_solve(x, y, C, 0.1, 1e-3)
     assert adapter.num_stored == 240 and torch.equal(adapter.memory, x)
@@ -215,10 +215,10 @@ def test_incremental_dual_equals_fresh_kernel_solve(cuts, block_size):
 def test_dual_growing_label_space_and_state_round_trip():
     x, y = _problem()
     first = y < 5
-    adapter = DualAdapter(gamma=0.5, reg=1e-2, block_size=64)
+    adapter = DualRegressor(gamma=0.5, reg=1e-2, block_size=64)
     assert adapter.scores(x[:3]).shape == (3, 0)
     adapter.update(x[first], y[first], 5)
-    copy = DualAdapter.from_state_dict(adapter.state_dict())
+    copy = DualRegressor.from_state_dict(adapter.state_dict())
     for a in (adapter, copy):
         a.update(x[~first], y[~first], C)
     order = torch.cat([x[first], x[~first]]), torch.cat([y[first], y[~first]])
@@ -258,7 +258,7 @@ def test_fuse_can_move_the_prediction_between_seen_classes_only():
 
 def test_fuse_errors_name_the_input():
     p = torch.full((2, 3), 1 / 3)
-    with pytest.raises(CdfslError, match="pad adapter scores"):
+    with pytest.raises(CdfslError, match="pad regressor scores"):
         fuse(p, torch.zeros(2, 2), torch.ones(3, dtype=torch.bool))
     with pytest.raises(CdfslError, match="seen_class_mask"):
         fuse(p, torch.zeros(2, 3), torch.ones(2, dtype=torch.bool))

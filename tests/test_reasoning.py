@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from cdfsl.data.micro_world import COLOURS, SHAPES
 from cdfsl.errors import CdfslError, WeightsError
-from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs, require_reason_extra
 from cdfsl.reasoning.answers import TAGS, conclusion_text, missing_tags, normalise, parse_class
 from cdfsl.reasoning.chains import (
     Chain,
@@ -31,6 +30,7 @@ from cdfsl.reasoning.micro_dg import (
     micro_dg_split,
 )
 from cdfsl.reasoning.micro_mllm import MicroMLLM, MicroMLLMConfig, WordVocabulary
+from cdfsl.reasoning.model import GenerativeVLM, ImageInputs, require_reason_extra
 from cdfsl.reasoning.mtct import MTCTModule, ReasoningExamples, TrainConfig, mtct_loss
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt, teacher_prompt
 from cdfsl.reasoning.sarr import SARRConfig, SARRRunner, replace_chains, select_self_chains

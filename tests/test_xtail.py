@@ -27,7 +27,7 @@ from cdfsl.evaluation.xtail import (
     xtail_metrics,
 )
 from cdfsl.lora import LoRAConfig
-from cdfsl.methods.rail import PrimalAdapter
+from cdfsl.methods.rail import PrimalRegressor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -312,7 +312,7 @@ def test_rail_on_unseen_domains_is_never_below_zero_shot(full_run):
 def test_primal_rail_after_the_sequence_is_the_joint_solution(full_run):
     _, runner, _ = full_run
     state = torch.load(runner.output / "primal" / "state.pt", weights_only=True)
-    learned = PrimalAdapter.from_state_dict(state["state"])
+    learned = PrimalRegressor.from_state_dict(state["state"])
     feats = torch.cat([d.train_feats.features for d in runner.domains])
     labels = torch.cat([d.train_feats.labels + d.offset for d in runner.domains])
     phi = torch.relu(feats.double() @ learned.projection)

@@ -1,4 +1,4 @@
-"""Backbones: one interface, one adapter per model family, one registry of short names."""
+"""Backbones: one interface, one class per model family, one registry of short names."""
 
 from cdfsl.backbones import clip as _clip  # noqa: F401  (registers the CLIP family and rows)
 from cdfsl.backbones import pe_core as _pe_core  # noqa: F401  (PE-Core family and rows)

@@ -40,7 +40,7 @@ class ClipBackbone(Backbone):
         return self.model.visual
 
 
-# Generic rule: any open_clip model without a more specific family adapter.
+# Generic rule: any open_clip model without a more specific family class.
 register_family(lambda model_name: True, ClipBackbone)
 
 for _row in (

@@ -1,7 +1,7 @@
-"""Short backbone names -> (open_clip model, default weights, family adapter), and the one factory.
+"""Short backbone names -> (open_clip model, default weights, family class), and the one factory.
 
 Adding a model is adding a row with :func:`register_backbone`; adding a family is adding an
-adapter class and a :func:`register_family` rule. Weights (and the Hugging Face tokenizer files
+family class and a :func:`register_family` rule. Weights (and the Hugging Face tokenizer files
 some families need, see :mod:`cdfsl.backbones.tokenizers`) are looked up in local caches only,
 unless downloads are allowed explicitly: offline, a missing file fails at once with a message
 instead of hanging on network retries.
@@ -68,12 +68,12 @@ def register_backbone(entry: BackboneEntry) -> BackboneEntry:
     return entry
 
 
-def register_family(matches: Callable[[str], bool], adapter: type[Backbone]) -> None:
-    """Route open_clip model names for which ``matches(name)`` holds to ``adapter``.
+def register_family(matches: Callable[[str], bool], family: type[Backbone]) -> None:
+    """Route open_clip model names for which ``matches(name)`` holds to ``family``.
 
     Rules are tried newest first, so a specific family registered after the generic CLIP rule wins.
     """
-    _FAMILIES.insert(0, (matches, adapter))
+    _FAMILIES.insert(0, (matches, family))
 
 
 def list_backbones() -> list[BackboneEntry]:
@@ -93,11 +93,11 @@ def resolve_entry(name: str) -> BackboneEntry:
     )
 
 
-def _adapter_for(model_name: str) -> type[Backbone]:
-    for matches, adapter in _FAMILIES:
+def _family_for(model_name: str) -> type[Backbone]:
+    for matches, family in _FAMILIES:
         if matches(model_name):
-            return adapter
-    raise WeightsError(f"no backbone family adapter accepts open_clip model {model_name!r}")
+            return family
+    raise WeightsError(f"no backbone family class accepts open_clip model {model_name!r}")
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ def create_backbone(
             f"could not build backbone {name!r} from {entry.model!r}: {err}"
         ) from err
     tokenize = build_tokenizer(entry.model, tokenizer_source)
-    backbone = _adapter_for(entry.model).from_open_clip(entry.name, model, tokenize)
+    backbone = _family_for(entry.model).from_open_clip(entry.name, model, tokenize)
     return backbone.to(device)
 
 

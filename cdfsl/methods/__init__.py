@@ -3,15 +3,15 @@
 from cdfsl.methods.base import FewShotMethod
 from cdfsl.methods.lora_ce import LoRAFineTune
 from cdfsl.methods.mind import Mind
-from cdfsl.methods.rail import DualAdapter, PrimalAdapter, fuse
+from cdfsl.methods.rail import DualRegressor, PrimalRegressor, fuse
 from cdfsl.methods.zero_shot import ZeroShot
 
 __all__ = [
-    "DualAdapter",
+    "DualRegressor",
     "FewShotMethod",
     "LoRAFineTune",
     "Mind",
-    "PrimalAdapter",
+    "PrimalRegressor",
     "ZeroShot",
     "fuse",
 ]

@@ -1,16 +1,16 @@
 """RAIL: closed-form ridge regression on frozen VLM features, learned domain after domain.
 
-Two adapters hold, after every update, exactly the ridge solution on all data seen so far,
+Two regressors hold, after every update, exactly the ridge solution on all data seen so far,
 whatever the block sizes and their order, without storing past images:
 
-- :class:`PrimalAdapter`: a frozen random ReLU layer ``phi(x) = ReLU(x W_rhl)`` (H units) and
+- :class:`PrimalRegressor`: a frozen random ReLU layer ``phi(x) = ReLU(x W_rhl)`` (H units) and
   the recursive least-squares (Woodbury) update of ``M = (Phi^T Phi + lambda I)^-1`` and
   ``W = M Phi^T Y``. Memory is H² however much data it has seen.
-- :class:`DualAdapter`: kernel ridge regression with an RBF kernel; it keeps every training
+- :class:`DualRegressor`: kernel ridge regression with an RBF kernel; it keeps every training
   feature and updates ``(K + lambda I)^-1`` by blocks through the Schur complement.
 
 :func:`fuse` is RAIL-Fusion: a sample whose zero-shot argmax is a learned class takes the
-adapter's scores on the learned classes; any other keeps its zero-shot probabilities.
+regressor's scores on the learned classes; any other keeps its zero-shot probabilities.
 Paper: Xu et al., NeurIPS 2024, arXiv 2406.18868; docs/fidelity.md maps its public code to cdfsl.
 """
 
@@ -51,7 +51,7 @@ RANDOM_LAYER_INITS = {
     "uniform_fan_in": _uniform_fan_in,
     "normal": _standard_normal,
 }
-"""How :class:`PrimalAdapter` draws its random layer ``W_rhl: (in_dim, hidden)``, float32:
+"""How :class:`PrimalRegressor` draws its random layer ``W_rhl: (in_dim, hidden)``, float32:
 name -> fn(generator, in_dim, hidden). ``uniform_fan_in`` is the reference's."""
 
 
@@ -68,7 +68,7 @@ def _check_features(features: Tensor, in_dim: int | None) -> None:
         want = f"(N, {in_dim})" if in_dim is not None else "(N, D)"
         raise CdfslError(
             f"features of shape {tuple(features.shape)}: expected {want}; pass one feature "
-            "row per sample, from the backbone the adapter learned with"
+            "row per sample, from the backbone the regressor learned with"
         )
 
 
@@ -94,7 +94,7 @@ def _check_block(
         )
 
 
-class PrimalAdapter:
+class PrimalRegressor:
     """Ridge regression on random ReLU features, updated recursively (RLS / Woodbury).
 
     After any sequence of :meth:`update` calls, ``weights`` equals
@@ -105,7 +105,7 @@ class PrimalAdapter:
         in_dim: feature dimension D of the backbone.
         hidden: H, units of the random layer (the paper's 15000; accuracy saturates near 10k).
         reg: lambda, the ridge penalty.
-        seed: seeds ``projection`` (drawn in float32 so that a float32 and a float64 adapter
+        seed: seeds ``projection`` (drawn in float32 so that a float32 and a float64 regressor
             with one seed share the same layer).
         random_init: a row of :data:`RANDOM_LAYER_INITS`: ``"uniform_fan_in"`` (default, the
             reference's ``nn.Linear`` init, U(±1/sqrt(in_dim))) or ``"normal"`` (N(0, 1)).
@@ -128,15 +128,15 @@ class PrimalAdapter:
     ) -> None:
         if in_dim < 1 or hidden < 1 or block_size < 1:
             raise CdfslError(
-                f"PrimalAdapter(in_dim={in_dim}, hidden={hidden}, block_size={block_size}): "
+                f"PrimalRegressor(in_dim={in_dim}, hidden={hidden}, block_size={block_size}): "
                 "expected positive integers"
             )
         if not reg > 0:
-            raise CdfslError(f"PrimalAdapter reg={reg}: expected lambda > 0 (e.g. 0.1)")
+            raise CdfslError(f"PrimalRegressor reg={reg}: expected lambda > 0 (e.g. 0.1)")
         draw = RANDOM_LAYER_INITS.get(random_init)
         if draw is None:
             raise CdfslError(
-                f"PrimalAdapter random_init={random_init!r}: expected one of "
+                f"PrimalRegressor random_init={random_init!r}: expected one of "
                 f"{sorted(RANDOM_LAYER_INITS)} (uniform_fan_in is the reference's)"
             )
         self.in_dim, self.hidden, self.reg, self.seed = in_dim, hidden, float(reg), seed
@@ -156,7 +156,7 @@ class PrimalAdapter:
         return self.weights.shape[1]
 
     def hidden_features(self, x: Tensor) -> Tensor:
-        """``x: (B, in_dim)`` -> ``phi(x) = ReLU(x W_rhl)``: ``(B, hidden)``, adapter dtype."""
+        """``x: (B, in_dim)`` -> ``phi(x) = ReLU(x W_rhl)``: ``(B, hidden)``, regressor dtype."""
         return F.relu(x.to(self.device, self.dtype) @ self.projection)
 
     @torch.no_grad()
@@ -196,7 +196,7 @@ class PrimalAdapter:
 
     @torch.no_grad()
     def scores(self, features: Tensor) -> Tensor:
-        """``features: (B, in_dim)`` -> ``phi(x) W``: ``(B, num_classes)`` in the adapter dtype."""
+        """``features: (B, in_dim)`` -> ``phi(x) W``: ``(B, num_classes)``, the regressor dtype."""
         _check_features(features, self.in_dim)
         out = [
             self.hidden_features(features[start : start + self.block_size]) @ self.weights
@@ -226,15 +226,17 @@ class PrimalAdapter:
     @classmethod
     def from_state_dict(
         cls, state: dict[str, Any], device: str | torch.device = "cpu"
-    ) -> PrimalAdapter:
-        """The adapter :meth:`state_dict` describes (states saved before ``random_init`` existed
+    ) -> PrimalRegressor:
+        """The regressor :meth:`state_dict` describes (states saved before ``random_init`` existed
         drew their layer from N(0, 1))."""
-        adapter = cls(**{"random_init": "normal", **state["config"]}, device=device)
-        adapter.projection = state["projection"].to(adapter.device, adapter.dtype)
+        regressor = cls(**{"random_init": "normal", **state["config"]}, device=device)
+        regressor.projection = state["projection"].to(regressor.device, regressor.dtype)
         inverse = state["inverse"]
-        adapter.inverse = None if inverse is None else inverse.to(adapter.device, adapter.dtype)
-        adapter.weights = state["weights"].to(adapter.device, adapter.dtype)
-        return adapter
+        if inverse is not None:
+            inverse = inverse.to(regressor.device, regressor.dtype)
+        regressor.inverse = inverse
+        regressor.weights = state["weights"].to(regressor.device, regressor.dtype)
+        return regressor
 
 
 def rbf_kernel(a: Tensor, b: Tensor, gamma: float) -> Tensor:
@@ -244,7 +246,7 @@ def rbf_kernel(a: Tensor, b: Tensor, gamma: float) -> Tensor:
     return torch.exp(-gamma * sq.clamp_min_(0.0))
 
 
-class DualAdapter:
+class DualRegressor:
     """Kernel ridge regression with an RBF kernel, its inverse updated by blocks.
 
     After any sequence of :meth:`update` calls, ``inverse`` equals ``(K + reg I)^-1`` and
@@ -270,9 +272,9 @@ class DualAdapter:
         device: str | torch.device = "cpu",
     ) -> None:
         if not gamma > 0 or not reg > 0:
-            raise CdfslError(f"DualAdapter(gamma={gamma}, reg={reg}): expected both > 0")
+            raise CdfslError(f"DualRegressor(gamma={gamma}, reg={reg}): expected both > 0")
         if block_size < 1:
-            raise CdfslError(f"DualAdapter block_size={block_size}: expected an integer >= 1")
+            raise CdfslError(f"DualRegressor block_size={block_size}: expected an integer >= 1")
         self.gamma, self.reg = float(gamma), float(reg)
         self.dtype = _as_dtype(dtype)
         self.block_size = block_size
@@ -346,7 +348,7 @@ class DualAdapter:
 
     @torch.no_grad()
     def scores(self, features: Tensor) -> Tensor:
-        """``features: (B, D)`` -> ``k(x, memory) alpha``: ``(B, num_classes)``, adapter dtype."""
+        """``features: (B, D)`` -> ``k(x, memory) alpha``: ``(B, num_classes)``, regressor dtype."""
         in_dim = self.memory.shape[1] if self.num_stored else None
         _check_features(features, in_dim)
         x = features.to(self.device, self.dtype)
@@ -379,30 +381,30 @@ class DualAdapter:
     @classmethod
     def from_state_dict(
         cls, state: dict[str, Any], device: str | torch.device = "cpu"
-    ) -> DualAdapter:
-        """The adapter :meth:`state_dict` describes."""
-        adapter = cls(**state["config"], device=device)
+    ) -> DualRegressor:
+        """The regressor :meth:`state_dict` describes."""
+        regressor = cls(**state["config"], device=device)
         for key in ("memory", "inverse", "alpha"):
-            setattr(adapter, key, state[key].to(adapter.device, adapter.dtype))
-        return adapter
+            setattr(regressor, key, state[key].to(regressor.device, regressor.dtype))
+        return regressor
 
 
 def fuse(
-    zero_shot_probs: Tensor, adapter_scores: Tensor, seen_class_mask: Tensor, beta: float = 0.8
+    zero_shot_probs: Tensor, regressor_scores: Tensor, seen_class_mask: Tensor, beta: float = 0.8
 ) -> Tensor:
     """RAIL-Fusion: ``(B, C)`` scores whose argmax is the prediction.
 
-    ``zero_shot_probs: (B, C)`` softmax over every class of the sequence; ``adapter_scores:
-    (B, C)`` the adapter's f(x) (columns of unseen classes are ignored); ``seen_class_mask:
+    ``zero_shot_probs: (B, C)`` softmax over every class of the sequence; ``regressor_scores:
+    (B, C)`` the regressor's f(x) (columns of unseen classes are ignored); ``seen_class_mask:
     (C,)`` bool, the classes of domains already learned. A row whose zero-shot argmax is a
     seen class gets ``(1 - beta) p_zs + beta [f(x) on seen classes, 0 elsewhere]``; any other
     row keeps ``p_zs``, so RAIL predicts as zero-shot on samples it takes as unseen.
     """
-    if zero_shot_probs.ndim != 2 or adapter_scores.shape != zero_shot_probs.shape:
+    if zero_shot_probs.ndim != 2 or regressor_scores.shape != zero_shot_probs.shape:
         raise CdfslError(
-            f"fuse got zero_shot_probs {tuple(zero_shot_probs.shape)} and adapter_scores "
-            f"{tuple(adapter_scores.shape)}: expected both (B, C); pad adapter scores with "
-            "zero columns for classes the adapter has not learned"
+            f"fuse got zero_shot_probs {tuple(zero_shot_probs.shape)} and regressor_scores "
+            f"{tuple(regressor_scores.shape)}: expected both (B, C); pad regressor scores with "
+            "zero columns for classes the regressor has not learned"
         )
     seen = seen_class_mask.to(device=zero_shot_probs.device, dtype=torch.bool)
     if seen.shape != (zero_shot_probs.shape[1],):
@@ -412,7 +414,7 @@ def fuse(
         )
     if not 0.0 <= beta <= 1.0:
         raise CdfslError(f"beta={beta}: expected 0 <= beta <= 1 (the paper's 0.8)")
-    adapter = torch.where(seen, adapter_scores.to(zero_shot_probs.dtype), 0.0)
+    regressor = torch.where(seen, regressor_scores.to(zero_shot_probs.dtype), 0.0)
     in_distribution = seen[zero_shot_probs.argmax(dim=1)]
-    fused = (1.0 - beta) * zero_shot_probs + beta * adapter
+    fused = (1.0 - beta) * zero_shot_probs + beta * regressor
     return torch.where(in_distribution[:, None], fused, zero_shot_probs)

@@ -10,7 +10,6 @@ teacher (:mod:`.chains`, :mod:`.prompts`, the micro world's template teacher in
 Importing this package needs neither transformers nor peft.
 """
 
-from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs, require_reason_extra
 from cdfsl.reasoning.answers import TAGS, conclusion_text, missing_tags, parse_class
 from cdfsl.reasoning.chains import (
     Chain,
@@ -22,6 +21,7 @@ from cdfsl.reasoning.chains import (
     write_chains,
 )
 from cdfsl.reasoning.dg import evaluate_domain, markdown_table, score_answers
+from cdfsl.reasoning.model import GenerativeVLM, ImageInputs, require_reason_extra
 from cdfsl.reasoning.mtct import MTCTModule, ReasoningExamples, TrainConfig, mtct_loss, train_mtct
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt, teacher_prompt
 from cdfsl.reasoning.sarr import SARRConfig, SARRRunner, replace_chains, select_self_chains

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from cdfsl.evaluation.stats import mean_ci95
-from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.answers import conclusion_text, parse_class
+from cdfsl.reasoning.model import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt
 
 ANSWER_MODES: tuple[str, ...] = ("label", "reason")

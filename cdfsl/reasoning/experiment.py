@@ -42,10 +42,10 @@ from cdfsl.data.base import LabelledImages
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.store import check_run_config, write_json_atomic
 from cdfsl.plumbing import save_torch_atomic, write_jsonl_atomic
-from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.chains import Chain, ChainReport, import_chains, validate_chains, write_chains
 from cdfsl.reasoning.dg import ANSWER_MODES, DomainResult, average, evaluate_domain, markdown_table
 from cdfsl.reasoning.internvl import DEFAULT_INTERNVL, INTERNVL_MAX_TILES, LoRASettings
+from cdfsl.reasoning.model import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.mtct import (
     ReasoningExamples,
     TrainConfig,

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from cdfsl.errors import CdfslError, WeightsError
-from cdfsl.reasoning.adapter import GenerativeVLM, require_reason_extra
+from cdfsl.reasoning.model import GenerativeVLM, require_reason_extra
 
 DEFAULT_INTERNVL = "OpenGVLab/InternVL3-8B-hf"
 INTERNVL_MAX_TILES = 12

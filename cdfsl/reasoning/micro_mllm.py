@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from cdfsl.assets import assets_dir
 from cdfsl.errors import CdfslError, WeightsError
-from cdfsl.reasoning.adapter import GenerativeVLM
+from cdfsl.reasoning.model import GenerativeVLM
 
 _TAG = re.compile(r"</?[A-Z]+>")
 _TOKEN = re.compile(r"</?[A-Z]+>|[A-Za-z]+|\d+|[^\sA-Za-z\d]")

@@ -33,12 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from cdfsl.errors import CdfslError
 from cdfsl.plumbing import quiet_lightning, warmup_cosine
-from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
+from cdfsl.reasoning.model import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt
 
 NLL_REDUCTIONS: Mapping[str, bool] = {"sum": False, "mean": True}
 """How a target's token NLLs are reduced: name -> ``length_normalise`` of
-:meth:`~cdfsl.reasoning.adapter.GenerativeVLM.nll` ("sum": the answer's NLL; "mean": per token)."""
+:meth:`~cdfsl.reasoning.model.GenerativeVLM.nll` ("sum": the answer's NLL; "mean": per token)."""
 
 
 def check_label_reduction(name: str) -> None:

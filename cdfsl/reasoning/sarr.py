@@ -29,10 +29,10 @@ import torch
 
 from cdfsl.evaluation.store import write_json_atomic
 from cdfsl.plumbing import save_torch_atomic, write_jsonl_atomic
-from cdfsl.reasoning.adapter import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.answers import conclusion_text, parse_class
 from cdfsl.reasoning.chains import Chain, write_chains
 from cdfsl.reasoning.dg import generate_all
+from cdfsl.reasoning.model import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.mtct import ReasoningExamples, TrainConfig, train_mtct
 from cdfsl.reasoning.prompts import reason_prompt
 

@@ -11,7 +11,7 @@ kill loses at most the step it was in):
 
 - ``zero-shot``: the frozen model with ``template`` prompts; learns nothing.
 - ``finetune``: LoRA cross-entropy fine-tuning on each domain's training shots in turn, over
-  that domain's class names, the adapters carried from domain to domain (the forgetting that
+  that domain's class names, the regressors carried from domain to domain (the forgetting that
   RAIL avoids).
 - ``primal`` / ``dual``: Primal-RAIL and Dual-RAIL on cached frozen features, with RAIL-Fusion.
 

@@ -31,7 +31,7 @@ class DomainConfig:
 
 @dataclass
 class PrimalConfig:
-    """:class:`~cdfsl.methods.rail.PrimalAdapter` settings (the paper's H and lambda).
+    """:class:`~cdfsl.methods.rail.PrimalRegressor` settings (the paper's H and lambda).
 
     ``random_init``: ``uniform_fan_in`` (the reference's ``nn.Linear`` layer) or ``normal``.
     """
@@ -46,7 +46,7 @@ class PrimalConfig:
 
 @dataclass
 class DualConfig:
-    """:class:`~cdfsl.methods.rail.DualAdapter` settings (the paper's gamma and lambda)."""
+    """:class:`~cdfsl.methods.rail.DualRegressor` settings (the paper's gamma and lambda)."""
 
     gamma: float = 0.1
     reg: float = 1e-3
@@ -87,10 +87,10 @@ class XTailConfig:
     ``short_side_crop`` for test images; ``squash`` was cdfsl's earlier choice for both).
     ``methods``: names of registered learners (:data:`~cdfsl.evaluation.xtail.LEARNERS`),
     run in registration order; default the built-in :data:`METHODS`.
-    ``beta``: RAIL-Fusion's adapter weight.
+    ``beta``: RAIL-Fusion's regressor weight.
     ``data_root``: the ``root`` of every split given by a registered source without one (the
     folder that holds all the datasets).
-    ``device``: "auto" (CUDA when present), "cpu" or "cuda" for features and adapters.
+    ``device``: "auto" (CUDA when present), "cpu" or "cuda" for features and regressors.
     """
 
     domains: list[DomainConfig] = field(default_factory=list)

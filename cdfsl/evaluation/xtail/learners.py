@@ -29,7 +29,7 @@ from cdfsl.engine import FitConfig, episode_seed, fit_episode, predict_logits
 from cdfsl.errors import CdfslError
 from cdfsl.evaluation.xtail.data import import_class_path
 from cdfsl.lora import load_lora_state_dict, lora_state_dict
-from cdfsl.methods.rail import DualAdapter, PrimalAdapter, fuse
+from cdfsl.methods.rail import DualRegressor, PrimalRegressor, fuse
 
 if TYPE_CHECKING:
     from cdfsl.data.base import LabelledImages
@@ -140,7 +140,7 @@ def title_of(name: str) -> str:
 
 
 class _FeatureLearner(XTailLearner):
-    """Shared zero-shot probabilities on cached features; RAIL adds an adapter and fusion."""
+    """Shared zero-shot probabilities on cached features; RAIL adds a regressor and fusion."""
 
     def __init__(self, context: LearnerContext) -> None:
         super().__init__(context)
@@ -243,38 +243,38 @@ class FineTuneLearner(XTailLearner):
 
 
 class _RailLearner(_FeatureLearner):
-    """RAIL: an analytic adapter on cached features, fused with zero-shot (RAIL-Fusion)."""
+    """RAIL: an analytic regressor on cached features, fused with zero-shot (RAIL-Fusion)."""
 
     def __init__(self, context: LearnerContext) -> None:
         super().__init__(context)
-        self.adapter, self.beta = self.make_adapter(context), context.config.beta
+        self.regressor, self.beta = self.make_regressor(context), context.config.beta
 
-    def make_adapter(self, context: LearnerContext) -> PrimalAdapter | DualAdapter:
+    def make_regressor(self, context: LearnerContext) -> PrimalRegressor | DualRegressor:
         raise NotImplementedError
 
     def learn(self, step: int) -> None:
         d = self.domains[step]
         labels = d.train_feats.labels + d.offset  # union indices
-        self.adapter.update(d.train_feats.features, labels, num_classes=d.end)
+        self.regressor.update(d.train_feats.features, labels, num_classes=d.end)
 
     def predict_batch(self, feats: Tensor) -> Tensor:
         probs = self.zero_shot_probs(feats)
-        seen = self.adapter.num_classes
+        seen = self.regressor.num_classes
         scores = torch.zeros_like(probs)
         if seen:
-            scores[:, :seen] = self.adapter.scores(feats).to(probs.device, probs.dtype)
+            scores[:, :seen] = self.regressor.scores(feats).to(probs.device, probs.dtype)
         mask = torch.arange(probs.shape[1], device=probs.device) < seen
         return fuse(probs, scores, mask, self.beta).argmax(dim=1)
 
     def state(self) -> dict[str, Any]:
-        return self.adapter.state_dict()
+        return self.regressor.state_dict()
 
     def load_state(self, state: dict[str, Any] | None) -> None:
-        if state is not None:  # the adapter kind this learner made
-            self.adapter = type(self.adapter).from_state_dict(state, self.device)
+        if state is not None:  # the regressor kind this learner made
+            self.regressor = type(self.regressor).from_state_dict(state, self.device)
 
     def state_bytes(self) -> int:
-        return self.adapter.state_bytes()
+        return self.regressor.state_bytes()
 
 
 @register_learner
@@ -288,10 +288,10 @@ class PrimalRailLearner(_RailLearner):
     def settings(cls, config: XTailConfig) -> dict[str, Any]:
         return {"primal": config.primal, "beta": config.beta}
 
-    def make_adapter(self, context: LearnerContext) -> PrimalAdapter:
+    def make_regressor(self, context: LearnerContext) -> PrimalRegressor:
         p = context.config.primal
         dim = context.domains[0].train_feats.features.shape[1]
-        return PrimalAdapter(
+        return PrimalRegressor(
             dim, p.hidden, p.reg, p.seed, random_init=p.random_init, dtype=p.dtype,
             block_size=p.block_size, device=context.device,
         )  # fmt: skip
@@ -308,9 +308,9 @@ class DualRailLearner(_RailLearner):
     def settings(cls, config: XTailConfig) -> dict[str, Any]:
         return {"dual": config.dual, "beta": config.beta}
 
-    def make_adapter(self, context: LearnerContext) -> DualAdapter:
+    def make_regressor(self, context: LearnerContext) -> DualRegressor:
         q = context.config.dual
-        return DualAdapter(
+        return DualRegressor(
             q.gamma, q.reg, dtype=q.dtype, block_size=q.block_size, device=context.device
         )
 
