@@ -211,7 +211,7 @@ class InternVLReasoner(GenerativeVLM):
         max_tiles: int = INTERNVL_MAX_TILES,
         gradient_checkpointing: bool = False,
     ) -> None:
-        require_reason_extra("the InternVL adapter")
+        require_reason_extra("the InternVL model")
         if max_tiles < 1:
             raise CdfslError(f"max_tiles={max_tiles}; expected at least 1 tile per image")
         super().__init__()
@@ -267,7 +267,7 @@ class InternVLReasoner(GenerativeVLM):
         gradient_checkpointing: bool = False,
     ) -> InternVLReasoner:
         """Load model and processor from local files only (see :func:`resolve_model_dir`)."""
-        require_reason_extra("the InternVL adapter")
+        require_reason_extra("the InternVL model")
         from transformers import AutoProcessor, InternVLForConditionalGeneration
 
         folder = resolve_model_dir(path, cache_dir)
