@@ -430,9 +430,9 @@ def test_missing_reason_extra_is_one_line(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
     )
     with pytest.raises(CdfslError) as err:
-        require_reason_extra("the InternVL adapter")
+        require_reason_extra("the InternVL model")
     assert str(err.value) == (
-        "the InternVL adapter needs peft, which is not installed; install the reasoning extra: "
+        "the InternVL model needs peft, which is not installed; install the reasoning extra: "
         "pip install 'cdfsl[reason]'"
     )
 

@@ -1,4 +1,4 @@
-"""The InternVL adapter on a tiny random InternVL built offline (transformers + peft needed)."""
+"""The InternVL model wrapper on a tiny random InternVL built offline (transformers, peft)."""
 
 from __future__ import annotations
 
