@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from cdfsl.errors import CdfslError
 from cdfsl.plumbing import write_bytes_atomic
+from cdfsl.registry import Registry
 
 __all__ = [
     "LORA_CONFIG_KEY",
@@ -558,7 +559,8 @@ def _retied(
 # ----------------------------------------------------------------------------- layout registry
 
 LayoutHandler = Callable[[nn.Module, LoRAConfig], nn.Module]
-_LAYOUT_HANDLERS: dict[type[nn.Module], LayoutHandler] = {}
+LAYOUT_HANDLERS: Registry[type[nn.Module], LayoutHandler] = Registry("LoRA layout")
+"""Module type -> ``handler(module, config) -> module`` that takes ``module``'s place."""
 
 
 def register_layout(module_type: type[nn.Module]) -> Callable[[LayoutHandler], LayoutHandler]:
@@ -568,12 +570,7 @@ def register_layout(module_type: type[nn.Module]) -> Callable[[LayoutHandler], L
     after replacing some of its children with ``LoRALinear``); ``inject_lora`` does not descend
     into it further.
     """
-
-    def decorate(handler: LayoutHandler) -> LayoutHandler:
-        _LAYOUT_HANDLERS[module_type] = handler
-        return handler
-
-    return decorate
+    return LAYOUT_HANDLERS.register(module_type)
 
 
 @register_layout(nn.MultiheadAttention)
@@ -673,7 +670,7 @@ def inject_lora(root: nn.Module, config: LoRAConfig) -> list[str]:
             f"{type(root).__name__} already holds LoRA adapters: expected a model without them; "
             "inject once, and use reset_lora to re-initialise"
         )
-    if type(root) in _LAYOUT_HANDLERS:
+    if type(root) in LAYOUT_HANDLERS:
         raise CdfslError(
             f"root is itself a {type(root).__name__}: expected a module containing it, since "
             "inject_lora replaces modules in their parent; pass the parent module"
@@ -685,7 +682,7 @@ def inject_lora(root: nn.Module, config: LoRAConfig) -> list[str]:
     def visit(module: nn.Module, prefix: str) -> None:
         for child_name, child in module.named_children():
             qualified = f"{prefix}{child_name}"
-            handler = _LAYOUT_HANDLERS.get(type(child))
+            handler = LAYOUT_HANDLERS.get(type(child))
             if handler is None:
                 visit(child, qualified + ".")
                 continue
@@ -698,7 +695,7 @@ def inject_lora(root: nn.Module, config: LoRAConfig) -> list[str]:
     for parent, child_name, replacement in swaps:
         setattr(parent, child_name, replacement)
     if not names:
-        supported = ", ".join(sorted(t.__name__ for t in _LAYOUT_HANDLERS))
+        supported = ", ".join(sorted(t.__name__ for t in LAYOUT_HANDLERS))
         raise CdfslError(
             f"{type(root).__name__} has no attention module LoRA can adapt: expected one of "
             f"({supported}); pass the vision tower (e.g. model.visual) or register a layout handler"

@@ -17,6 +17,7 @@ import torch.nn.functional as functional
 from torch import Tensor
 
 from cdfsl.errors import CdfslError
+from cdfsl.registry import Registry
 
 __all__ = [
     "DIVERGENCES",
@@ -205,10 +206,13 @@ def _row_softmax_kl(visual_relation: Tensor, fusion_target: Tensor) -> Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
 
 
-DIVERGENCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "log_target_kl": _log_target_kl,
-    "row_softmax_kl": _row_softmax_kl,
-}
+DIVERGENCES: Registry[str, Callable[[Tensor, Tensor], Tensor]] = Registry(
+    "divergence",
+    {
+        "log_target_kl": _log_target_kl,
+        "row_softmax_kl": _row_softmax_kl,
+    },
+)
 """Divergences for ``relation_alignment``, name -> fn(A_v, A_fuse) -> scalar.
 
 - ``"log_target_kl"`` (default, the reference code): ``nn.KLDivLoss(reduction="mean",

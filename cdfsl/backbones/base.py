@@ -11,13 +11,17 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from cdfsl.errors import CdfslError
+from cdfsl.registry import Registry
 
 #: Resampling filters of the resize that frames an image (antialiased, as PIL's resize).
-INTERPOLATIONS = {
-    "bicubic": v2.InterpolationMode.BICUBIC,
-    "bilinear": v2.InterpolationMode.BILINEAR,
-    "nearest": v2.InterpolationMode.NEAREST,
-}
+INTERPOLATIONS: Registry[str, v2.InterpolationMode] = Registry(
+    "interpolation",
+    {
+        "bicubic": v2.InterpolationMode.BICUBIC,
+        "bilinear": v2.InterpolationMode.BILINEAR,
+        "nearest": v2.InterpolationMode.NEAREST,
+    },
+)
 
 
 @dataclass(frozen=True)
@@ -85,11 +89,16 @@ RESIZE_CROP_RATIO = 1.15
 
 #: How an image is framed to the model's input size: name -> fn(size, interpolation) -> the
 #: geometric transforms, applied to the PIL image before it becomes a tensor.
-GEOMETRIES: dict[str, Callable[[tuple[int, int], v2.InterpolationMode], list[nn.Module]]] = {
-    "squash": _squash,
-    "resize_crop": _resize_crop,
-    "short_side_crop": _short_side_crop,
-}
+GEOMETRIES: Registry[str, Callable[[tuple[int, int], v2.InterpolationMode], list[nn.Module]]] = (
+    Registry(
+        "geometry",
+        {
+            "squash": _squash,
+            "resize_crop": _resize_crop,
+            "short_side_crop": _short_side_crop,
+        },
+    )
+)
 
 
 class Backbone(nn.Module):

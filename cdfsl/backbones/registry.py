@@ -28,6 +28,7 @@ from open_clip.factory import LOCAL_DIR_PREFIX
 from cdfsl.backbones.base import Backbone
 from cdfsl.backbones.tokenizers import TokenizerSource, build_tokenizer, resolve_tokenizer
 from cdfsl.errors import WeightsError
+from cdfsl.registry import Registry
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(_CONFIG_DIR)
@@ -56,16 +57,16 @@ class BackboneEntry:
     how_to_get: str = ""
 
 
-_BACKBONES: dict[str, BackboneEntry] = {}
+BACKBONES: Registry[str, BackboneEntry] = Registry(
+    "backbone", fix="list them with cdfsl backbones", error=WeightsError
+)
+"""Short backbone names -> their entries."""
 _FAMILIES: list[tuple[Callable[[str], bool], type[Backbone]]] = []
 
 
 def register_backbone(entry: BackboneEntry) -> BackboneEntry:
-    """Add a short name to the registry; re-registering a name is an error."""
-    if entry.name in _BACKBONES:
-        raise ValueError(f"backbone {entry.name!r} is already registered")
-    _BACKBONES[entry.name] = entry
-    return entry
+    """Add a short name to :data:`BACKBONES`; re-registering a name is an error."""
+    return BACKBONES.register(entry.name, entry)
 
 
 def register_family(matches: Callable[[str], bool], family: type[Backbone]) -> None:
@@ -77,16 +78,16 @@ def register_family(matches: Callable[[str], bool], family: type[Backbone]) -> N
 
 
 def list_backbones() -> list[BackboneEntry]:
-    return list(_BACKBONES.values())
+    return list(BACKBONES.values())
 
 
 def resolve_entry(name: str) -> BackboneEntry:
     """A registry row for ``name``: a short name, or any open_clip model name as-is."""
-    if name in _BACKBONES:
-        return _BACKBONES[name]
+    if name in BACKBONES:
+        return BACKBONES[name]
     if name.startswith(LOCAL_DIR_PREFIX) or name in open_clip.list_models():
         return BackboneEntry(name=name, model=name, pretrained=None)
-    known = ", ".join(sorted(_BACKBONES))
+    known = ", ".join(sorted(BACKBONES))
     raise WeightsError(
         f"unknown backbone {name!r}: use a registered name ({known}) or an open_clip model "
         "name (open_clip.list_models())"

@@ -22,20 +22,15 @@ from cdfsl.data.base import LabelledImages
 from cdfsl.data.folder import FOLDER
 from cdfsl.data.layout import DataReport, Layout
 from cdfsl.errors import DataError
+from cdfsl.registry import Registry
 
-_SOURCES: dict[str, Callable[..., LabelledImages]] = {}
+SOURCES: Registry[str, Callable[..., LabelledImages]] = Registry(
+    "dataset source", fix="fix --data.source (cdfsl data list describes them)", error=DataError
+)
+"""Dataset sources: name -> ``builder(root=..., class_names=..., **options)`` (a ``Layout``)."""
 
-
-def register_source(name: str) -> Callable[[Callable[..., LabelledImages]], Callable]:
-    """Decorator: register ``builder(root=..., class_names=..., **options)`` under ``name``."""
-
-    def add(builder: Callable[..., LabelledImages]) -> Callable[..., LabelledImages]:
-        if name in _SOURCES:
-            raise ValueError(f"dataset source {name!r} is already registered")
-        _SOURCES[name] = builder
-        return builder
-
-    return add
+#: Decorator: register ``builder(root=..., class_names=..., **options)`` under ``name``.
+register_source = SOURCES.register
 
 
 for _layout in (FOLDER, *cdfsl_targets.LAYOUTS, *fsl.LAYOUTS, *domainbed.LAYOUTS):
@@ -43,17 +38,17 @@ for _layout in (FOLDER, *cdfsl_targets.LAYOUTS, *fsl.LAYOUTS, *domainbed.LAYOUTS
 
 
 def list_sources() -> list[str]:
-    return sorted(_SOURCES)
+    return sorted(SOURCES)
 
 
 def get_source(name: str) -> Callable[..., LabelledImages]:
     """The builder (or ``Layout``) registered as ``name``; unknown names list the known ones."""
-    if name not in _SOURCES:
+    if name not in SOURCES:
         raise DataError(
             f"unknown dataset source {name!r}; expected one of {', '.join(list_sources())}; "
             "fix --data.source (cdfsl data list describes them)"
         )
-    return _SOURCES[name]
+    return SOURCES[name]
 
 
 def describe_source(name: str) -> str:
@@ -93,7 +88,7 @@ def build_splits(config: DataConfig) -> dict[str, LabelledImages]:
     """Every split (``train``, ``val``, ``test``, ...) of the dataset ``config`` describes."""
     source = get_source(config.source)
     if not _has_splits(source):
-        layouts = [n for n, s in sorted(_SOURCES.items()) if _has_splits(s)]
+        layouts = [n for n, s in sorted(SOURCES.items()) if _has_splits(s)]
         raise DataError(
             f"dataset source {config.source!r} has no splits; expected a source with train and "
             f"test splits such as {', '.join(layouts[:6])}, ...; fix --data.source"

@@ -27,6 +27,7 @@ from jsonargparse.typing import register_type
 from torch import Tensor
 
 from cdfsl.errors import DataError
+from cdfsl.registry import Registry
 
 __all__ = [
     "COLOR_JITTERS",
@@ -247,15 +248,21 @@ def _jitter_pil_uint8(images: Tensor, factors: tuple[Tensor, Tensor, Tensor]) ->
 #: How a rotated view samples the source: name -> ``grid_sample`` mode. ``nearest`` is
 #: torchvision's ``RandomRotation`` default on PIL images (the Mind reference's); ``bilinear``
 #: interpolates (cdfsl before engine 3).
-ROTATION_INTERPOLATIONS: dict[str, str] = {"nearest": "nearest", "bilinear": "bilinear"}
+ROTATION_INTERPOLATIONS: Registry[str, str] = Registry(
+    "rotation interpolation", {"nearest": "nearest", "bilinear": "bilinear"}, error=DataError
+)
 
 #: How colour jitter computes, given its three factors: ``pil_uint8`` PIL ``ImageEnhance`` on
 #: 8-bit images, rounded after each enhancement (the Mind reference's ``ImageJitter``);
 #: ``float`` torchvision ``ColorJitter``'s blends on floats (cdfsl before engine 3).
-COLOR_JITTERS: dict[str, Callable[[Tensor, tuple[Tensor, Tensor, Tensor]], Tensor]] = {
-    "pil_uint8": _jitter_pil_uint8,
-    "float": _jitter_float,
-}
+COLOR_JITTERS: Registry[str, Callable[[Tensor, tuple[Tensor, Tensor, Tensor]], Tensor]] = Registry(
+    "colour jitter",
+    {
+        "pil_uint8": _jitter_pil_uint8,
+        "float": _jitter_float,
+    },
+    error=DataError,
+)
 
 
 def _choice(table: Mapping[str, object], name: str, option: str) -> None:

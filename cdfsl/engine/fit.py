@@ -25,8 +25,11 @@ from cdfsl.errors import CdfslError
 from cdfsl.lora import zero_set_gradients
 from cdfsl.methods.base import FewShotMethod
 from cdfsl.plumbing import cuda_index, quiet_lightning, resolve_device
+from cdfsl.registry import Registry
 
-_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_AUTOCAST: Registry[str, torch.dtype] = Registry(
+    "autocast precision", {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+)
 
 
 #: The Lightning precisions a fit accepts: fp32, or fp32 adapters under fp16 / bf16 autocast.

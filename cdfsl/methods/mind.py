@@ -18,10 +18,13 @@ from cdfsl.losses import (
     vlm_cross_entropy,
 )
 from cdfsl.methods.base import EpisodeState, FewShotMethod
+from cdfsl.registry import Registry
 
 #: Mind's sources of the clean support features S: name -> whether the support set is
 #: forwarded separately (``FewShotMethod.forwards_support``).
-SUPPORT_FEATURES: dict[str, bool] = {"separate": True, "shared": False}
+SUPPORT_FEATURES: Registry[str, bool] = Registry(
+    "Mind support", {"separate": True, "shared": False}
+)
 
 
 class Mind(FewShotMethod):

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from cdfsl.errors import CdfslError
+from cdfsl.registry import Registry
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -47,10 +48,13 @@ def _standard_normal(generator: torch.Generator, in_dim: int, hidden: int) -> Te
     return torch.randn(in_dim, hidden, generator=generator, dtype=torch.float32)
 
 
-RANDOM_LAYER_INITS = {
-    "uniform_fan_in": _uniform_fan_in,
-    "normal": _standard_normal,
-}
+RANDOM_LAYER_INITS = Registry(
+    "random layer init",
+    {
+        "uniform_fan_in": _uniform_fan_in,
+        "normal": _standard_normal,
+    },
+)
 """How :class:`PrimalRegressor` draws its random layer ``W_rhl: (in_dim, hidden)``, float32:
 name -> fn(generator, in_dim, hidden). ``uniform_fan_in`` is the reference's."""
 

@@ -54,6 +54,7 @@ from cdfsl.reasoning.mtct import (
 )
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt, teacher_prompt
 from cdfsl.reasoning.sarr import SARRConfig, SARRRunner
+from cdfsl.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,15 @@ class Variant:
     needs_chains: bool = True
 
 
-VARIANTS: Mapping[str, Variant] = MappingProxyType(
+VARIANTS: Registry[str, Variant] = Registry(
+    "variant",
     {
         "zero-shot": Variant("Zero-shot", "none", "label", (0.0, 0.0), needs_chains=False),
         "label-only": Variant("Label-only", "mtct", "label", (1.0, 0.0), needs_chains=False),
         "chain-only": Variant("Chain-only", "mtct", "reason", (0.0, 1.0)),
         "mtct": Variant("MTCT", "mtct", "reason"),
         "mtct-sarr": Variant("MTCT + SARR", "sarr", "reason"),
-    }
+    },
 )
 """The variants ``cdfsl reason`` runs, by name, in table order."""
 MICRO_DOMAINS = ["photo", "cartoon", "dermoscopy", "aerial"]
@@ -257,7 +259,9 @@ class DomainBedData:
 
 
 #: ``data.kind`` -> where the DG domains come from (``domains(data)``, ``fold(data, domain)``).
-DG_DATA: dict[str, Any] = {"micro": MicroDGData(), "domainbed": DomainBedData()}
+DG_DATA: Registry[str, Any] = Registry(
+    "DG data kind", {"micro": MicroDGData(), "domainbed": DomainBedData()}
+)
 
 
 def dataset_domains(data: DGDataConfig) -> list[str]:
@@ -291,11 +295,14 @@ def _file_chains(config: TeacherConfig, fold: Fold) -> ChainReport:
 
 #: ``teacher.kind`` -> fn(config, fold) -> the validated chains of every image of the dataset
 #: (``none``: no teacher, for variants that need no chains).
-TEACHERS: dict[str, Callable[[TeacherConfig, Fold], ChainReport]] = {
-    "none": lambda config, fold: ChainReport(),
-    "template": _template_chains,
-    "file": _file_chains,
-}
+TEACHERS: Registry[str, Callable[[TeacherConfig, Fold], ChainReport]] = Registry(
+    "teacher kind",
+    {
+        "none": lambda config, fold: ChainReport(),
+        "template": _template_chains,
+        "file": _file_chains,
+    },
+)
 
 
 def teacher_chains(config: TeacherConfig, fold: Fold) -> tuple[ChainReport, dict[str, Chain]]:
@@ -663,10 +670,13 @@ def _internvl_model(run: ReasonRun, texts: Sequence[str]) -> GenerativeVLM:
 
 #: ``model.kind`` -> fn(run, texts) -> the model a variant trains or answers with (InternVL is
 #: loaded once per run and its adapters reset per variant).
-MODELS: dict[str, Callable[[ReasonRun, Sequence[str]], GenerativeVLM]] = {
-    "micro": _micro_model,
-    "internvl": _internvl_model,
-}
+MODELS: Registry[str, Callable[[ReasonRun, Sequence[str]], GenerativeVLM]] = Registry(
+    "model kind",
+    {
+        "micro": _micro_model,
+        "internvl": _internvl_model,
+    },
+)
 
 
 @dataclass

@@ -7,7 +7,6 @@ frames and encodes both splits into a :class:`Domain`.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,24 +19,10 @@ from cdfsl.data.wrappers import Subset
 from cdfsl.engine import episode_seed
 from cdfsl.errors import CdfslError
 from cdfsl.features import ImageFeatures
+from cdfsl.registry import Registry, import_class_path
 
 if TYPE_CHECKING:
     from cdfsl.evaluation.xtail.config import XTailConfig
-
-
-def import_class_path(path: str, expected: str, example: str) -> Any:
-    """The object a recipe's dotted ``class_path`` names (``module.Class``).
-
-    ``expected`` and ``example`` name what it should be, for the error when it is not found.
-    """
-    module_name, _, class_name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise CdfslError(
-            f"class_path {path!r}: expected an importable {expected} class such as "
-            f"{example}; fix the dotted path"
-        ) from err
 
 
 def build_split(spec: Mapping[str, Any], data_root: str | None = None) -> LabelledImages:
@@ -78,10 +63,13 @@ def _keep_all(draws: UniformDraws, members: Sequence[int], shots: int) -> list[i
     return [int(m) for m in members]
 
 
-SMALL_CLASS_DRAWS = {
-    "with_replacement": _draw_with_replacement,
-    "keep_all": _keep_all,
-}
+SMALL_CLASS_DRAWS = Registry(
+    "small-class draw",
+    {
+        "with_replacement": _draw_with_replacement,
+        "keep_all": _keep_all,
+    },
+)
 """How :func:`few_shot_indices` draws a class with fewer images than ``shots``: name ->
 fn(draws, member indices, shots). ``with_replacement`` is the reference's
 (``DatasetBase.generate_fewshot_dataset``: ``random.sample`` when a class has at least
@@ -135,15 +123,18 @@ def _satellite_location(names: Sequence[str]) -> list[str]:
     return [f"{name} satellite location" for name in names]
 
 
-CLASS_NAME_STYLES: dict[str, dict[str, Any]] = {
-    "rail_reference": {
-        "mnist": _mnist_reference_names,
-        "cdfsl.data.mnist.Mnist": _mnist_reference_names,
-        "eurosat-fsl": _satellite_location,
-        "eurosat": _satellite_location,
+CLASS_NAME_STYLES: Registry[str, dict[str, Any]] = Registry(
+    "class name style",
+    {
+        "rail_reference": {
+            "mnist": _mnist_reference_names,
+            "cdfsl.data.mnist.Mnist": _mnist_reference_names,
+            "eurosat-fsl": _satellite_location,
+            "eurosat": _satellite_location,
+        },
+        "dataset": {},
     },
-    "dataset": {},
-}
+)
 """How a domain's class names become prompt names: style -> {split's ``source`` (or
 ``class_path``) -> fn(names) -> names}; a dataset the style does not name keeps its names.
 ``rail_reference`` is the reference's; ``dataset`` keeps every dataset's own names. (Every

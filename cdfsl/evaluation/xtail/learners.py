@@ -27,9 +27,9 @@ from torch import Tensor
 
 from cdfsl.engine import FitConfig, episode_seed, fit_episode, predict_logits
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.xtail.data import import_class_path
 from cdfsl.lora import load_lora_state_dict, lora_state_dict
 from cdfsl.methods.rail import DualRegressor, PrimalRegressor, fuse
+from cdfsl.registry import Registry
 
 if TYPE_CHECKING:
     from cdfsl.data.base import LabelledImages
@@ -90,7 +90,9 @@ class XTailLearner:
         return None
 
 
-LEARNERS: dict[str, type[XTailLearner]] = {}
+LEARNERS: Registry[str, type[XTailLearner]] = Registry(
+    "X-TAIL learner", fix="fix the recipe's methods (or give a learner's class_path)"
+)
 """Registered X-TAIL learners: recipe name -> class, in the order a run runs them."""
 
 L = TypeVar("L", bound=type[XTailLearner])
@@ -109,8 +111,7 @@ def register_learner(cls: L) -> L:
             f"learner name {name!r} is taken by {LEARNERS[name].__qualname__}: expected a new "
             "name; rename the class's `name`"
         )
-    LEARNERS[name] = cls
-    return cls
+    return LEARNERS.register(name, cls)
 
 
 def learner_class(entry: str) -> type[XTailLearner] | None:
@@ -120,16 +121,9 @@ def learner_class(entry: str) -> type[XTailLearner] | None:
     :class:`XTailLearner` subclass defined anywhere (``mypackage.NearestMean``), which is
     registered under its ``name`` on first use.
     """
-    if entry in LEARNERS:
-        return LEARNERS[entry]
-    if "." not in entry:
+    if entry not in LEARNERS and "." not in entry:
         return None
-    cls = import_class_path(entry, "XTailLearner", "cdfsl.evaluation.xtail.ZeroShotLearner")
-    if not (isinstance(cls, type) and issubclass(cls, XTailLearner)):
-        raise CdfslError(
-            f"method {entry!r} is {cls!r}: expected an XTailLearner subclass; fix the "
-            "recipe's methods entry"
-        )
+    cls = LEARNERS.resolve(entry, XTailLearner, "cdfsl.evaluation.xtail.ZeroShotLearner")
     return register_learner(cls)
 
 

@@ -1,0 +1,125 @@
+"""One registry type for every named choice in cdfsl: ``Registry``.
+
+A registry maps names (or types, for LoRA layouts) to implementations. It reads like a dict
+(``name in REG``, ``REG[name]``, ``sorted(REG)``), adds entries with :meth:`Registry.register`
+(directly or as a decorator), refuses a name registered twice, and answers an unknown name with
+one line that lists what exists (:meth:`Registry.lookup`). :meth:`Registry.resolve` also takes a
+dotted ``class_path``, so a recipe names a built-in by its short name and a user's own class by
+its import path, the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+from cdfsl.errors import CdfslError
+
+K = TypeVar("K")
+T = TypeVar("T")
+
+__all__ = ["Registry", "import_class_path"]
+
+
+def import_class_path(path: str, expected: str, example: str) -> Any:
+    """The object a recipe's dotted ``class_path`` names (``module.Class``).
+
+    ``expected`` and ``example`` name what it should be, for the error when it is not found.
+    """
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise CdfslError(
+            f"class_path {path!r}: expected an importable {expected} class such as "
+            f"{example}; fix the dotted path"
+        ) from err
+
+
+class Registry(Mapping[K, T], Generic[K, T]):
+    """Named implementations of one choice (``kind``, e.g. "geometry").
+
+    ``fix``: what the one-line error for an unknown name tells the user to do;
+    ``error``: the ``CdfslError`` subclass it raises.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        entries: Mapping[K, T] | None = None,
+        *,
+        fix: str = "fix the recipe",
+        error: type[CdfslError] = CdfslError,
+    ) -> None:
+        self.kind, self.fix, self.error = kind, fix, error
+        self._entries: dict[K, T] = {}
+        for key, value in (entries or {}).items():
+            self.register(key, value)
+
+    def register(self, key: K, value: T | None = None) -> Any:
+        """Add ``value`` under ``key``; without ``value``, a decorator that adds what it wraps.
+
+        Registering a taken key again is an error (the same value again is a no-op).
+        """
+        if value is None:
+
+            def add(item: T) -> T:
+                self.register(key, item)
+                return item
+
+            return add
+        if key in self._entries and self._entries[key] is not value:
+            raise self.error(
+                f"{self.kind} {_shown(key)} is already registered: expected a new name; "
+                "rename the new one"
+            )
+        self._entries[key] = value
+        return value
+
+    def names(self) -> list[str]:
+        """The registered keys as text, sorted."""
+        return sorted(_shown(key, quote=False) for key in self._entries)
+
+    def lookup(self, key: K, option: str | None = None) -> T:
+        """The entry under ``key``, or a one-line error naming ``option`` and the known keys."""
+        if key not in self._entries:
+            what = f"{option}={key!r}" if option else f"unknown {self.kind} {_shown(key)}"
+            raise self.error(f"{what}: expected one of {self.names()}; {self.fix}")
+        return self._entries[key]
+
+    def resolve(self, entry: str, base: type | None = None, example: str = "") -> Any:
+        """A registered name, or the dotted ``class_path`` of a ``base`` subclass (imported)."""
+        if entry in self._entries:
+            return self._entries[entry]  # type: ignore[index]
+        if "." not in entry:
+            return self.lookup(entry)  # type: ignore[arg-type]
+        expected = base.__name__ if base is not None else self.kind
+        found = import_class_path(entry, expected, example or f"one of {self.names()}")
+        if base is not None and not (isinstance(found, type) and issubclass(found, base)):
+            raise self.error(
+                f"{entry!r} is {found!r}: expected a {base.__name__} subclass; {self.fix}"
+            )
+        return found
+
+    def where(self, predicate: Callable[[K, T], bool]) -> list[K]:
+        """The keys whose entries satisfy ``predicate(key, value)``, in registration order."""
+        return [key for key, value in self._entries.items() if predicate(key, value)]
+
+    def __getitem__(self, key: K) -> T:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+
+def _shown(key: object, quote: bool = True) -> str:
+    if isinstance(key, type):
+        return key.__qualname__
+    return repr(key) if quote else str(key)

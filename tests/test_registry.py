@@ -1,0 +1,70 @@
+"""The one registry type: register, look up by name or class_path, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdfsl.errors import CdfslError, DataError
+from cdfsl.registry import Registry
+
+
+class Base:
+    pass
+
+
+class Child(Base):
+    pass
+
+
+def test_register_lookup_and_refuse_a_taken_name():
+    reg: Registry[str, int] = Registry("widget", {"a": 1}, fix="fix --widget")
+    assert reg.register("b", 2) == 2
+    assert dict(reg) == {"a": 1, "b": 2} and reg.names() == ["a", "b"]
+    assert reg.lookup("b") == 2 and "a" in reg and reg.get("zzz") is None
+
+    @reg.register("c")
+    def three() -> int:
+        return 3
+
+    assert reg["c"] is three
+    reg.register("a", 1)  # the same value again is a no-op
+    with pytest.raises(CdfslError, match="widget 'a' is already registered"):
+        reg.register("a", 5)
+    with pytest.raises(CdfslError) as err:
+        reg.lookup("d", "--widget")
+    assert str(err.value) == "--widget='d': expected one of ['a', 'b', 'c']; fix --widget"
+    assert "\n" not in str(err.value)
+
+
+def test_resolve_takes_a_name_or_a_class_path_of_the_base():
+    reg: Registry[str, type] = Registry("thing", {"base": Base}, error=DataError)
+    assert reg.resolve("base") is Base
+    assert reg.resolve(f"{__name__}.Child", Base) is Child
+    with pytest.raises(DataError, match="unknown thing 'nope': expected one of \\['base'\\]"):
+        reg.resolve("nope")
+    with pytest.raises(DataError, match="expected a Base subclass"):
+        reg.resolve(f"{__name__}.test_resolve_takes_a_name_or_a_class_path_of_the_base", Base)
+    with pytest.raises(CdfslError, match=r"class_path 'no\.such\.Thing': expected an importable"):
+        reg.resolve("no.such.Thing", Base)
+
+
+def test_every_choice_table_is_a_registry():
+    """The named choices of cdfsl are Registry objects, one mechanism for all of them."""
+    from cdfsl.backbones.base import GEOMETRIES, INTERPOLATIONS
+    from cdfsl.backbones.registry import BACKBONES
+    from cdfsl.data.sources import SOURCES
+    from cdfsl.data.views import COLOR_JITTERS, ROTATION_INTERPOLATIONS
+    from cdfsl.evaluation.xtail.data import CLASS_NAME_STYLES, SMALL_CLASS_DRAWS
+    from cdfsl.evaluation.xtail.learners import LEARNERS
+    from cdfsl.lora import LAYOUT_HANDLERS
+    from cdfsl.losses import DIVERGENCES
+    from cdfsl.methods.mind import SUPPORT_FEATURES
+    from cdfsl.methods.rail import RANDOM_LAYER_INITS
+    from cdfsl.reasoning.experiment import DG_DATA, MODELS, TEACHERS, VARIANTS
+
+    tables = [
+        GEOMETRIES, INTERPOLATIONS, BACKBONES, SOURCES, COLOR_JITTERS, ROTATION_INTERPOLATIONS,
+        CLASS_NAME_STYLES, SMALL_CLASS_DRAWS, LEARNERS, LAYOUT_HANDLERS, DIVERGENCES,
+        SUPPORT_FEATURES, RANDOM_LAYER_INITS, DG_DATA, MODELS, TEACHERS, VARIANTS,
+    ]  # fmt: skip
+    assert all(isinstance(table, Registry) and len(table) > 0 for table in tables)
