@@ -121,10 +121,19 @@ class LightningParser(_OneLineErrors, LightningArgumentParser):
 #: The parser class of each kind a command module may ask for with ``PARSER = "..."``.
 PARSERS: dict[str, type[ArgumentParser]] = {"jsonargparse": _Parser, "lightning": LightningParser}
 
+#: What ``cdfsl --help`` says: where to start, not how the code is laid out.
+USAGE = """\
+Few-shot fine-tuning of vision-language models (CLIP, SigLIP, PE-Core) on target domains far
+from their pretraining data, with Mind, its LoRA baseline, RAIL and RD-MLDG. Start with
+`cdfsl demo` (offline, no arguments); `cdfsl recipes` lists ready recipes; `cdfsl eval --config
+NAME --data.root DIR` evaluates one on your images (one folder per class); `cdfsl data check
+SOURCE DIR` checks a dataset folder first. Every recipe key is also a flag (`--shot 5`), and
+`--print_config` shows the resolved settings. Errors are one line, `cdfsl: error: ...`."""
+
 
 def build_parser() -> tuple[ArgumentParser, dict[str, ModuleType]]:
     configure_recipe_reading()
-    parser = _Parser(prog="cdfsl", description=__doc__, parser_mode=PARSER_MODE)
+    parser = _Parser(prog="cdfsl", description=USAGE, parser_mode=PARSER_MODE)
     subcommands = parser.add_subcommands(required=True, dest="command")
     modules = _command_modules()
     for name, module in modules.items():

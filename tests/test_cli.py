@@ -206,3 +206,12 @@ def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", ClosedPipe())
     assert main(["recipes"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_top_level_help_speaks_to_users(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0
+    assert "cdfsl demo" in out and "cdfsl recipes" in out and "--print_config" in out
+    assert "cdfsl/commands" not in out and ":class:" not in out  # not the module layout
