@@ -215,3 +215,29 @@ def test_top_level_help_speaks_to_users(capsys):
     assert stop.value.code == 0
     assert "cdfsl demo" in out and "cdfsl recipes" in out and "--print_config" in out
     assert "cdfsl/commands" not in out and ":class:" not in out  # not the module layout
+
+
+def test_a_new_few_shot_method_is_one_file_named_by_class_path(capsys, tmp_path, monkeypatch):
+    """A method of one's own: a FewShotMethod subclass in one file, named in the recipe (or as a
+    flag) by its class_path, evaluated end to end with every option of the base."""
+    (tmp_path / "my_methods.py").write_text(
+        "import torch.nn.functional as F\n"
+        "from cdfsl.methods import LoRAFineTune\n\n\n"
+        "class SmoothedCE(LoRAFineTune):\n"
+        "    def loss_terms(self, feats, labels, view_ids, episode):\n"
+        "        logits = self.scale * feats @ episode.text_feats.T\n"
+        "        loss = F.cross_entropy(logits, labels, label_smoothing=0.1)\n"
+        "        return {'loss': loss, 'smoothed_ce': loss}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = make_image_folder(tmp_path / "data", {"Cat": 6, "Dog": 6, "Bird": 6}, size=20)
+    out = tmp_path / "out"
+    code, stdout, _ = run(
+        capsys, "eval", "--config", "tiny/lora-ce", "--method.class_path", "my_methods.SmoothedCE",
+        "--data.root", str(folder), "--output", str(out), "--episodes", "2", "--steps", "2",
+        "--progress", "false", "--precision", "32-true", "--accelerator", "cpu",
+    )  # fmt: skip
+    assert code == 0 and "| SmoothedCE |" in stdout
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in rows] == [0, 1]
+    assert all("smoothed_ce" in r["terms"] for r in rows)
