@@ -97,8 +97,9 @@ class Registry(Mapping[K, T], Generic[K, T]):
         expected = base.__name__ if base is not None else self.kind
         found = import_class_path(entry, expected, example or f"one of {self.names()}")
         if base is not None and not (isinstance(found, type) and issubclass(found, base)):
+            article = "an" if base.__name__[:1] in "AEIOUX" else "a"
             raise self.error(
-                f"{entry!r} is {found!r}: expected a {base.__name__} subclass; {self.fix}"
+                f"{entry!r} is {found!r}: expected {article} {base.__name__} subclass; {self.fix}"
             )
         return found
 
