@@ -160,8 +160,9 @@ def test_fit_sets_tf32_and_determinism_as_asked_and_restores_them(tf32):
 
 
 def test_16_mixed_rows_are_the_rows_of_one_episode_at_a_time(four_class_folder, tmp_path):
-    """CPU float16 autocast with Lightning's GradScaler: the automatic E is 1, and a run of
-    three episodes gives each episode the row it gets alone."""
+    """Under 16-mixed the automatic E is 1, and a run of three episodes gives each episode the
+    row it gets alone. (On a CPU Lightning 2.6 trains '16-mixed' as bf16-mixed, with a warning,
+    and cdfsl scores the queries the same way; fp16 with a GradScaler is the CUDA path.)"""
     from cdfsl.evaluation import ResultStore
 
     method = build(Mind)

@@ -24,6 +24,9 @@ def predict_logits(
     device = fit.device()
     method.to(device).eval()
     dtype = _AUTOCAST.get(fit.precision)
+    if device.type == "cpu" and dtype is torch.float16:
+        # Lightning trains '16-mixed' on a CPU as bf16-mixed (it warns so): score the same way.
+        dtype = torch.bfloat16
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     count = max(1, len(method.episodes))
     grouped = images.unflatten(0, (count, -1))  # (E, Q, 3, H, W)
