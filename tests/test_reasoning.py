@@ -774,3 +774,30 @@ def test_paper_recipes_carry_the_papers_training_settings(dataset):
     assert cfg.train.batch_size % cfg.train.micro_batch_size == 0
     assert (cfg.sarr.rounds, cfg.sarr.epochs_per_round) == (3, 3)
     assert cfg.held_out is None and cfg.data.dataset == dataset
+
+
+def test_mtct_schedule_warms_up_then_follows_the_cosine_at_every_step(micro_model):
+    """MTCT's wiring: warm-up over round(warmup_ratio · T) steps (linear, (k + 1)/W), then
+    lr · (1 + cos(π (k − W)/(T − W)))/2, stepped once per optimiser step; AdamW's decay as set."""
+    import types
+
+    total, lr = 100, 5e-4
+    module = MTCTModule(micro_model, lr=lr, weight_decay=0.01, warmup_ratio=0.03)
+    module._trainer = types.SimpleNamespace(estimated_stepping_batches=total)
+    config = module.configure_optimizers()
+    optimiser, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    assert optimiser.param_groups[0]["weight_decay"] == 0.01
+    warmup = 3  # round(0.03 · 100)
+    seen = []
+    for _ in range(total):
+        seen.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        scheduler.step()
+    expected = [
+        lr * (k + 1) / warmup
+        if k < warmup
+        else lr * (1 + math.cos(math.pi * (k - warmup) / (total - warmup))) / 2
+        for k in range(total)
+    ]
+    assert seen == pytest.approx(expected, rel=1e-9, abs=1e-15)
