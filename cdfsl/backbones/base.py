@@ -10,7 +10,6 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from cdfsl.errors import CdfslError
 from cdfsl.registry import Registry
 
 #: Resampling filters of the resize that frames an image (antialiased, as PIL's resize).
@@ -52,17 +51,14 @@ class Preprocess:
         test transform). ``interpolation`` is a key of :data:`INTERPOLATIONS`; None takes the
         model's own (``self.interpolation``).
         """
-        frame = GEOMETRIES.get(geometry)
-        if frame is None:
-            raise CdfslError(f"geometry={geometry!r}: expected one of {sorted(GEOMETRIES)}")
+        frame = GEOMETRIES.lookup(geometry, "geometry")
         name = self.interpolation if interpolation is None else interpolation
-        if name not in INTERPOLATIONS:
-            raise CdfslError(f"interpolation={name!r}: expected one of {sorted(INTERPOLATIONS)}")
+        mode = INTERPOLATIONS.lookup(name, "interpolation")
         # Framed on the PIL image, so the resize is PIL's own (torchvision's tensor resize of
         # uint8 differs from it by up to 2 levels when upsampling).
         return v2.Compose(
             [
-                *frame(self.size, INTERPOLATIONS[name]),
+                *frame(self.size, mode),
                 v2.PILToTensor(),
                 v2.ToDtype(torch.float32, scale=True),
             ]

@@ -43,12 +43,7 @@ def list_sources() -> list[str]:
 
 def get_source(name: str) -> Callable[..., LabelledImages]:
     """The builder (or ``Layout``) registered as ``name``; unknown names list the known ones."""
-    if name not in SOURCES:
-        raise DataError(
-            f"unknown dataset source {name!r}; expected one of {', '.join(list_sources())}; "
-            "fix --data.source (cdfsl data list describes them)"
-        )
-    return SOURCES[name]
+    return SOURCES.lookup(name)
 
 
 def describe_source(name: str) -> str:

@@ -265,11 +265,6 @@ COLOR_JITTERS: Registry[str, Callable[[Tensor, tuple[Tensor, Tensor, Tensor]], T
 )
 
 
-def _choice(table: Mapping[str, object], name: str, option: str) -> None:
-    if name not in table:
-        raise DataError(f"{option}={name!r}: expected one of {sorted(table)}; fix the option")
-
-
 class ViewAugmenter:
     """Applies every view to every image of a batch, each image with its own random parameters.
 
@@ -287,10 +282,10 @@ class ViewAugmenter:
         color_jitter: str = "pil_uint8",
     ) -> None:
         self.views: tuple[ViewSpec, ...] = parse_views(views)
-        _choice(ROTATION_INTERPOLATIONS, rotation_interpolation, "rotation_interpolation")
-        _choice(COLOR_JITTERS, color_jitter, "color_jitter")
-        self.rotation_mode = ROTATION_INTERPOLATIONS[rotation_interpolation]
-        self.jitter = COLOR_JITTERS[color_jitter]
+        self.rotation_mode = ROTATION_INTERPOLATIONS.lookup(
+            rotation_interpolation, "rotation_interpolation"
+        )
+        self.jitter = COLOR_JITTERS.lookup(color_jitter, "color_jitter")
 
     def __len__(self) -> int:
         return len(self.views)

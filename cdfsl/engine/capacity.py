@@ -12,8 +12,6 @@ from cdfsl.methods.base import FewShotMethod
 #: saves about 16 activations of the residual's size (norms, q/k/v, attention, MLP at 4x),
 #: 4 bytes each in fp32. An estimate for choosing E, not a measurement.
 _BYTES_PER_PROJECTED_ELEMENT = 64
-
-
 _MAX_EPISODES_PER_STEP = {"cpu": 8, "cuda": 32}
 
 

@@ -166,8 +166,7 @@ class FewShotMethod(L.LightningModule):
             raise CdfslError(f"template {template!r} has no '{{}}' for the class name")
         if view_sampling not in VIEW_SAMPLING:
             raise CdfslError(f"view_sampling={view_sampling!r}: expected one of {VIEW_SAMPLING}")
-        if geometry not in GEOMETRIES:
-            raise CdfslError(f"geometry={geometry!r}: expected one of {sorted(GEOMETRIES)}")
+        GEOMETRIES.lookup(geometry, "geometry")
         self.geometry = geometry
         if resize_interpolation not in (*INTERPOLATIONS, BACKBONE_INTERPOLATION):
             raise CdfslError(
