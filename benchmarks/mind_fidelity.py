@@ -15,7 +15,7 @@ point leaves a balanced table. With ``--target_ci``, a (domain, pair) stops taki
 paired CI95 is at most the target over at least ``--min_episodes`` (sequential stopping: the
 count it took is the table's episode column). Nothing is tuned on query accuracy.
 
-Every (domain, configuration) folder holds ``fingerprint.json`` (engine version, method
+Every (domain, configuration) folder holds ``run.json`` (engine version, method
 arguments, steps, images per class); a run whose fingerprint differs is refused, so rows of other
 defaults are never mixed. ``--compare DIR`` adds the per-episode contrast with the rows of
 another set of defaults (same protocol seed, so episode i holds the same images in both), e.g.
@@ -41,7 +41,7 @@ from cdfsl.data.micro_world import MicroWorld, list_domains
 from cdfsl.engine import ENGINE_VERSION, FitConfig
 from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.evaluation.stats import mean_ci95
-from cdfsl.evaluation.store import ResultStore, plain_json
+from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json
 from cdfsl.lora import LoRAConfig
 from cdfsl.methods import LoRAFineTune, Mind
 
@@ -138,21 +138,12 @@ def _fingerprint(args: argparse.Namespace, method: Any) -> dict[str, Any]:
 
 
 def _check_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
-    """Write ``folder/fingerprint.json``, or refuse when the rows there were made otherwise."""
-    path = folder / "fingerprint.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored != fingerprint:
-            changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
-            raise SystemExit(
-                f"{folder}: its rows were made with other settings ({', '.join(changed)}); "
-                "expected the same fingerprint.json; pass another --output"
-            )
-        return
+    """Record ``fingerprint`` in ``folder/run.json``, or refuse when the rows there were made
+    with other settings (``check_run_config``, as every evaluation output does)."""
+    if (folder / "rows.jsonl").exists() and not (folder / "run.json").exists():
+        raise SystemExit(f"{folder}: rows without run.json; move them aside first")
     folder.mkdir(parents=True, exist_ok=True)
-    if (folder / "rows.jsonl").exists():
-        raise SystemExit(f"{folder}: rows without fingerprint.json; move them aside first")
-    path.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+    check_run_config(folder, fingerprint)
 
 
 def _rows_path(output: Path, domain: str, name: str) -> Path:
