@@ -11,7 +11,7 @@ its import path, the same way everywhere.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from cdfsl.errors import CdfslError
@@ -102,10 +102,6 @@ class Registry(Mapping[K, T], Generic[K, T]):
                 f"{entry!r} is {found!r}: expected {article} {base.__name__} subclass; {self.fix}"
             )
         return found
-
-    def where(self, predicate: Callable[[K, T], bool]) -> list[K]:
-        """The keys whose entries satisfy ``predicate(key, value)``, in registration order."""
-        return [key for key, value in self._entries.items() if predicate(key, value)]
 
     def __getitem__(self, key: K) -> T:
         return self._entries[key]
