@@ -42,6 +42,7 @@ from cdfsl.registry import Registry
 
 __all__ = [
     "LORA_CONFIG_KEY",
+    "DropoutStreams",
     "LoRAAdapter",
     "LoRAConfig",
     "LoRADropout",
@@ -60,14 +61,18 @@ __all__ = [
     "register_layout",
     "reset_lora",
     "save_lora",
-    "set_lora_generators",
+    "set_lora_dropout_seeds",
     "set_num_adapters",
+    "splitmix64",
     "unmerge_lora",
     "zero_set_gradients",
 ]
 
 _PARTS = ("q", "k", "v")
 _INT64_MIN = -(2**63)
+_MASK64 = (1 << 64) - 1
+# SplitMix64's increment (the golden ratio) and output multipliers.
+_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _SCALINGS = ("rslora", "standard")
 
 #: State-dict entry holding the ``LoRAConfig`` as UTF-8 JSON bytes (a uint8 tensor).
@@ -135,16 +140,96 @@ def _kaiming_a(rank: int, in_features: int, generator: torch.Generator | None) -
     return nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
 
 
-class LoRADropout(nn.Module):
-    """Inverted dropout on grouped inputs, each group's mask from its own generator.
+def _int64(value: int) -> int:
+    """``value`` mod 2**64 as the signed int64 with the same bits."""
+    value &= _MASK64
+    return value - (1 << 64) if value >> 63 else value
 
-    ``forward(x: (E, ...), generators)`` zeroes each element with probability ``p`` in training
+
+def splitmix64(value: int) -> int:
+    """SplitMix64's output function (Steele et al., OOPSLA 2014) on a Python int, mod 2**64."""
+    z = value & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _mix64_(z: Tensor) -> Tensor:
+    """:func:`splitmix64` in place on int64 ``z``, in plain integer ops (the same on every device).
+
+    Products wrap mod 2**64 as two's complement; right shifts are made logical with a mask.
+    """
+    tmp = torch.empty_like(z)
+    for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=tmp)
+        z.bitwise_xor_(tmp.bitwise_and_((1 << (64 - shift)) - 1))
+        if mult is not None:
+            z.mul_(_int64(mult))
+    return z
+
+
+class DropoutStreams:
+    """Counter-based dropout draws for ``E`` adapter sets, one stream per set.
+
+    The mask words of set ``e`` at dropout call ``c`` (counted over all adapters, in module-call
+    order) and word ``i`` are ``splitmix64(key_e + ((c << 40) + i) * gamma)`` with
+    ``key_e = splitmix64(seeds[e])``: a SplitMix64 sequence read at positions that depend on the
+    set's seed, the call and the element alone. Draws are integer arithmetic, identical on every
+    device and for any number of sets side by side; a set's masks do not depend on the others.
+    """
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self.seeds = [int(seed) for seed in seeds]
+        self.calls = 0
+        self._keys: dict[torch.device, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def keys(self, device: torch.device) -> Tensor:
+        """``(E, 1)`` int64 stream keys on ``device`` (moved there once)."""
+        if device not in self._keys:
+            keys = [_int64(splitmix64(seed)) for seed in self.seeds]
+            self._keys[device] = torch.tensor(keys, dtype=torch.int64).view(-1, 1).to(device)
+        return self._keys[device]
+
+    def next_offset(self) -> int:
+        """The Weyl offset ``(c << 40) * gamma`` of the next call ``c``, as an int64."""
+        offset = _int64((self.calls << 40) * _GAMMA)
+        self.calls += 1
+        return offset
+
+
+_WEYL: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _weyl(words: int, device: torch.device) -> Tensor:
+    """``i * gamma`` mod 2**64 for ``i < words``, cached per size and device."""
+    key = (words, device)
+    if key not in _WEYL:
+        if len(_WEYL) > 64:
+            _WEYL.clear()
+        _WEYL[key] = torch.arange(words, dtype=torch.int64, device=device).mul_(_int64(_GAMMA))
+    return _WEYL[key]
+
+
+def dropout_words(streams: DropoutStreams, words: int, device: torch.device) -> Tensor:
+    """The next call's ``(E, words)`` int64 random words of every stream in ``streams``."""
+    offset = streams.next_offset()
+    z = torch.add(streams.keys(device), _weyl(words, device))
+    return _mix64_(z.add_(offset))
+
+
+class LoRADropout(nn.Module):
+    """Inverted dropout on grouped inputs, each group's mask from its own stream.
+
+    ``forward(x: (E, ...), streams)`` zeroes each element with probability ``p`` in training
     mode and returns ``x`` unchanged in eval mode. It does **not** rescale by ``1/(1-p)``:
     ``keep_scale`` is that factor, for the caller to fold into a later (smaller) product. The mask
-    of group ``e`` is drawn from ``generators[e]`` (the device's default generator when None) and
-    has the group's shape, so it does not depend on how many groups share the call. Masks come
-    from 16 random bits per element, so ``p`` acts rounded to a multiple of 1/65536 (exact for
-    0.25, 0.5, ...): 16-bit draws cost a quarter of ``torch.bernoulli``'s on CPU.
+    of group ``e`` comes from stream ``e`` of ``streams`` (:class:`DropoutStreams`; fresh keys
+    from torch's default CPU generator at every call when None) and has the group's shape, so it
+    does not depend on how many groups share the call. Masks come from 16 random bits per
+    element, so ``p`` acts rounded to a multiple of 1/65536 (exact for 0.25, 0.5, ...).
     """
 
     def __init__(self, p: float) -> None:
@@ -157,24 +242,20 @@ class LoRADropout(nn.Module):
         """``1 / (1 - p)``, the factor inverted dropout multiplies kept elements by."""
         return 1.0 / (1.0 - self.p)
 
-    def forward(self, x: Tensor, generators: list[torch.Generator | None] | None = None) -> Tensor:
+    def forward(self, x: Tensor, streams: DropoutStreams | None = None) -> Tensor:
         if not self.training or self.p == 0:
             return x
         groups = x.shape[0]
-        if generators is None:
-            generators = [None] * groups
-        if len(generators) != groups:
+        if streams is None:
+            seeds = torch.randint(_INT64_MIN, 2**63 - 1, (groups,), dtype=torch.int64)
+            streams = DropoutStreams(seeds.tolist())
+        if len(streams) != groups:
             raise CdfslError(
-                f"LoRA dropout with {len(generators)} generators for {groups} adapter groups: "
-                "expected one per group; call set_lora_generators with num_adapters generators"
+                f"LoRA dropout with {len(streams)} streams for {groups} adapter groups: "
+                "expected one per group; call set_lora_dropout_seeds with num_adapters seeds"
             )
         numel = x[0].numel()
-        words = torch.empty(groups, (numel + 3) // 4, dtype=torch.int64, device=x.device)
-        for row, generator in zip(words, generators, strict=True):
-            # All 64 bits random: four int16 draws per word. Plain ``random_()`` on int64 draws
-            # from [0, 2**63), whose top int16 is never negative, so one element in four was
-            # never dropped (cdfsl before engine 3).
-            row.random_(_INT64_MIN, None, generator=generator)
+        words = dropout_words(streams, (numel + 3) // 4, x.device)
         drop = words.view(torch.int16)[:, :numel] < self._threshold
         return x.masked_fill(drop.view(x.shape), 0)
 
@@ -207,8 +288,8 @@ class LoRAAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(shape_a, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.empty(shape_b, device=device, dtype=torch.float32))
         self.dropout = LoRADropout(config.dropout)
-        #: One dropout generator per adapter set (None: the device's default generator).
-        self.generators: list[torch.Generator | None] | None = None
+        #: One dropout stream per adapter set (None: fresh unseeded keys at every call).
+        self.streams: DropoutStreams | None = None
         # The pre-merge base rows, so that unmerge restores them bit-exactly ((W + d) - d != W
         # in floating point). Not persistent: merging is a runtime state, not a checkpoint.
         self.register_buffer("pre_merge_rows", None, persistent=False)
@@ -246,7 +327,7 @@ class LoRAAdapter(nn.Module):
         """
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.dtype)
-        h = self.dropout(self.grouped(x, batch_dim), self.generators)
+        h = self.dropout(self.grouped(x, batch_dim), self.streams)
         scale = self.scale
         if self.dropout.training and self.dropout.p > 0:
             scale *= self.dropout.keep_scale
@@ -285,7 +366,7 @@ class LoRAAdapter(nn.Module):
             torch.empty((num_adapters, *self.lora_B.shape[1:]), device=device),
             requires_grad=self.lora_B.requires_grad,
         )
-        self.generators = None
+        self.streams = None
         self.reset(generator=None)
 
     @torch.no_grad()
@@ -763,19 +844,21 @@ def set_num_adapters(root: nn.Module, num_adapters: int) -> None:
             adapter.resize(num_adapters)
 
 
-def set_lora_generators(root: nn.Module, generators: list[torch.Generator | None] | None) -> None:
-    """Draw set ``e``'s dropout masks from ``generators[e]`` (None: the default generator).
+def set_lora_dropout_seeds(root: nn.Module, seeds: Sequence[int] | None) -> None:
+    """Draw set ``e``'s dropout masks from a counter-based stream seeded ``seeds[e]``.
 
-    All adapters of set ``e`` share ``generators[e]`` and draw in module-call order, so an
-    episode's masks depend on its generator's seed alone, not on the other sets.
+    All adapters share one :class:`DropoutStreams` and count calls in module-call order, so an
+    episode's masks depend on its seed alone, not on the other sets or the device. None: fresh
+    unseeded draws.
     """
     n = _config(root).num_adapters
-    if generators is not None and len(generators) != n:
+    if seeds is not None and len(seeds) != n:
         raise CdfslError(
-            f"set_lora_generators with {len(generators)} generators: expected num_adapters={n}"
+            f"set_lora_dropout_seeds with {len(seeds)} seeds: expected num_adapters={n}"
         )
+    streams = None if seeds is None else DropoutStreams(seeds)
     for _, adapter in _named_adapters(root):
-        adapter.generators = None if generators is None else list(generators)
+        adapter.streams = streams
 
 
 def zero_set_gradients(root: nn.Module, sets: Sequence[int]) -> None:

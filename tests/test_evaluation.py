@@ -87,19 +87,20 @@ def test_changed_configuration_refuses_to_mix_results(four_class_folder, tmp_pat
 
 
 def test_rows_of_an_older_engine_are_refused(four_class_folder, tmp_path):
-    """Engine 2's dropout mask never dropped one element in four: its rows must not be mixed."""
+    """Engine 3 drew dropout from the device's generator (engine 2's mask never dropped one
+    element in four): their rows must not be mixed with engine 4's counter-based masks."""
     out = tmp_path / "run"
     evaluate(four_class_folder, out, episodes=1).run()
     config = json.loads((out / "run.json").read_text())
-    assert config["engine"] == 3
-    config["engine"] = 2
+    assert config["engine"] == 4
+    config["engine"] = 3
     (out / "run.json").write_text(json.dumps(config))
     with pytest.raises(CdfslError, match=r"different configuration.*engine"):
         evaluate(four_class_folder, out, episodes=1).run()
 
 
 def test_a_resume_on_another_device_is_refused(four_class_folder, tmp_path):
-    """Dropout draws (MT19937 on the CPU, Philox on CUDA) and kernels depend on the device."""
+    """Kernels and their rounding depend on the device (draws do not)."""
     out = tmp_path / "run"
     evaluate(four_class_folder, out, episodes=1).run()
     config = json.loads((out / "run.json").read_text())

@@ -13,11 +13,13 @@ from torch import nn
 from cdfsl.errors import CdfslError
 from cdfsl.lora import (
     LORA_CONFIG_KEY,
+    DropoutStreams,
     LoRAAdapter,
     LoRAConfig,
     LoRADropout,
     LoRALinear,
     LoRAMultiheadAttention,
+    dropout_words,
     inject_lora,
     load_lora,
     load_lora_state_dict,
@@ -28,6 +30,7 @@ from cdfsl.lora import (
     qkv_slices,
     reset_lora,
     save_lora,
+    splitmix64,
     unmerge_lora,
 )
 
@@ -413,17 +416,17 @@ def test_dropout_drops_every_element_at_rate_p(shape, p, groups) -> None:
     """
     draws = 3000
     dropout = LoRADropout(p).train()
-    generators = [torch.Generator().manual_seed(100 + g) for g in range(groups)]
+    streams = DropoutStreams([100 + g for g in range(groups)])
     ones = torch.ones(groups, *shape)
     dropped = torch.zeros(groups, *shape)
     for _ in range(draws):
-        dropped += dropout(ones, generators) == 0
+        dropped += dropout(ones, streams) == 0
     rate = dropped / draws
     se = math.sqrt(p * (1 - p) / draws)
     worst = (rate - p).abs().max().item()
     assert worst < 5 * se, f"a position's drop rate is {worst:.3f} from p={p} (5 SE = {5 * se:.3f})"
     # Kept elements pass unchanged: the 1/(1-p) keep-scale is the adapter's, applied once.
-    out = dropout(torch.full((groups, *shape), 3.0), generators)
+    out = dropout(torch.full((groups, *shape), 3.0), streams)
     assert set(out.unique().tolist()) <= {0.0, 3.0}
 
 
@@ -437,7 +440,7 @@ def test_adapter_update_is_unbiased_per_channel(p: float) -> None:
     with torch.no_grad():
         adapter.lora_A[0].copy_(torch.eye(width))
         adapter.lora_B[0].copy_(torch.eye(width))
-    adapter.generators = [torch.Generator().manual_seed(3)]
+    adapter.streams = DropoutStreams([3])
     x = torch.arange(1, samples * width + 1, dtype=torch.float32).view(samples, width)
     kept_value = config.scale * x / (1 - p)
     total = torch.zeros_like(x)
@@ -449,3 +452,80 @@ def test_adapter_update_is_unbiased_per_channel(p: float) -> None:
     mean = total / draws
     se = config.scale * x * math.sqrt(p / (1 - p) / draws)  # sd of scale·x·Bernoulli(1-p)/(1-p)
     assert torch.all((mean - config.scale * x).abs() < 5 * se)
+
+
+def test_splitmix64_matches_the_published_sequence() -> None:
+    """SplitMix64 seeded 1234567 (Vigna's reference ``next()``: state += gamma, then mix)."""
+    gamma, state = 0x9E3779B97F4A7C15, 1234567
+    outputs = [splitmix64(state + k * gamma) for k in range(1, 6)]
+    assert outputs == [
+        6457827717110365317,
+        3203168211198807973,
+        9817491932198370423,
+        4593380528125082431,
+        16408922859458223821,
+    ]
+
+
+def _python_word(seed: int, call: int, index: int) -> int:
+    """Word ``index`` of call ``call`` of the stream seeded ``seed``, in Python ints mod 2**64."""
+    gamma, mask = 0x9E3779B97F4A7C15, (1 << 64) - 1
+    z = (splitmix64(seed) + ((call << 40) + index) * gamma) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def _words_on(device: str, seeds: list[int], calls: int, words: int) -> list[torch.Tensor]:
+    streams = DropoutStreams(seeds)
+    return [dropout_words(streams, words, torch.device(device)).cpu() for _ in range(calls)]
+
+
+def test_dropout_words_are_splitmix64_at_the_streams_positions() -> None:
+    """The tensor words (int64 ops that wrap) equal the Python-int SplitMix64 of each position:
+    stream seed, call and word index alone decide them."""
+    seeds = [7, 2**62 + 3, 0]
+    calls = _words_on("cpu", seeds, 3, 300)
+    for c, words in enumerate(calls):
+        for e, seed in enumerate(seeds):
+            for i in (0, 1, 2, 151, 299):
+                assert int(words[e, i]) & ((1 << 64) - 1) == _python_word(seed, c, i), (c, e, i)
+
+
+def test_a_streams_masks_do_not_depend_on_its_partners() -> None:
+    """Set e's words are the same alone, first or last among other sets (any E, any position)."""
+    alone = _words_on("cpu", [11], 4, 64)
+    for seeds, e in (([11, 12, 13], 0), ([12, 11], 1), ([5, 6, 7, 11], 3)):
+        side_by_side = _words_on("cpu", seeds, 4, 64)
+        for c in range(4):
+            assert torch.equal(side_by_side[c][e], alone[c][0]), (seeds, c)
+
+
+def test_dropout_masks_are_pairwise_independent_across_calls_streams_and_elements() -> None:
+    """Joint drop rates of two calls, two streams and two neighbouring elements are p**2
+    within 5 SE per position (a Weyl offset that repeated across calls or streams would give p)."""
+    p, draws, width = 0.25, 2000, 16
+    dropout = LoRADropout(p).train()
+    ones = torch.ones(2, width)
+    pairs = {"calls": torch.zeros(width), "streams": torch.zeros(width), "neighbours": 0.0}
+    streams = DropoutStreams([1, 2])
+    for _ in range(draws):
+        first, second = dropout(ones, streams) == 0, dropout(ones, streams) == 0
+        pairs["calls"] += (first[0] & second[0]).float()
+        pairs["streams"] += (first[0] & first[1]).float()
+        pairs["neighbours"] += (first[0, :-1] & first[0, 1:]).float().mean().item()
+    se = math.sqrt(p * p * (1 - p * p) / draws)
+    for name in ("calls", "streams"):
+        worst = (pairs[name] / draws - p * p).abs().max().item()
+        assert worst < 5 * se, f"{name}: joint drop rate {worst:.3f} from p^2 (5 SE {5 * se:.3f})"
+    assert abs(pairs["neighbours"] / draws - p * p) < 5 * se
+
+
+@pytest.mark.cuda
+def test_dropout_words_are_the_same_on_cuda_and_cpu() -> None:
+    """Counter-based draws in plain integer ops: a CUDA device gives the CPU's words bit for bit."""
+    seeds = [3, 99, 2**40]
+    for cpu, cuda in zip(
+        _words_on("cpu", seeds, 3, 4099), _words_on("cuda", seeds, 3, 4099), strict=True
+    ):
+        assert torch.equal(cpu, cuda)

@@ -351,18 +351,20 @@ def test_mind_terms_rebuilt_from_recorded_features_over_the_schedule(monkeypatch
 
 
 def test_views_dropout_and_draws_use_independent_streams_of_the_episode_seed():
-    """Views and SVL draw from stream 0 of the episode's seed, LoRA dropout from stream 1: two
-    generators with different seeds, neither the other's."""
+    """Views and SVL draw from stream 0 of the episode's seed, LoRA dropout from stream 1: a
+    generator and a counter-based dropout stream with different seeds, neither the other's, one
+    dropout stream shared by every adapter."""
     from cdfsl.lora import LoRAAdapter
     from cdfsl.methods.base import stream_seed
 
     method = Mind(backbone="tiny-clip", pretrained=None, lora=LoRAConfig(rank=4))
     method.start_episodes([5, 9], [NAMES, NAMES])
     method.on_train_start()
-    adapter = next(m for m in method.backbone.modules() if isinstance(m, LoRAAdapter))
+    adapters = [m for m in method.backbone.modules() if isinstance(m, LoRAAdapter)]
+    assert len({id(adapter.streams) for adapter in adapters}) == 1
     for e, seed in enumerate((5, 9)):
-        views, dropout = method.episodes[e].generator, adapter.generators[e]
+        views, dropout = method.episodes[e].generator, adapters[0].streams.seeds[e]
         assert views.initial_seed() == stream_seed(seed, 0)
-        assert dropout.initial_seed() == stream_seed(seed, 1)
-        assert views.initial_seed() != dropout.initial_seed()
+        assert dropout == stream_seed(seed, 1)
+        assert views.initial_seed() != dropout
     assert len({stream_seed(s, k) for s in (5, 9) for k in (0, 1)}) == 4

@@ -128,9 +128,10 @@ class EpisodicEvaluator:
             "method": type(method).__name__,
             # A resumed run must not mix rows of different engines: engine 1 drew dropout from
             # the global RNG, engine 2 from per-episode streams with a mask that never dropped
-            # one element in four, engine 3 drops every element with probability p.
+            # one element in four, engine 3 from the device's generator (MT19937 / Philox),
+            # engine 4 from counter-based SplitMix64 streams, the same on every device.
             "engine": ENGINE_VERSION,
-            # Random streams and kernels differ between device types (and GPU models): rows
+            # Kernels and their rounding differ between device types (and GPU models): rows
             # made on one are not those of another, so a resume elsewhere is refused.
             "device": device_fingerprint(self.fit.device()),
             # A resumed run must not mix episodes trained with other hyper-parameters.

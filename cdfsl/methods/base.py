@@ -36,7 +36,7 @@ from cdfsl.lora import (
     inject_lora,
     mark_only_lora_trainable,
     reset_lora,
-    set_lora_generators,
+    set_lora_dropout_seeds,
     set_num_adapters,
 )
 from cdfsl.plumbing import PROMPT_TEMPLATE, plain_json
@@ -348,14 +348,12 @@ class FewShotMethod(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._require_classes()
-        device = self.device
-        dropout = []
         for episode in self.episodes:
             episode.generator = torch.Generator().manual_seed(stream_seed(episode.seed, 0))
             episode.memory, episode.views, episode.terms = {}, None, {}
-            dropout.append(torch.Generator(device).manual_seed(stream_seed(episode.seed, 1)))
         if self.lora_config is not None:
-            set_lora_generators(self.backbone.lora_root(), dropout)
+            dropout = [stream_seed(episode.seed, 1) for episode in self.episodes]
+            set_lora_dropout_seeds(self.backbone.lora_root(), dropout)
 
     def _episode_views(self, episode: EpisodeState, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.view_sampling == "per_episode" and episode.views is not None:
