@@ -19,10 +19,10 @@ Every (domain, configuration) folder holds ``run.json`` (engine version, method
 arguments, steps, images per class); a run whose fingerprint differs is refused, so rows of other
 defaults are never mixed. ``--compare DIR`` adds the per-episode contrast with the rows of
 another set of defaults (same protocol seed, so episode i holds the same images in both), e.g.
-the engine-2 rows kept in ``results/mind-fidelity-engine2``.
+the engine-3 and engine-2 rows kept in ``results/mind-fidelity-engine3`` and ``-engine2``.
 
     python benchmarks/mind_fidelity.py --episodes 64 --target_ci 1.5 --domains crop-like
-    python benchmarks/mind_fidelity.py --report --compare benchmarks/results/mind-fidelity-engine2
+    python benchmarks/mind_fidelity.py --report --compare benchmarks/results/mind-fidelity-engine3
 """
 
 from __future__ import annotations
