@@ -125,3 +125,32 @@ def test_fit_trains_on_one_device_unless_asked(folder):
         .fit
     )
     assert str(cfg.trainer.devices) == "2"  # Lightning types devices as int | str
+
+
+@pytest.mark.parametrize(
+    ("flags", "tf32", "deterministic"),
+    [([], False, False), (["--tf32", "true", "--deterministic", "true"], True, True)],
+)
+def test_fit_trains_under_the_numerics_asked_for(
+    tmp_path, folder, monkeypatch, flags, tf32, deterministic
+):
+    """``--tf32`` and ``--deterministic`` hold while ``cdfsl fit`` trains, as in ``cdfsl eval``;
+    TF32 is off otherwise, and both are restored afterwards."""
+    import lightning as L
+
+    seen = {}
+    original = L.Trainer.fit
+
+    def spy(trainer, *args, **kwargs):
+        seen["tf32"] = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        seen["deterministic"] = torch.are_deterministic_algorithms_enabled()
+        return original(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", spy)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled()
+    try:
+        fit(tmp_path, folder, "--steps", "1", *flags)
+        assert seen == {"tf32": (tf32, tf32), "deterministic": deterministic}
+        assert torch.backends.cuda.matmul.allow_tf32 == before[0]
+    finally:
+        torch.use_deterministic_algorithms(before[1])

@@ -100,7 +100,7 @@ class FitCLI(LightningCLI):
         """Train on the folder for T steps, save the adapters and class names; their folder."""
         import torch
 
-        from cdfsl.engine import check_finished, support_loader, warn_if_slow_bf16
+        from cdfsl.engine import check_finished, cuda_numerics, support_loader, warn_if_slow_bf16
         from cdfsl.lora import save_lora
         from cdfsl.plumbing import quiet_lightning, write_bytes_atomic
 
@@ -122,12 +122,17 @@ class FitCLI(LightningCLI):
             "default_root_dir": (None, str(out)),
             "enable_progress_bar": (None, cfg.progress),
             "max_steps": (-1, steps),
+            "deterministic": (None, cfg.deterministic),
         }
         overrides = {k: v for k, (default, v) in unset.items() if cfg.trainer[k] == default}
         with quiet_lightning():
             trainer = self.instantiate_trainer(**overrides)
-            warn_if_slow_bf16(trainer.precision, trainer.strategy.root_device.type)
-            trainer.fit(method, support_loader(images, labels, steps, cfg.batch_size, cfg.seed))
+            device_type = trainer.strategy.root_device.type
+            warn_if_slow_bf16(trainer.precision, device_type)
+            deterministic = bool(overrides.get("deterministic", cfg.trainer.deterministic))
+            with cuda_numerics(cfg.tf32, deterministic, device_type):
+                loader = support_loader(images, labels, steps, cfg.batch_size, cfg.seed)
+                trainer.fit(method, loader)
         check_finished(trainer, steps)
         if trainer.is_global_zero:  # ranks hold the same adapters: one writes them
             out.mkdir(parents=True, exist_ok=True)

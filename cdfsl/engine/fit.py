@@ -266,9 +266,7 @@ def _fit(
     method: FewShotMethod, loader: DataLoader, steps: int, fit: FitConfig, device: torch.device,
     callbacks: list[L.Callback] | None,
 ) -> None:  # fmt: skip
-    if fit.deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    with quiet_lightning(), tf32_allowed(fit.tf32):
+    with quiet_lightning(), cuda_numerics(fit.tf32, fit.deterministic, device.type):
         trainer = L.Trainer(
             accelerator=device.type,
             # devices=1 would be cuda:0 for every rank of a launcher.
@@ -298,6 +296,16 @@ def tf32_allowed(allowed: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@contextmanager
+def cuda_numerics(tf32: bool, deterministic: bool, device_type: str) -> Iterator[None]:
+    """TF32 as asked inside the block; with ``deterministic`` on CUDA, the cuBLAS workspace
+    setting deterministic matmuls need (set before the first cuBLAS call, kept afterwards)."""
+    if deterministic and device_type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    with tf32_allowed(tf32):
+        yield
 
 
 def warn_if_slow_bf16(precision: str | int | None, device_type: str) -> None:
