@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,29 @@ def test_fit_trains_on_one_device_unless_asked(folder):
         .fit
     )
     assert str(cfg.trainer.devices) == "2"  # Lightning types devices as int | str
+
+
+def test_fit_on_two_devices_trains_what_one_trains(tmp_path, folder):
+    """Asked for two devices (CPU ranks under DDP), every rank runs all T steps on the whole
+    set with the same seeded draws: the saved adapters are the one-device adapters, bit for bit,
+    and one rank writes and prints them."""
+    import subprocess
+    import sys
+
+    one = fit(tmp_path, folder, "--steps", "2", name="one")
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable, "-m", "cdfsl.cli", "fit", *FLAGS, "--data.root", str(folder),
+        "--output", str(two), "--steps", "2", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("adapters:") == 1
+    expected, saved = adapters(one), adapters(two)
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
 
 
 @pytest.mark.parametrize(

@@ -96,8 +96,9 @@ class FitCLI(LightningCLI):
         self.model = self.config_init.method
         self.datamodule = None  # the support set is one in-memory tensor, see fit_support_set
 
-    def fit_support_set(self) -> Path:
-        """Train on the folder for T steps, save the adapters and class names; their folder."""
+    def fit_support_set(self) -> Path | None:
+        """Train on the folder for T steps, save the adapters and class names; their folder
+        (None on ranks other than 0 of a multi-device fit, which save nothing)."""
         import torch
 
         from cdfsl.engine import check_finished, cuda_numerics, support_loader, warn_if_slow_bf16
@@ -134,11 +135,12 @@ class FitCLI(LightningCLI):
                 loader = support_loader(images, labels, steps, cfg.batch_size, cfg.seed)
                 trainer.fit(method, loader)
         check_finished(trainer, steps)
-        if trainer.is_global_zero:  # ranks hold the same adapters: one writes them
-            out.mkdir(parents=True, exist_ok=True)
-            save_lora(method.backbone.lora_root(), out / "adapter.safetensors")
-            classes = json.dumps(dataset.class_names, indent=2) + "\n"
-            write_bytes_atomic(out / "classes.json", classes.encode())
+        if not trainer.is_global_zero:  # ranks hold the same adapters: rank 0 writes them
+            return None
+        out.mkdir(parents=True, exist_ok=True)
+        save_lora(method.backbone.lora_root(), out / "adapter.safetensors")
+        classes = json.dumps(dataset.class_names, indent=2) + "\n"
+        write_bytes_atomic(out / "classes.json", classes.encode())
         return out
 
 
@@ -146,4 +148,5 @@ def run(cfg: Namespace) -> None:
     config = cfg.clone()
     config.pop("config", None)
     out = FitCLI(config).fit_support_set()
-    print(f"adapters: {out / 'adapter.safetensors'}  classes: {out / 'classes.json'}")
+    if out is not None:
+        print(f"adapters: {out / 'adapter.safetensors'}  classes: {out / 'classes.json'}")
