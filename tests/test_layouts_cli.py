@@ -52,7 +52,8 @@ def test_data_list_names_every_source(capsys):
     code, out, _ = run(capsys, "data", "list")
     assert code == 0
     assert [line.split()[0] for line in out.splitlines()] == list_sources()
-    assert len(list_sources()) == 1 + 4 + 11 + 5 + 2  # folder, CDFSL, FSL, DomainBed, mnist, micro
+    # folder, CDFSL, FSL, DomainBed, mnist, idx, micro
+    assert len(list_sources()) == 1 + 4 + 11 + 5 + 3
 
 
 @pytest.mark.parametrize("source", REPLICAS)

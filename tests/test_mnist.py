@@ -1,12 +1,13 @@
 """The mnist source reads hand-written IDX files (the format, not a download)."""
 
 import gzip
+import json
 import struct
 
 import numpy as np
 import pytest
 
-from cdfsl.data import DataConfig, build_dataset
+from cdfsl.data import DataConfig, build_dataset, validate_source
 from cdfsl.errors import DataError
 
 
@@ -64,3 +65,71 @@ def test_missing_truncated_and_mismatched_files_are_named(tmp_path):
         build_dataset(DataConfig("mnist", str(tmp_path)))
     with pytest.raises(DataError, match="splits"):
         build_dataset(DataConfig("mnist", str(tmp_path), options={"split": "val"}))
+
+
+FASHION = ["T-shirt/top", "trouser", "pullover"]
+
+
+def _fashion(root, names=FASHION, n=6, size=8):
+    """A tiny Fashion-MNIST-like test split in root: ``n`` size x size images, labels 0..2."""
+    images = np.arange(n * size * size).reshape(n, size, size) % 199
+    _write(root, "t10k", images, np.arange(n) % 3)
+    names_file = root / "names.json"
+    names_file.write_text(json.dumps(names))
+    return names_file
+
+
+def test_idx_source_names_each_label_from_a_list_or_an_object(tmp_path):
+    names_file = _fashion(tmp_path)
+    images = build_dataset(DataConfig("idx", str(tmp_path), str(names_file)))
+    assert images.class_names == FASHION and images.classes == ["0", "1", "2"]
+    assert images.targets == [0, 1, 2, 0, 1, 2]
+    assert images.load(4).size == (8, 8) and images.sample_id(4) == "test/4"
+    assert images.load(4).getpixel((1, 2)) == ((4 * 64 + 2 * 8 + 1) % 199,) * 3
+    keyed = tmp_path / "keyed.json"
+    keyed.write_text(json.dumps({"2": "pullover", "0": "T-shirt/top", "1": "trouser"}))
+    assert build_dataset(DataConfig("idx", str(tmp_path), str(keyed))).class_names == FASHION
+    report = validate_source(DataConfig("idx", str(tmp_path), str(names_file)))
+    assert report.ok and report.classes == ["0", "1", "2"] and report.class_names == FASHION
+
+
+@pytest.mark.parametrize("names", [FASHION[:2], [*FASHION, "dress"]])
+def test_idx_names_of_another_count_name_both_files_and_the_count(tmp_path, names):
+    names_file = _fashion(tmp_path, names)
+    labels = tmp_path / "t10k-labels-idx1-ubyte"
+    with pytest.raises(DataError) as err:
+        build_dataset(DataConfig("idx", str(tmp_path), str(names_file)))
+    assert str(err.value) == (
+        f"{names_file}: {len(names)} class names, but {labels} holds labels 0..2; expected 3 "
+        "names, one per label in label order; fix the names file (is it another dataset's?)"
+    )
+
+
+def test_idx_refuses_missing_repeated_and_misnumbered_names(tmp_path):
+    names_file = _fashion(tmp_path, ["a", "b", "a"])
+    with pytest.raises(DataError, match=r"expected --data.class_names FILE"):
+        build_dataset(DataConfig("idx", str(tmp_path)))
+    with pytest.raises(DataError, match="the name 'a' is given to several labels"):
+        build_dataset(DataConfig("idx", str(tmp_path), str(names_file)))
+    names_file.write_text(json.dumps({"0": "a", "1": "b", "3": "c"}))
+    with pytest.raises(DataError, match=r"keys \['0', '1', '3'\] are not the labels 0..2"):
+        build_dataset(DataConfig("idx", str(tmp_path), str(names_file)))
+    names_file.write_text(json.dumps(["a", "", "c"]))
+    with pytest.raises(DataError, match="with non-empty names"):
+        build_dataset(DataConfig("idx", str(tmp_path), str(names_file)))
+    names_file.write_text("[oops")
+    with pytest.raises(DataError, match=r"names.json: cannot be read"):
+        build_dataset(DataConfig("idx", str(tmp_path), str(names_file)))
+
+
+def test_mnist_keeps_its_digits_and_points_other_idx_data_to_idx(tmp_path):
+    images, labels = _digits(3)
+    _write(tmp_path, "t10k", images, labels)  # only the digits 0..2: a subset is fine
+    assert build_dataset(DataConfig("mnist", str(tmp_path))).class_names == list("0123456789")
+    with pytest.raises(
+        DataError, match=r"drop it, or read another IDX dataset .* --data.source idx"
+    ):
+        build_dataset(DataConfig("mnist", str(tmp_path), "names.json"))
+    _write(tmp_path, "t10k", images, np.array([0, 10, 1]))
+    with pytest.raises(DataError, match=r"label 10 outside 0..9; .* --data.source idx"):
+        build_dataset(DataConfig("mnist", str(tmp_path)))
