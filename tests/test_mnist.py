@@ -1,31 +1,14 @@
 """The mnist source reads hand-written IDX files (the format, not a download)."""
 
-import gzip
 import json
-import struct
 
 import numpy as np
 import pytest
+from idxgen import FASHION, idx_bytes, write_fashion_like
+from idxgen import write_idx_split as _write
 
 from cdfsl.data import DataConfig, build_dataset, validate_source
 from cdfsl.errors import DataError
-
-
-def _idx(magic: int, array: np.ndarray) -> bytes:
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", n) for n in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def _write(folder, prefix, images, labels, gz=False):
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, blob in (
-        (f"{prefix}-images-idx3-ubyte", _idx(0x803, images)),
-        (f"{prefix}-labels-idx1-ubyte", _idx(0x801, labels)),
-    ):
-        if gz:
-            (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
-        else:
-            (folder / name).write_bytes(blob)
 
 
 def _digits(n):
@@ -56,31 +39,19 @@ def test_missing_truncated_and_mismatched_files_are_named(tmp_path):
     _write(tmp_path, "t10k", images, labels[:3])
     with pytest.raises(DataError, match="3 labels for 4 images"):
         build_dataset(DataConfig("mnist", str(tmp_path)))
-    blob = _idx(0x803, images)
+    blob = idx_bytes(0x803, images)
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(blob[:-10])
     with pytest.raises(DataError, match=r"header says \(4, 28, 28\) .*truncated"):
         build_dataset(DataConfig("mnist", str(tmp_path)))
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx(0x801, images))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(0x801, images))
     with pytest.raises(DataError, match="not an MNIST IDX file"):
         build_dataset(DataConfig("mnist", str(tmp_path)))
     with pytest.raises(DataError, match="splits"):
         build_dataset(DataConfig("mnist", str(tmp_path), options={"split": "val"}))
 
 
-FASHION = ["T-shirt/top", "trouser", "pullover"]
-
-
-def _fashion(root, names=FASHION, n=6, size=8):
-    """A tiny Fashion-MNIST-like test split in root: ``n`` size x size images, labels 0..2."""
-    images = np.arange(n * size * size).reshape(n, size, size) % 199
-    _write(root, "t10k", images, np.arange(n) % 3)
-    names_file = root / "names.json"
-    names_file.write_text(json.dumps(names))
-    return names_file
-
-
 def test_idx_source_names_each_label_from_a_list_or_an_object(tmp_path):
-    names_file = _fashion(tmp_path)
+    names_file = write_fashion_like(tmp_path)
     images = build_dataset(DataConfig("idx", str(tmp_path), str(names_file)))
     assert images.class_names == FASHION and images.classes == ["0", "1", "2"]
     assert images.targets == [0, 1, 2, 0, 1, 2]
@@ -95,7 +66,7 @@ def test_idx_source_names_each_label_from_a_list_or_an_object(tmp_path):
 
 @pytest.mark.parametrize("names", [FASHION[:2], [*FASHION, "dress"]])
 def test_idx_names_of_another_count_name_both_files_and_the_count(tmp_path, names):
-    names_file = _fashion(tmp_path, names)
+    names_file = write_fashion_like(tmp_path, names)
     labels = tmp_path / "t10k-labels-idx1-ubyte"
     with pytest.raises(DataError) as err:
         build_dataset(DataConfig("idx", str(tmp_path), str(names_file)))
@@ -106,7 +77,7 @@ def test_idx_names_of_another_count_name_both_files_and_the_count(tmp_path, name
 
 
 def test_idx_refuses_missing_repeated_and_misnumbered_names(tmp_path):
-    names_file = _fashion(tmp_path, ["a", "b", "a"])
+    names_file = write_fashion_like(tmp_path, ["a", "b", "a"])
     with pytest.raises(DataError, match=r"expected --data.class_names FILE"):
         build_dataset(DataConfig("idx", str(tmp_path)))
     with pytest.raises(DataError, match="the name 'a' is given to several labels"):
