@@ -1,18 +1,27 @@
 """``cdfsl data``: check a dataset folder against its layout, or list the layouts.
 
-    cdfsl data check NAME ROOT [--options JSON] [--class_names FILE] [--decode true]
+    cdfsl data check NAME ROOT [--options JSON] [--class_names FILE] [--decode false]
+                     [--workers N] [--progress false]
     cdfsl data list
 
 ``check`` prints the images per class and split, notes and every problem (the file, what was
-expected, the fix) and exits non-zero if there is any; ``--decode true`` also opens every image.
-``cdfsl eval`` runs the same checks before training (they are part of building the dataset).
+expected, the fix) and exits non-zero if there is any. Once the listing is sound it decodes every
+image as a run reads it, on ``--workers`` threads (default: every available core), and names
+each one that fails; ``--decode false`` stops after the listing. ``cdfsl eval`` runs the same
+listing checks before training (they are part of building the dataset), but decodes an image
+only when an episode draws it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+import warnings
+from typing import TYPE_CHECKING, Any, Literal
 
 from jsonargparse import ArgumentParser, Namespace
+
+if TYPE_CHECKING:
+    from cdfsl.data.layout import Problem
 
 NAME = "data"
 HELP = "check a dataset folder against a layout (data check NAME ROOT) or list layouts"
@@ -28,7 +37,13 @@ def configure(parser: ArgumentParser) -> None:
         "--options", type=dict[str, Any], default={}, help='source options, e.g. {"split": "val"}'
     )
     parser.add_argument("--class_names", type=str | None, default=None, help="names JSON file")
-    parser.add_argument("--decode", type=bool, default=False, help="also open every image")
+    parser.add_argument(
+        "--decode", type=bool, default=True, help="decode every image (false: list files only)"
+    )
+    parser.add_argument(
+        "--workers", type=int | None, default=None, help="decoding threads (default: all cores)"
+    )
+    parser.add_argument("--progress", type=bool, default=True, help="show a decoding progress bar")
 
 
 def _list() -> None:
@@ -40,29 +55,25 @@ def _list() -> None:
         print(f"{name:<{width}}  {describe_source(name)}")
 
 
-def _decode_problems(config: Any) -> list[str]:
-    """The message of every image of every split that cannot be opened."""
-    from tqdm.auto import tqdm
-
+def _unreadable(
+    config: Any, notes: list[str], workers: int | None, progress: bool
+) -> list[Problem]:
+    """A ``Problem`` for every image of every split of ``config`` that cannot be decoded."""
+    from cdfsl.data.decode import unreadable_images
     from cdfsl.data.layout import Layout
     from cdfsl.data.sources import build_dataset, get_source
-    from cdfsl.errors import DataError
 
     source = get_source(config.source)
-    if isinstance(source, Layout):
-        splits = source.splits(config.root, config.class_names, **config.options)
-        datasets = list(splits.values())
-    else:
-        datasets = [build_dataset(config)]
-    # Splits may overlap (a DomainBed train split holds the domains); open each file once.
-    todo = {ds.sample_id(i): (ds, i) for ds in datasets for i in range(len(ds))}
-    failures = []
-    for dataset, index in tqdm(todo.values(), desc="decoding", unit="img"):
-        try:
-            dataset.load(index)
-        except DataError as err:
-            failures.append(str(err))
-    return failures
+    with warnings.catch_warnings():
+        # Building warns the report's notes again; they are printed once, with the report.
+        for note in notes:
+            warnings.filterwarnings("ignore", message=re.escape(note))
+        if isinstance(source, Layout):
+            splits = source.splits(config.root, config.class_names, **config.options)
+            datasets = list(splits.values())
+        else:
+            datasets = [build_dataset(config)]
+    return unreadable_images(datasets, workers, progress)
 
 
 def run(cfg: Namespace) -> None:
@@ -82,8 +93,7 @@ def run(cfg: Namespace) -> None:
     check_source_options(config, "--options")
     report = validate_source(config)
     if cfg.decode and report.ok:
-        for message in _decode_problems(config):
-            report.add("", message, "", "")
+        report.problems.extend(_unreadable(config, report.notes, cfg.workers, cfg.progress))
     print(report.format())
     if not report.ok:
         raise DataError(

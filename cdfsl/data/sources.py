@@ -3,10 +3,10 @@
 The layouts ``folder`` (``cdfsl.data.folder``: one sub-folder per class), those of
 ``cdfsl.data.cdfsl_targets`` (the BSCD-FSL targets), ``cdfsl.data.fsl`` (the eleven CoOp
 datasets) and ``cdfsl.data.domainbed`` are registered under their names, beside the generated
-``micro`` world and ``mnist``. A source that is a ``Layout`` also validates a folder without
-building (``validate_source``: what ``cdfsl data check`` prints) and, if it has train / test
-splits, lists them (``build_splits``); ``build_dataset`` runs the same checks and raises
-``DataError`` before any training starts.
+``micro`` world, ``mnist`` and ``idx`` (any IDX dataset, named by a class-names file). A source
+that is a ``Layout`` also validates a folder without building (``validate_source``: what
+``cdfsl data check`` prints) and, if it has train / test splits, lists them (``build_splits``);
+``build_dataset`` runs the same checks and raises ``DataError`` before any training starts.
 """
 
 from __future__ import annotations
@@ -125,8 +125,24 @@ def _mnist(root: str | None, class_names: str | None = None, split: str = "test"
     from cdfsl.data.mnist import Mnist
 
     if class_names is not None:
-        raise DataError("mnist's class names are the digits 0..9; drop --data.class_names")
+        raise DataError(
+            "mnist's class names are the digits 0..9: expected no --data.class_names; drop it, "
+            "or read another IDX dataset (Fashion-MNIST, KMNIST) with --data.source idx"
+        )
     return Mnist(root, split)
+
+
+@register_source("idx")
+def _idx(root: str | None, class_names: str | None = None, split: str = "test") -> LabelledImages:
+    """IDX files (Fashion-MNIST, KMNIST, ...) in root, named by class_names (split: train, test)."""
+    from cdfsl.data.mnist import IdxImages
+
+    if class_names is None:
+        raise DataError(
+            "source 'idx' has no class names of its own: expected --data.class_names FILE, a "
+            'JSON list of names in label order (["T-shirt/top", "trouser", ...]); pass it'
+        )
+    return IdxImages(root, class_names, split)
 
 
 @register_source("micro")
