@@ -23,7 +23,7 @@ __all__ = ["Registry", "import_class_path"]
 
 
 def import_class_path(path: str, expected: str, example: str) -> Any:
-    """The object a recipe's dotted ``class_path`` names (``module.Class``).
+    """The object a recipe's dotted ``class_path`` names (``module.Class``, ``module.ROW``).
 
     ``expected`` and ``example`` name what it should be, for the error when it is not found.
     """
@@ -32,8 +32,8 @@ def import_class_path(path: str, expected: str, example: str) -> Any:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as err:
         raise CdfslError(
-            f"class_path {path!r}: expected an importable {expected} class such as "
-            f"{example}; fix the dotted path"
+            f"class_path {path!r}: expected an importable {expected} such as {example}; fix the "
+            "dotted path"
         ) from err
 
 
@@ -94,7 +94,7 @@ class Registry(Mapping[K, T], Generic[K, T]):
             return self._entries[entry]  # type: ignore[index]
         if "." not in entry:
             return self.lookup(entry)  # type: ignore[arg-type]
-        expected = base.__name__ if base is not None else self.kind
+        expected = f"{base.__name__} class" if base is not None else self.kind
         found = import_class_path(entry, expected, example or f"one of {self.names()}")
         if base is not None and not (isinstance(found, type) and issubclass(found, base)):
             article = "an" if base.__name__[:1] in "AEIOUX" else "a"

@@ -742,22 +742,31 @@ def test_domainbed_folds_file_teacher_and_requests(tmp_path, capsys):
         teacher_chains(TeacherConfig(kind="template"), fold)
 
 
-def test_a_new_variant_is_one_row_of_the_table(tmp_path, capsys, monkeypatch):
-    """Worked example: a variant that weighs the label twice the chain is one Variant row."""
-    from types import MappingProxyType
-
+def test_a_new_variant_is_one_file_named_by_its_path(tmp_path, capsys, monkeypatch):
+    """Worked example: a variant that weighs the label twice the chain is one Variant row in a
+    file of one's own, named in ``--variants`` by its dotted path, run through ``cdfsl reason``."""
     from cdfsl.reasoning import experiment
 
-    row = experiment.Variant("Label-heavy MTCT", "mtct", "reason", weights=(2.0, 1.0))
-    monkeypatch.setattr(
-        experiment, "VARIANTS", MappingProxyType({**experiment.VARIANTS, "label-heavy": row})
+    (tmp_path / "my_variants.py").write_text(
+        "from cdfsl.reasoning.experiment import Variant\n"
+        "LABEL_HEAVY = Variant('Label-heavy MTCT', 'mtct', 'reason', weights=(2.0, 1.0))\n"
+        "NOT_A_ROW = 3\n"
     )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(experiment, "VARIANTS", experiment.Registry("variant", experiment.VARIANTS))
     out_dir = tmp_path / "run"
-    args = ["reason", "--config", RECIPE, *TINY_RUN, "--variants", "[label-heavy]"]
+    args = ["reason", "--config", RECIPE, *TINY_RUN, "--variants", "[my_variants.LABEL_HEAVY]"]
     assert main([*args, "--output", str(out_dir)]) == 0
     assert "| Label-heavy MTCT | q_reason → CONCLUSION | " in capsys.readouterr().out
-    result = json.loads((out_dir / "fold-aerial" / "label-heavy" / "result.json").read_text())
-    assert result["train"]["steps"] > 0
+    fold = out_dir / "fold-aerial" / "my_variants.LABEL_HEAVY"
+    assert json.loads((fold / "result.json").read_text())["train"]["steps"] > 0
+    for entry, message in (
+        ("my_variants.NOT_A_ROW", "expected a cdfsl.reasoning.experiment.Variant row"),
+        ("my_variants.MISSING", "expected an importable Variant row"),
+        ("label-heavy", "variants='label-heavy': expected one of"),
+    ):
+        with pytest.raises(CdfslError, match=message):
+            experiment.variant_row(entry)
 
 
 @pytest.mark.parametrize("dataset", ["pacs", "vlcs", "office-home", "terra-incognita"])

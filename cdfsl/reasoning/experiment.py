@@ -54,7 +54,7 @@ from cdfsl.reasoning.mtct import (
 )
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt, teacher_prompt
 from cdfsl.reasoning.sarr import SARRConfig, SARRRunner
-from cdfsl.registry import Registry
+from cdfsl.registry import Registry, import_class_path
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,28 @@ VARIANTS: Registry[str, Variant] = Registry(
     },
 )
 """The variants ``cdfsl reason`` runs, by name, in table order."""
+
+
+def variant_row(entry: str) -> Variant:
+    """The variant a recipe's ``variants`` entry names: a key of :data:`VARIANTS`, or the
+    dotted path of a :class:`Variant` defined anywhere (``my_variants.LABEL_HEAVY``), which is
+    registered under that path on first use."""
+    if entry in VARIANTS or "." not in entry:
+        return VARIANTS.lookup(entry, "variants")
+    row = import_class_path(entry, "Variant row", "cdfsl.reasoning.experiment.VARIANTS' rows")
+    if not isinstance(row, Variant):
+        raise CdfslError(
+            f"variants entry {entry!r} is {row!r}: expected a cdfsl.reasoning.experiment.Variant"
+            " row; define one, e.g. LABEL_HEAVY = Variant('Label-heavy', 'mtct', 'reason')"
+        )
+    if row.training not in ReasonRun.TRAINING:
+        raise CdfslError(
+            f"variant {entry!r} trains by {row.training!r}: expected one of "
+            f"{list(ReasonRun.TRAINING)}; fix its `training`"
+        )
+    return VARIANTS.register(entry, row)
+
+
 MICRO_DOMAINS = ["photo", "cartoon", "dermoscopy", "aerial"]
 
 
@@ -335,9 +357,10 @@ class ReasonRun:
     def __init__(self, config: ReasonConfig) -> None:
         self.config = config
         self.output = Path(config.output)
-        unknown = [v for v in config.variants if v not in VARIANTS]
-        if unknown or not config.variants:
+        if not config.variants:
             raise CdfslError(f"variants {config.variants}; expected some of {list(VARIANTS)}")
+        for variant in config.variants:
+            variant_row(variant)
         for variant, mode in config.answer.items():
             if variant not in VARIANTS or mode not in ANSWER_MODES:
                 raise CdfslError(

@@ -34,7 +34,7 @@ def build_split(spec: Mapping[str, Any], data_root: str | None = None) -> Labell
     if "class_path" in spec:
         path = str(spec.pop("class_path"))
         init_args = dict(spec.pop("init_args", None) or {})
-        cls = import_class_path(path, "LabelledImages", "cdfsl.data.micro_world.MicroWorld")
+        cls = import_class_path(path, "LabelledImages class", "cdfsl.data.micro_world.MicroWorld")
         if spec:
             raise CdfslError(
                 f"split with class_path {path!r} has extra keys {sorted(spec)}: expected only "
