@@ -98,7 +98,7 @@ class TipAdapterF(TipAdapter):
     default weight decay 0.01) with a cosine schedule over all steps updates the keys.
 
     Args (beyond :class:`TipAdapter`): epochs (``train_epoch``), lr, eps, weight_decay,
-    batch_size.
+    batch_size. ``augment_epochs: 0`` also trains every epoch on the clean support features.
     """
 
     def __init__(
@@ -134,7 +134,10 @@ class TipAdapterF(TipAdapter):
         generator = self.draw_generator(episode)
         # One fresh augmented pass per epoch, encoded together (views never depend on the keys).
         views = [self.augment_epochs + epoch for epoch in range(self.epochs)]
-        passes = self.view_features(episode, images, views, self.crop_scale)
+        if self.augment_epochs:
+            passes = self.view_features(episode, images, views, self.crop_scale)
+        else:  # no augmented views anywhere: every epoch trains on the clean features
+            passes = support.features.expand(self.epochs, -1, -1)
         losses = []
         with torch.enable_grad():
             for feats in passes:
