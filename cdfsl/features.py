@@ -219,3 +219,91 @@ class FeatureCache:
         else:
             self.hits += 1
         return entry["features"]
+
+
+class FramedRows:
+    """Rows ``indices`` of ``dataset``, each framed to the model's input size by ``to_tensor``.
+
+    A ``LabelledImages`` whose images are ``to_tensor``'s output as 8-bit RGB (exact: framed
+    tensors are ``uint8 / 255``), so :func:`encode_images` feeds the encoder the pixels a method
+    would; ``framing`` names ``to_tensor`` (geometry, filter, size) for the cache key.
+    """
+
+    def __init__(
+        self,
+        dataset: LabelledImages,
+        indices: Sequence[int],
+        to_tensor: Any,
+        framing: Mapping[str, Any],
+    ) -> None:
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+        self.to_tensor, self.framing = to_tensor, dict(framing)
+
+    @property
+    def targets(self) -> list[int]:
+        full = self.dataset.targets
+        return [int(full[i]) for i in self.indices]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.dataset.class_names)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> Any:
+        from PIL import Image
+
+        framed = self.to_tensor(self.dataset.load(self.indices[index]))
+        pixels = framed.mul(255).round_().to(torch.uint8).permute(1, 2, 0).contiguous()
+        return Image.fromarray(pixels.numpy(), "RGB")
+
+    def sample_id(self, index: int) -> str:
+        return self.dataset.sample_id(self.indices[index])
+
+
+class EpisodeFeatures:
+    """Clean features of the dataset images a run touches, looked up by dataset index.
+
+    Built once per (backbone weights, dataset, the touched rows, framing) through a
+    :class:`FeatureCache`, so every episode, method and rerun over the same images reads the same
+    stored entry instead of encoding them again.
+    """
+
+    def __init__(self, features: ImageFeatures, indices: Sequence[int], size: int) -> None:
+        self.entry = features
+        self._row = torch.full((size,), -1, dtype=torch.long)
+        self._row[torch.as_tensor(list(indices), dtype=torch.long)] = torch.arange(len(indices))
+
+    @classmethod
+    def build(
+        cls,
+        cache: FeatureCache,
+        backbone: Backbone,
+        dataset: LabelledImages,
+        indices: Sequence[int],
+        to_tensor: Any,
+        framing: Mapping[str, Any],
+        progress: bool = True,
+    ) -> EpisodeFeatures:
+        """Encode (or read back) the rows ``indices`` of ``dataset`` framed by ``to_tensor``."""
+        touched = sorted({int(i) for i in indices})
+        if not touched:
+            raise CdfslError("no images to encode: expected the indices of at least one episode")
+        rows = FramedRows(dataset, touched, to_tensor, framing)
+        entry = cache.image_features(
+            backbone, rows, identity={"framing": rows.framing, "rows": "episode images"},
+            progress=progress, desc="episode features",
+        )  # fmt: skip
+        return cls(entry, touched, len(dataset))
+
+    def __call__(self, indices: Sequence[int]) -> Tensor:
+        """``(len(indices), D)`` features of dataset rows ``indices``."""
+        rows = self._row[torch.as_tensor(list(indices), dtype=torch.long)]
+        if bool((rows < 0).any()):
+            missing = [int(i) for i, r in zip(indices, rows.tolist(), strict=True) if r < 0]
+            raise CdfslError(
+                f"dataset rows {missing[:5]} were not encoded: expected only the images of the "
+                "episodes the features were built for; rebuild EpisodeFeatures with them"
+            )
+        return self.entry.features[rows]

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from cdfsl.data.base import LabelledImages
-from cdfsl.data.episodes import EpisodeManifest, EpisodeSampler, load_episode, manifest_lines
+from cdfsl.data.episodes import (
+    Episode,
+    EpisodeIndices,
+    EpisodeManifest,
+    EpisodeSampler,
+    load_episode,
+    manifest_lines,
+)
 from cdfsl.engine import (
     ENGINE_VERSION,
     FitConfig,
@@ -38,7 +45,9 @@ from cdfsl.evaluation.progress import RowProgress
 from cdfsl.evaluation.shards import Shard
 from cdfsl.evaluation.stats import mean_ci95
 from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, write_json_atomic
+from cdfsl.features import EpisodeFeatures, FeatureCache
 from cdfsl.methods.base import FewShotMethod
+from cdfsl.methods.frozen import FrozenFeatureMethod, SupportSet
 
 
 @dataclass
@@ -141,6 +150,7 @@ class EpisodicEvaluator:
             **(config or {}),
         }
         self.progress = progress
+        self._features: EpisodeFeatures | None = None
         self.sampler: EpisodeSampler | EpisodeManifest
         if manifest is None:
             self.sampler = EpisodeSampler(
@@ -187,30 +197,40 @@ class EpisodicEvaluator:
         """
         start = time.perf_counter()
         method = self.method
-        to_tensor = method.to_tensor()
-        episodes = [
-            load_episode(self.dataset, self.sampler.episode(i), to_tensor, self._class_names(i))
-            for i in indices
-        ]
         seeds = [self._episode_seed(i) for i in indices]
-        method.to(self.fit.device())
-        method.start_episodes(seeds, [episode.class_names for episode in episodes])
-        steps, guard = 0, NonFiniteGuard()
-        if method.trainable:
-            steps = self.fit.total_steps(self.protocol.k_shot)
-            images = torch.cat([episode.support_images for episode in episodes])
-            labels = torch.cat([episode.support_labels for episode in episodes])
-            fit_episode(method, images, labels, steps, self.fit, [*(callbacks or ()), guard])
-        queries = torch.cat([episode.query_images for episode in episodes])
-        logits = predict_logits(method, queries, self.fit).chunk(len(episodes))
+        guard = NonFiniteGuard()
+        if isinstance(method, FrozenFeatureMethod):
+            episodes, logits, steps = self._fit_frozen(method, indices, seeds)
+        else:
+            to_tensor = method.to_tensor()
+            episodes = [
+                load_episode(self.dataset, self.sampler.episode(i), to_tensor, self._class_names(i))
+                for i in indices
+            ]
+            method.to(self.fit.device())
+            method.start_episodes(seeds, [episode.class_names for episode in episodes])
+            steps = [0] * len(indices)
+            if method.trainable:
+                steps = [self.fit.total_steps(self.protocol.k_shot)] * len(indices)
+                images = torch.cat([episode.support_images for episode in episodes])
+                labels = torch.cat([episode.support_labels for episode in episodes])
+                fit_episode(method, images, labels, steps[0], self.fit, [*(callbacks or ()), guard])
+            queries = torch.cat([episode.query_images for episode in episodes])
+            logits = predict_logits(method, queries, self.fit).chunk(len(episodes))
         seconds = round((time.perf_counter() - start) / len(episodes), 4)
         rows = []
         for position, (index, episode) in enumerate(zip(indices, episodes, strict=True)):
             terms = method.episode_terms(position) if method.trainable else {}
+            if isinstance(method, FrozenFeatureMethod):
+                terms = method.episode_terms(position)
             failure = guard.failures.get(position)
             if failure is None and not bool(torch.isfinite(logits[position]).all()):
-                failure = {"step": steps, "term": "query_logits", "non_finite": ["query_logits"]}
-                failure["terms"] = failure_record(steps, terms)["terms"]
+                failure = {
+                    "step": steps[position],
+                    "term": "query_logits",
+                    "non_finite": ["query_logits"],
+                }
+                failure["terms"] = failure_record(steps[position], terms)["terms"]
             row: dict[str, Any] = {
                 "episode": index,
                 "seed": seeds[position],
@@ -218,7 +238,7 @@ class EpisodicEvaluator:
                 "support_ids": list(episode.support_ids),
                 "query_ids": list(episode.query_ids),
                 "status": "ok",
-                "steps": steps,
+                "steps": steps[position],
                 "seconds": seconds,
                 "terms": terms,
             }  # fmt: skip
@@ -230,6 +250,45 @@ class EpisodicEvaluator:
                 row["failure"] = failure
             rows.append(row)
         return rows
+
+    def _fit_frozen(
+        self, method: FrozenFeatureMethod, indices: Sequence[int], seeds: Sequence[int]
+    ) -> tuple[list[Episode], list[torch.Tensor], list[int]]:
+        """Fit and score a frozen-feature method's episodes on cached features: no images are
+        framed or encoded but the support views the method draws."""
+        if self._features is None:
+            # Every image of every episode of the protocol, whichever share this process runs:
+            # shards, ranks and reruns then read one cache entry.
+            touched = [
+                j
+                for e in map(self.sampler.episode, range(self.protocol.episodes))
+                for j in (*e.support, *e.query)
+            ]
+            size = list(method.backbone.preprocess.size)
+            framing = {"geometry": method.geometry, "interpolation": method.resize_interpolation,
+                       "size": size}  # fmt: skip
+            self._features = EpisodeFeatures.build(
+                FeatureCache(), method.backbone, self.dataset, touched, method.to_tensor(),
+                framing, self.progress,
+            )  # fmt: skip
+        parts = [self.sampler.episode(i) for i in indices]
+        episodes = [_imageless_episode(self.dataset, e, self._class_names(e.index)) for e in parts]
+        method.to(self.fit.device())
+        method.start_episodes(seeds, [episode.class_names for episode in episodes])
+        supports = [
+            SupportSet(
+                self._features(e.support), episode.support_labels,
+                functools.partial(lambda rows: [self.dataset.load(j) for j in rows], e.support),
+            )
+            for e, episode in zip(parts, episodes, strict=True)
+        ]  # fmt: skip
+        steps = method.fit_episodes(supports)
+        with torch.no_grad():
+            logits = [
+                method.predict_features(self._features(e.query).to(method.device), state).cpu()
+                for e, state in zip(parts, method.episodes, strict=True)
+            ]
+        return episodes, logits, steps
 
     def run_episode(self, index: int, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
         """Fit and score episode ``index`` alone; returns its result row (not stored)."""
@@ -311,6 +370,27 @@ class EpisodicEvaluator:
         summary = summarize_rows(self.store.rows(), self.config)
         write_json_atomic(self.output_dir / "summary.json", summary)
         return summary
+
+
+def _imageless_episode(
+    dataset: LabelledImages, indices: EpisodeIndices, class_names: Sequence[str] | None
+) -> Episode:
+    """An episode's labels, class names and sample ids as :func:`load_episode` gives them, its
+    image tensors empty: a frozen-feature method reads cached features instead."""
+    empty = torch.empty(0)
+    names = dataset.class_names
+    return Episode(
+        support_images=empty,
+        support_labels=torch.tensor(indices.support_labels, dtype=torch.long),
+        query_images=empty,
+        query_labels=torch.tensor(indices.query_labels, dtype=torch.long),
+        class_names=(
+            list(class_names) if class_names is not None else [names[c] for c in indices.class_ids]
+        ),
+        support_ids=tuple(dataset.sample_id(i) for i in indices.support),
+        query_ids=tuple(dataset.sample_id(i) for i in indices.query),
+        index=indices.index,
+    )
 
 
 def check_manifest(manifest: EpisodeManifest, protocol: EpisodeProtocol) -> None:
