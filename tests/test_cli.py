@@ -6,6 +6,7 @@ from imagegen import make_image_folder
 
 from cdfsl.assets import find_recipe
 from cdfsl.cli import build_parser, main
+from recipes import RECIPES, command_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes/tiny/mind.yaml")
@@ -15,16 +16,6 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-# Recipes that are not `cdfsl eval` recipes, by path prefix under recipes/, and their command.
-OTHER_COMMANDS = {"micro/demo": "demo", "rail/": "rail", "rd_mldg/": "reason"}
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
-
-
-def command_of(recipe: Path) -> str:
-    rel = recipe.relative_to(ROOT / "recipes").as_posix()
-    return next((cmd for prefix, cmd in OTHER_COMMANDS.items() if rel.startswith(prefix)), "eval")
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(ROOT).as_posix())

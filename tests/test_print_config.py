@@ -13,22 +13,15 @@ import pytest
 import yaml
 
 from cdfsl.cli import build_parser, main
+from recipes import RECIPES, command_of
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
-# Recipes that are not `cdfsl eval` recipes, by path prefix under recipes/, and their command.
-OTHER_COMMANDS = {"micro/demo": "demo", "rail/": "rail", "rd_mldg/": "reason"}
 # Commands that read eval recipes too, each tried on a random-init and a paper recipe.
 EVAL_RECIPE_COMMANDS = [
     (command, ROOT / "recipes" / recipe)
     for command in ("fit", "allway")
     for recipe in ("tiny/mind.yaml", "clip-vit-b16/mind.yaml")
 ]
-
-
-def command_of(recipe: Path) -> str:
-    rel = recipe.relative_to(ROOT / "recipes").as_posix()
-    return next((cmd for prefix, cmd in OTHER_COMMANDS.items() if rel.startswith(prefix)), "eval")
 
 
 def parsed(command: str, args: list[str]) -> dict:
