@@ -446,8 +446,9 @@ def test_a_run_prompts_mnist_and_eurosat_with_the_references_names(tmp_path):
     ],
 )
 def test_bad_configs_name_the_input(tmp_path, overrides, message):
+    rest = {k: v for k, v in overrides.items() if k != "methods"}  # the parameter stays whole
     with pytest.raises(CdfslError, match=message):
-        XTailRun(_config(tmp_path, overrides.pop("methods", ["primal"]), **overrides))
+        XTailRun(_config(tmp_path, overrides.get("methods", ["primal"]), **rest))
 
 
 def test_split_specs_are_checked():
