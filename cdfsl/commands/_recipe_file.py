@@ -16,12 +16,14 @@ a recipe's defaults before resolving them and reads ``{chestx: 125}`` as YAML, n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from jsonargparse import ActionConfigFile, set_parsing_settings
 
 from cdfsl.assets import find_recipe
 from cdfsl.errors import CdfslError
+from cdfsl.registry import Registry
 
 #: jsonargparse's parser mode for recipes: OmegaConf interpolation over the merged config.
 PARSER_MODE = "omegaconf+"
@@ -47,8 +49,8 @@ def pick(key: Any, table: dict, default: Any = _NO_DEFAULT, *, _node_: Any = Non
     )
 
 
-#: OmegaConf resolvers a recipe may call, by name.
-RESOLVERS = {"cdfsl.pick": pick}
+RESOLVERS: Registry[str, Callable[..., Any]] = Registry("recipe resolver", {"cdfsl.pick": pick})
+"""OmegaConf resolvers a recipe may call, by name."""
 
 
 def configure_recipe_reading() -> None:

@@ -25,7 +25,10 @@ from torch.nn import functional as F
 from cdfsl.errors import CdfslError
 from cdfsl.registry import Registry
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES: Registry[str, torch.dtype] = Registry(
+    "dtype", {"float32": torch.float32, "float64": torch.float64}, fix="pass float64"
+)
+"""The solver dtypes a recipe may name."""
 
 
 def _uniform_fan_in(generator: torch.Generator, in_dim: int, hidden: int) -> Tensor:
@@ -62,9 +65,7 @@ name -> fn(generator, in_dim, hidden). ``uniform_fan_in`` is the reference's."""
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise CdfslError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}; pass float64")
-    return _DTYPES[dtype]
+    return DTYPES.lookup(dtype)
 
 
 def _check_features(features: Tensor, in_dim: int | None) -> None:
