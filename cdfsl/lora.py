@@ -861,8 +861,17 @@ def set_lora_dropout_seeds(root: nn.Module, seeds: Sequence[int] | None) -> None
         adapter.streams = streams
 
 
-def zero_set_gradients(root: nn.Module, sets: Sequence[int]) -> None:
-    """Zero the gradients of adapter sets ``sets`` under ``root`` (the others keep theirs)."""
+def zero_set_gradients(root: nn.Module, sets: Sequence[int] | Tensor) -> None:
+    """Zero the gradients of adapter sets ``sets`` under ``root`` (the others keep theirs).
+
+    ``sets``: set indices, or a boolean ``(E,)`` tensor on the adapters' device (no host sync).
+    """
+    if isinstance(sets, Tensor):
+        for _, adapter in _named_adapters(root):
+            for param in (adapter.lora_A, adapter.lora_B):
+                if param.grad is not None:
+                    param.grad.masked_fill_(sets.view(-1, *[1] * (param.grad.dim() - 1)), 0)
+        return
     index = list(sets)
     for _, adapter in _named_adapters(root):
         for param in (adapter.lora_A, adapter.lora_B):

@@ -175,3 +175,67 @@ def test_16_mixed_rows_are_the_rows_of_one_episode_at_a_time(four_class_folder, 
     assert all(row.get("status", "ok") == "ok" for row in rows.values())
     alone = EpisodicEvaluator(method, folder, protocol, tmp_path / "alone", fp16)
     assert_same_rows({1: alone.run_episodes([1])[0]}, {1: rows[1]})
+
+
+# Ops that make the host wait for a GPU: a scalar read (item, bool, float, int), and ops whose
+# output size depends on the data (boolean indexing goes through nonzero).
+SYNC_OPS = {
+    "_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive",
+    "masked_select", "bincount", "repeat_interleave",
+}  # fmt: skip
+
+
+class SyncCounter:
+    """Counts the sync ops dispatched inside the engine's fit, except AdamW's reads of its step
+    counters: those live on the CPU on every device (``capturable=False``), so they never wait
+    for a GPU."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, fit):
+        import traceback
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.__name__.split(".")[0] in SYNC_OPS:
+                    # The frame that issued the op (Lightning runs the whole training step inside
+                    # optimizer.step's closure, so only the innermost frame tells).
+                    frames = traceback.extract_stack()[:-1]
+                    caller = next(f for f in reversed(frames) if "/torch/_" not in f.filename)
+                    if "torch/optim/" not in caller.filename:
+                        counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        def counted(*args, **kwargs):
+            with Mode():
+                return fit(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize(
+    ("cls", "extra"), [(Mind, {}), (LoRAFineTune, {}), (Mind, {"support": "shared"})]
+)
+def test_a_training_step_makes_no_host_sync(cls, extra, four_class_folder, tmp_path, monkeypatch):
+    """The step's metrics (alignment terms), the class coverage check and the non-finite guard
+    read nothing back from the device: a longer fit adds no sync. (On a GPU each would stall the
+    queue once per episode per step.)"""
+    from cdfsl.engine import fit as engine_fit
+
+    counts = []
+    for steps in (2, 6):
+        counter = SyncCounter()
+        monkeypatch.setattr(engine_fit, "_fit", counter(engine_fit.__dict__["_fit"]))
+        method = build(cls, **extra)
+        fit = FitConfig(steps=steps, precision="32-true", accelerator="cpu", episodes_per_step=2)
+        protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=2, seed=0)
+        folder = ImageFolder(four_class_folder)
+        EpisodicEvaluator(method, folder, protocol, tmp_path / f"{steps}", fit).run()
+        monkeypatch.undo()
+        counts.append(counter.count)
+    assert counts[0] == counts[1], f"{counts[1] - counts[0]} syncs in 4 more steps"

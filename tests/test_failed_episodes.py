@@ -20,7 +20,7 @@ from cdfsl.evaluation import (
     mean_ci95,
     summary_table,
 )
-from cdfsl.lora import LoRAConfig
+from cdfsl.lora import LoRAConfig, lora_state_dict
 from cdfsl.methods import LoRAFineTune, ZeroShot
 
 FIT = FitConfig(steps=5, precision="32-true", accelerator="cpu")
@@ -93,6 +93,11 @@ def test_a_nan_episode_fails_alone_and_leaves_its_group_unchanged(four_class_fol
     for group in ([0, 1, 2, 3, 4], [4, 2, 0]):
         for row in run.run_episodes(group):
             same_row(alone[row["episode"]], row)
+    # The guard stops the failed episode only: its partners' adapters trained (B left zero).
+    root = run.method.backbone.lora_root()
+    for position in (0, 2):  # episodes 4 and 0 of the last group
+        trained = lora_state_dict(root, adapter_index=position)
+        assert any(v.abs().sum() > 0 for k, v in trained.items() if k.endswith("lora_B")), position
     # Rows are valid JSON (no NaN literals).
     json.loads(json.dumps(failed, allow_nan=False))
 

@@ -181,31 +181,71 @@ class NonFiniteGuard(L.Callback):
     gradients are zeroed, so nothing non-finite enters AdamW's state. Adapter set ``e`` gets
     its gradient from episode ``e``'s loss alone, so the other episodes' rows do not change.
     Once every episode has failed, training stops (``all_failed``).
+
+    No host sync a step: the gradients are masked on the device, and each step's finite flags
+    are read on the host one step later (and at the end of training), when the device has long
+    computed them; so training stops one step after the last episode fails.
     """
 
     def __init__(self) -> None:
         self.failures: dict[int, dict[str, Any]] = {}
         self.all_failed = False
+        self._failed: Tensor | None = None
+        self._pending: _StepCheck | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.failures, self.all_failed = {}, False
+        self.failures, self.all_failed, self._failed, self._pending = {}, False, None, None
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
         episodes = pl_module.episodes
-        losses = torch.stack([episode.terms["loss"] for episode in episodes])
-        if not bool(torch.isfinite(losses).all()):  # one device sync a step
-            for e, episode in enumerate(episodes):
-                if e not in self.failures and not bool(torch.isfinite(episode.terms["loss"])):
-                    self.failures[e] = failure_record(
-                        trainer.global_step, pl_module.episode_terms(e)
-                    )
-        if not self.failures:
+        finite = torch.isfinite(torch.stack([episode.terms["loss"] for episode in episodes]))
+        self._collect(trainer, pl_module)
+        self._failed = ~finite if self._failed is None else self._failed | ~finite
+        zero_set_gradients(pl_module, self._failed)
+        self._pending = _StepCheck.taken(trainer.global_step, finite, pl_module.terms_snapshot())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._collect(trainer, pl_module)
+
+    def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the episodes the pending step's flags show failed for the first time."""
+        check, self._pending = self._pending, None
+        if check is None:
             return
-        zero_set_gradients(pl_module, list(self.failures))
-        if len(self.failures) == len(episodes):
+        for e, ok in enumerate(check.finite()):
+            if not ok and e not in self.failures:
+                terms = pl_module.episode_terms(e, check.snapshot[e])
+                self.failures[e] = failure_record(check.step, terms)
+        if self.failures and len(self.failures) == len(pl_module.episodes):
             self.all_failed = trainer.should_stop = True
+
+
+@dataclass
+class _StepCheck:
+    """One step's finite flags on their way to the host, and that step's terms."""
+
+    step: int
+    flags: Tensor
+    event: Any
+    snapshot: list[Any]
+
+    @classmethod
+    def taken(cls, step: int, finite: Tensor, snapshot: list[Any]) -> _StepCheck:
+        event = None
+        if finite.device.type == "cuda":
+            flags = finite.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            flags = finite.clone()
+        return cls(int(step), flags, event, snapshot)
+
+    def finite(self) -> list[bool]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.flags.tolist()
 
 
 def failure_record(step: int, terms: Mapping[str, float]) -> dict[str, Any]:

@@ -71,9 +71,12 @@ class EpisodeState:
 
     ``text_feats: (N, D)`` its classifier; ``generator`` its views and method draws (SVL
     prototypes); ``memory`` the method's state across steps (Mind's previous A_v);
-    ``terms`` the last step's loss terms and metrics (detached scalars); ``support`` this
-    step's separately forwarded clean support features ``(S, D)`` and labels, when the method
-    asks for them (:attr:`FewShotMethod.forwards_support`).
+    ``terms`` the last step's loss terms (detached scalars); ``analysis`` that step's detached
+    features, labels and clean support, from which :meth:`FewShotMethod.episode_terms` computes
+    the alignment metrics when asked (the only consumer of most steps' metrics is the last
+    step's row, and computing them syncs the device); ``support`` this step's separately
+    forwarded clean support features ``(S, D)`` and labels, when the method asks for them
+    (:attr:`FewShotMethod.forwards_support`).
     """
 
     seed: int
@@ -83,6 +86,7 @@ class EpisodeState:
     memory: dict[str, Any] = field(default_factory=dict)
     views: tuple[Tensor, Tensor] | None = None
     terms: dict[str, Tensor] = field(default_factory=dict)
+    analysis: tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor] | None = None
     support: tuple[Tensor, Tensor] | None = None
 
 
@@ -286,9 +290,24 @@ class FewShotMethod(L.LightningModule):
         """The single episode's loss terms and metrics of the last training step."""
         return self.episode_terms(0) if len(self.episodes) == 1 else {}
 
-    def episode_terms(self, index: int) -> dict[str, float]:
-        """Episode ``index``'s loss terms and metrics of the last training step."""
-        return {key: float(value) for key, value in self.episodes[index].terms.items()}
+    def episode_terms(
+        self, index: int, snapshot: tuple[dict[str, Tensor], Any] | None = None
+    ) -> dict[str, float]:
+        """Episode ``index``'s loss terms and metrics of the last training step, or of the step
+        whose :meth:`terms_snapshot` entry ``snapshot`` is."""
+        episode = self.episodes[index]
+        terms, analysis = snapshot or (episode.terms, episode.analysis)
+        if analysis is not None:
+            with torch.no_grad():
+                terms = {**terms, **self._alignment_terms(*analysis, episode)}
+            if snapshot is None:
+                episode.terms, episode.analysis = terms, None
+        return {key: float(value) for key, value in terms.items()}
+
+    def terms_snapshot(self) -> list[tuple[dict[str, Tensor], Any]]:
+        """Each episode's terms of this step, as :meth:`episode_terms` reads them later (a few
+        references: nothing is computed or copied)."""
+        return [(episode.terms, episode.analysis) for episode in self.episodes]
 
     def _require_classes(self) -> None:
         if not self.episodes:
@@ -350,7 +369,7 @@ class FewShotMethod(L.LightningModule):
         self._require_classes()
         for episode in self.episodes:
             episode.generator = torch.Generator().manual_seed(stream_seed(episode.seed, 0))
-            episode.memory, episode.views, episode.terms = {}, None, {}
+            episode.memory, episode.views, episode.terms, episode.analysis = {}, None, {}, None
         if self.lora_config is not None:
             dropout = [stream_seed(episode.seed, 1) for episode in self.episodes]
             set_lora_dropout_seeds(self.backbone.lora_root(), dropout)
@@ -391,18 +410,22 @@ class FewShotMethod(L.LightningModule):
         ]
         flat = [part for parts in inputs for part in parts]
         feats = iter(self.image_features(torch.cat(flat)).split([len(t) for t in flat]))
+        # A logger reads every step's metrics; without one only the last step's row does.
+        eager = self._trainer is not None and bool(self._trainer.loggers)
         total = 0.0
-        for episode, (_, y), (_, support_y), ids in zip(
-            self.episodes, groups, clean, view_ids, strict=True
+        for index, (episode, (_, y), (_, support_y), ids) in enumerate(
+            zip(self.episodes, groups, clean, view_ids, strict=True)
         ):
             f = next(feats)
             if self.forwards_support:
                 episode.support = (next(feats), support_y)
             terms = self.loss_terms(f, y, ids, episode)
-            with torch.no_grad():
-                terms.update(self._alignment_terms(f, y, ids, episode))
+            separate = None if episode.support is None else episode.support[0].detach()
+            episode.analysis = (f.detach(), y, ids, separate, support_y)
             episode.terms = {key: value.detach() for key, value in terms.items()}
             episode.support = None
+            if eager:
+                self.episode_terms(index)
             total = total + terms["loss"]
         for key in self.episodes[0].terms:
             mean = torch.stack([ep.terms[key] for ep in self.episodes]).mean()
@@ -419,16 +442,25 @@ class FewShotMethod(L.LightningModule):
         """
         if episode.support is not None:
             return episode.support
+        return self._clean_support(feats, labels, view_ids)
+
+    def _clean_support(
+        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         rows = self.clean_rows(view_ids)
         return (feats, labels) if rows is None else (feats[rows], labels[rows])
 
     def _alignment_terms(
-        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, episode: EpisodeState
-    ) -> dict[str, Tensor]:
+        self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, separate: Tensor | None,
+        separate_labels: Tensor, episode: EpisodeState,
+    ) -> dict[str, Tensor]:  # fmt: skip
         """The paper's analysis quantities for one episode's step (the Mind paper's analysis).
 
-        The split of L_vlm needs every class's prototype v_c, so a mini-batch that misses a
-        class (``FitConfig.batch_size``) logs the alignment metrics without it.
+        ``feats``/``labels``/``view_ids``: the step's rows; ``separate``: the separately
+        forwarded clean support features (labels ``separate_labels``), or None when the clean
+        support is among the rows (:meth:`support_features`). The split of L_vlm needs every
+        class's prototype v_c, so a mini-batch that misses a class (``FitConfig.batch_size``)
+        has the alignment metrics without it.
         """
         text = episode.text_feats
         terms = {
@@ -436,7 +468,10 @@ class FewShotMethod(L.LightningModule):
             "intra_inter_gap": alignment.intra_inter_cosine_gap(feats, labels),
             "image_text_margin": alignment.image_text_margin(feats, text, labels),
         }
-        support, support_labels = self.support_features(feats, labels, view_ids, episode)
+        if separate is not None:
+            support, support_labels = separate, separate_labels
+        else:
+            support, support_labels = self._clean_support(feats, labels, view_ids)
         if len(torch.unique(support_labels)) == len(text):
             prototypes = losses.class_prototypes(support.detach(), support_labels, len(text))
             terms.update(losses.vlm_decomposition(feats, text, labels, prototypes, self.scale))
