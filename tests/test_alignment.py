@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -82,6 +83,34 @@ def test_image_text_margin_takes_max_over_other_classes():
     assert margin.item() == pytest.approx((-0.2 + 1.0) / 2)
 
 
+def test_image_text_margin_with_exactly_two_classes():
+    feats = torch.tensor([[0.6, 0.8, 0.0], [0.6, 0.8, 0.0]])
+    texts = torch.tensor([E1, E2])
+    # Image 0 (class 0): 0.6 - 0.8 = -0.2. Image 1 (class 1): 0.8 - 0.6 = 0.2.
+    assert image_text_margin(feats, texts, torch.tensor([0, 0])).item() == pytest.approx(-0.2)
+    assert image_text_margin(feats, texts, torch.tensor([0, 1])).item() == pytest.approx(0.0)
+
+
 def test_image_text_margin_needs_two_classes():
-    with pytest.raises(CdfslError, match="2 classes"):
+    message = (
+        "image_text_margin: 1 text feature(s); expected >= 2 classes (the margin compares each "
+        "image's own class to the others)"
+    )
+    with pytest.raises(CdfslError, match=re.escape(message)):
         image_text_margin(torch.tensor([E1]), torch.tensor([E1]), torch.tensor([0]))
+
+
+def test_metrics_of_cpu_tensors_under_a_non_cpu_default_device():
+    # torch.set_default_device("cuda") in a user's script must not move the metrics' own
+    # tensors (masks, row indices) away from the inputs' device; the answers are the CPU ones.
+    feats = torch.tensor([E1, E2, E1])
+    labels = torch.tensor([0, 0, 1])
+    texts = torch.tensor([E1, E2, E3])
+    with torch.device("meta"):
+        gap = intra_inter_cosine_gap(feats, labels)
+        margin = image_text_margin(feats, texts, labels)
+    assert gap.device == margin.device == torch.device("cpu")
+    # Same-class pair (0,1): 0; different-class (0,2): 1, (1,2): 0 -> gap 0 - 0.5.
+    assert gap.item() == pytest.approx(-0.5)
+    # Own cosines 1, 0, 0; best others 0, 1, 1 -> margins 1, -1, -1.
+    assert margin.item() == pytest.approx(-1 / 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -119,6 +120,55 @@ def test_draw_is_reproducible_and_rejects_empty():
         draw_random_prototypes(4, 0)
 
 
+def test_draw_accepts_a_single_image_and_a_single_class():
+    # The bounds are >= 1, not >= 2: one image fills every slot; one class gets one slot.
+    assert draw_random_prototypes(1, 4, torch.Generator().manual_seed(0)).tolist() == [0] * 4
+    one = draw_random_prototypes(5, 1, torch.Generator().manual_seed(0))
+    assert one.shape == (1,)
+    assert 0 <= one.item() < 5
+
+
+def test_draw_without_generator_is_on_the_cpu():
+    torch.manual_seed(0)
+    index = draw_random_prototypes(5, 200)
+    assert index.device == torch.device("cpu")
+    assert index.dtype == torch.int64
+    assert all(0 <= i < 5 for i in index.tolist())
+
+
+def test_draw_ignores_a_non_cpu_default_device():
+    # Documented: the draw lands on the generator's device (CPU without one), whatever torch's
+    # default device is (torch.set_default_device("cuda") in a user's script).
+    expected = draw_random_prototypes(6, 4, torch.Generator().manual_seed(2)).tolist()
+    with torch.device("meta"):
+        seeded = draw_random_prototypes(6, 4, torch.Generator().manual_seed(2))
+        unseeded = draw_random_prototypes(6, 4)
+    assert seeded.device == unseeded.device == torch.device("cpu")
+    assert seeded.tolist() == expected
+
+
+def test_draw_lands_on_the_generators_device():
+    # A CUDA generator is the real case (test_svl_cuda_generator_with_cpu_features); a generator
+    # that reports the meta device stands in for it on a CPU-only machine.
+    class ElsewhereGenerator(torch.Generator):
+        @property
+        def device(self) -> torch.device:
+            return torch.device("meta")
+
+    index = draw_random_prototypes(6, 3, ElsewhereGenerator())
+    assert index.device == torch.device("meta")
+    assert index.shape == (3,)
+
+
+def test_draw_error_names_both_counts_and_the_bound():
+    message = (
+        "draw_random_prototypes: num_images=0, num_classes=5; expected both >= 1 (pass a "
+        "non-empty batch and the episode's class count)"
+    )
+    with pytest.raises(CdfslError, match=re.escape(message)):
+        draw_random_prototypes(0, 5)
+
+
 def test_svl_gradient_matches_finite_differences():
     feats = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     feats.requires_grad_(True)
@@ -167,6 +217,20 @@ def test_svl_cpu_generator_with_cuda_features():
         feats, labels, 3, 10.0, generator=torch.Generator().manual_seed(5)
     )
     assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.cuda
+def test_svl_cuda_generator_with_cpu_features():
+    # The index is drawn on the generator's device and moved to the features' device.
+    gen = torch.Generator(device="cuda")
+    index = draw_random_prototypes(3, 2, gen.manual_seed(6))
+    assert index.device.type == "cuda"
+    expected = _manual_ce(FEATS, [FEATS[j] for j in index.tolist()], [0, 1, 1], 3.0)
+    loss = suppressed_visual_cross_entropy(
+        torch.tensor(FEATS), torch.tensor([0, 1, 1]), 2, 3.0, generator=gen.manual_seed(6)
+    )
+    assert loss.device.type == "cpu"
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,11 +313,23 @@ def test_row_softmax_kl_hand_case_and_direction():
     assert kl_qp != pytest.approx(kl_pq, rel=1e-3)  # the direction is observable
 
 
+def test_row_softmax_kl_names_its_softmax_dimension():
+    # No "implicit dimension choice" deprecation warning from torch: the rows are dim 1.
+    a_v = torch.tensor([[0.0, math.log(2.0)], [0.3, 0.3]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        relation_alignment(a_v, torch.zeros(2, 2), divergence="row_softmax_kl")
+
+
 def test_divergence_registry_and_errors():
     assert set(DIVERGENCES) == {"log_target_kl", "row_softmax_kl"}
     with pytest.raises(CdfslError, match=r"'cosine'.*log_target_kl.*row_softmax_kl"):
         relation_alignment(torch.zeros(2, 2), torch.zeros(2, 2), divergence="cosine")
-    with pytest.raises(CdfslError, match="differ"):
+    message = (
+        "relation_alignment: visual_relation (2, 2) and fusion_target (2, 3) differ; build both "
+        "over the same (image, support) index pairs"
+    )
+    with pytest.raises(CdfslError, match=re.escape(message)):
         relation_alignment(torch.zeros(2, 2), torch.zeros(2, 3))
 
 
@@ -321,6 +397,29 @@ def test_class_prototypes_are_normalised_class_means_by_hand():
         class_prototypes(torch.tensor(FEATS), torch.tensor([0, 0, 0]), 2)
 
 
+def test_class_prototypes_keep_float64():
+    # Same hand case in float64, exact to rounding: the sums take the features' dtype.
+    feats = torch.tensor(FEATS, dtype=torch.float64)
+    protos = class_prototypes(feats, torch.tensor([0, 0, 1]), 2)
+    assert protos.dtype == torch.float64
+    r = 1 / math.sqrt(2)
+    assert protos.flatten().tolist() == pytest.approx([r, r, 0.6, 0.8], abs=1e-15)
+
+
+@pytest.mark.cuda
+def test_class_prototypes_stay_on_the_features_device():
+    # The sums start on torch's default device and move to the features' device.
+    feats = torch.tensor(FEATS, device="cuda")
+    protos = class_prototypes(feats, torch.tensor([0, 0, 1], device="cuda"), 2)
+    assert protos.device.type == "cuda"
+    r = 1 / math.sqrt(2)
+    assert protos.flatten().tolist() == pytest.approx([r, r, 0.6, 0.8], abs=1e-6)
+    with torch.device("cuda"):  # CPU features under a CUDA default device stay on the CPU
+        protos = class_prototypes(feats.cpu(), torch.tensor([0, 0, 1], device="cpu"), 2)
+    assert protos.device.type == "cpu"
+    assert protos.flatten().tolist() == pytest.approx([r, r, 0.6, 0.8], abs=1e-6)
+
+
 def test_visual_and_cross_modal_terms_sum_to_the_vlm_logits_by_hand():
     # f = e1, v_0 = e1, v_1 = e2, t_0 = (0.6, 0.8), t_1 = e2, s = 10:
     # visual s·f·v = (10, 0); cross s·f·(t - v) = (10·(0.6 - 1), 0) = (-4, 0); sum (6, 0) = s·f·t.
@@ -362,3 +461,36 @@ def test_vlm_decomposition_splits_the_loss_exactly_and_its_gradients_match_autog
         other = (7.0 * feats @ text.T - term(feats)).detach()
         nn.functional.cross_entropy(term(f) + other, labels).backward()
         assert torch.allclose(parts[key], f.grad.norm(), rtol=1e-5), key
+
+
+def test_vlm_decomposition_float64_scale_and_a_non_cpu_default_device():
+    # M = 3 images, s = 0.1 (neither exact in float32): f = e1, e2, e1 with labels 0, 1, 1;
+    # V = [e1, e2], T = [e1, e2] so G = 0. Visual logits a_i = s·(f_i·v_c), cross-modal b = 0.
+    s, m = 0.1, 3
+    f = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    labels = [0, 1, 1]
+    eye = [[1.0, 0.0], [0.0, 1.0]]
+    visual, entropy, residual = 0.0, 0.0, []
+    for row, y in zip(f, labels, strict=True):
+        a = [s * _dot(row, v) for v in eye]
+        z = sum(math.exp(x) for x in a)
+        p = [math.exp(x) / z for x in a]
+        visual += sum(pc * ac for pc, ac in zip(p, a, strict=True)) - a[y]
+        entropy -= sum(pc * math.log(pc) for pc in p)
+        residual.append([pc - (c == y) for c, pc in enumerate(p)])
+    # ∂CE/∂F through a: s/M · (P - Y) V with V = I, so its norm is s/M · ‖P - Y‖.
+    grad = s / m * math.sqrt(sum(x * x for r in residual for x in r))
+    args = (torch.tensor(f, dtype=torch.float64), torch.tensor(eye, dtype=torch.float64))
+    parts = vlm_decomposition(*args, torch.tensor(labels), args[1], s)
+    assert parts["grad_visual"].dtype == torch.float64
+    assert parts["grad_visual"].item() == pytest.approx(grad, rel=1e-13)
+    assert parts["grad_cross_modal"].item() == 0.0
+    assert parts["vlm_visual"].item() == pytest.approx(visual / m, rel=1e-13)
+    assert parts["vlm_cross_modal"].item() == 0.0
+    assert parts["vlm_entropy"].item() == pytest.approx(entropy / m, rel=1e-13)
+    # CPU inputs under a non-CPU default device (torch.set_default_device) give the same parts.
+    with torch.device("meta"):
+        moved = vlm_decomposition(*args, torch.tensor(labels, device="cpu"), args[1], s)
+    for key in ("vlm_visual", "vlm_cross_modal", "vlm_entropy"):
+        assert moved[key].device == torch.device("cpu"), key
+        assert moved[key].item() == pytest.approx(parts[key].item(), rel=1e-13), key
