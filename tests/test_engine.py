@@ -239,3 +239,13 @@ def test_a_training_step_makes_no_host_sync(cls, extra, four_class_folder, tmp_p
         monkeypatch.undo()
         counts.append(counter.count)
     assert counts[0] == counts[1], f"{counts[1] - counts[0]} syncs in 4 more steps"
+
+
+def test_the_model_stays_on_its_device_between_groups(four_class_folder, tmp_path, monkeypatch):
+    """Lightning's teardown would move the whole model to the CPU after every group's fit, and
+    scoring would move it back: on a GPU, two copies of the backbone per group."""
+    method = build(Mind)
+    moves = []
+    monkeypatch.setattr(method, "cpu", lambda: moves.append("cpu") or method)
+    rows_by_groups(method, four_class_folder, tmp_path, [[0, 1], [2, 3]])
+    assert moves == []

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -277,6 +278,8 @@ def fit_episode(
         )
     _check_scaler_episodes(fit.precision, len(method.episodes))
     warn_if_slow_bf16(fit.precision, device.type)
+    # On the device once: Lightning's per-step transfer of each batch is then a no-op.
+    images, labels = images.to(device), labels.to(device)
     loader = support_loader(images, labels, steps, fit.batch_size, getattr(method, "seed", 0))
     # Lightning keeps the mode it finds; a model left in eval() by scoring would train without
     # LoRA dropout.
@@ -309,8 +312,7 @@ def _fit(
     with quiet_lightning(), cuda_numerics(fit.tf32, fit.deterministic, device.type):
         trainer = L.Trainer(
             accelerator=device.type,
-            # devices=1 would be cuda:0 for every rank of a launcher.
-            devices=[device.index] if device.index is not None else 1,
+            strategy=_StayOnDevice(device),  # the exact device, cuda:k of a launcher rank too
             precision=fit.precision,
             deterministic=fit.deterministic,
             max_steps=steps,
@@ -324,6 +326,25 @@ def _fit(
     all_failed = any(isinstance(c, NonFiniteGuard) and c.all_failed for c in callbacks or ())
     if not all_failed:
         check_finished(trainer, steps)
+
+
+class _StayOnDevice(SingleDeviceStrategy):
+    """Lightning's one-device strategy, except that its teardown leaves the model where it is.
+
+    Lightning moves the model (the whole backbone) to the CPU when ``fit`` ends; the evaluator
+    scores and trains the next group on the same device, so that is two copies of the backbone
+    per group for nothing. The optimiser, whose state Lightning would move too, goes with its
+    Trainer.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device=device)
+
+    def teardown(self) -> None:
+        self.precision_plugin.teardown()
+        assert self.accelerator is not None
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
 
 @contextmanager
