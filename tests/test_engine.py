@@ -249,3 +249,29 @@ def test_the_model_stays_on_its_device_between_groups(four_class_folder, tmp_pat
     monkeypatch.setattr(method, "cpu", lambda: moves.append("cpu") or method)
     rows_by_groups(method, four_class_folder, tmp_path, [[0, 1], [2, 3]])
     assert moves == []
+
+
+def test_automatic_episodes_per_step_counts_precision_mind_and_shared_ranks(monkeypatch):
+    """E from memory: 16-bit activations take half the bytes, Mind forwards its clean support
+    once more beside the views, and local ranks on one device split its free memory."""
+    from cdfsl.engine import capacity, episodes_per_step
+
+    support, views = 3, len(VIEWS)
+    fine_tune, mind = build(LoRAFineTune), build(Mind)
+    elements = capacity._projected_elements(fine_tune, torch.device("cpu"))
+    one_fp32_episode = support * views * 16 * 4 * elements  # 16 saved fp32 activations each
+    # Free memory for exactly 3 fp32 LoRA-CE episodes in its usable half.
+    monkeypatch.setattr(capacity, "_free_bytes", lambda device: 2 * 3 * one_fp32_episode)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+    def auto(method, precision):
+        fit = FitConfig(precision=precision, accelerator="cpu", episodes_per_step=None)
+        return episodes_per_step(method, support, fit)
+
+    assert auto(fine_tune, "32-true") == 3
+    assert auto(fine_tune, "bf16-mixed") == 6
+    # Mind: (views + 1) x support images an episode: 3·views // (views + 1) = 2 episodes.
+    assert auto(mind, "32-true") == (3 * views) // (views + 1) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert auto(fine_tune, "32-true") == 1
+    assert auto(fine_tune, "bf16-mixed") == 3

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 from cdfsl.engine.fit import _ONE_EPISODE_PRECISIONS, FitConfig, _check_scaler_episodes
 from cdfsl.errors import CdfslError
 from cdfsl.methods.base import FewShotMethod
 
-#: Bytes kept for the backward pass per element of a LoRA projection's input: a ViT block
-#: saves about 16 activations of the residual's size (norms, q/k/v, attention, MLP at 4x),
-#: 4 bytes each in fp32. An estimate for choosing E, not a measurement.
-_BYTES_PER_PROJECTED_ELEMENT = 64
+#: Activations kept for the backward pass per element of a LoRA projection's input: a ViT
+#: block saves about 16 of the residual's size (norms, q/k/v, attention, MLP at 4x). An
+#: estimate for choosing E, not a measurement.
+_SAVED_PER_PROJECTED_ELEMENT = 16
+#: Bytes of a saved activation by precision: autocast keeps most of them in 16 bits.
+_ACTIVATION_BYTES = {"32-true": 4, "bf16-mixed": 2, "16-mixed": 2}
 _MAX_EPISODES_PER_STEP = {"cpu": 8, "cuda": 32}
 
 
@@ -19,10 +24,13 @@ def episodes_per_step(method: FewShotMethod, support_images: int, fit: FitConfig
     """How many episodes train side by side: ``fit.episodes_per_step``, or from memory.
 
     Automatic: the activation memory of one training image is estimated from the inputs of the
-    LoRA projections in a one-image forward (see ``_BYTES_PER_PROJECTED_ELEMENT``), and E is
-    what half the free memory (CUDA: free device memory; CPU: MemAvailable) holds for
-    ``support_images·views`` images per episode, between 1 and 8 (CPU) or 32 (CUDA).
-    Mini-batched support sets (``fit.batch_size``) train one episode at a time.
+    LoRA projections in a one-image forward (``_SAVED_PER_PROJECTED_ELEMENT`` activations of
+    ``_ACTIVATION_BYTES[precision]`` each), and E is what half this process's share of the free
+    memory holds for the images an episode forwards a step (``support_images`` per view, once
+    more when the method forwards its clean support separately, as Mind does), between 1 and
+    8 (CPU) or 32 (CUDA). The free memory is the device's (CUDA) or MemAvailable (CPU), shared
+    by the launcher's local ranks on the same device (``LOCAL_WORLD_SIZE``). Mini-batched
+    support sets (``fit.batch_size``) train one episode at a time.
     """
     if fit.episodes_per_step is not None:
         if fit.episodes_per_step < 1:
@@ -40,9 +48,22 @@ def episodes_per_step(method: FewShotMethod, support_images: int, fit: FitConfig
         return cap
     if fit.batch_size is not None:
         return 1
-    images = support_images * max(1, len(method.views or ()))
-    need = images * _BYTES_PER_PROJECTED_ELEMENT * _projected_elements(method, device)
-    return int(max(1, min(cap, _free_bytes(device) // 2 // max(1, need))))
+    images = support_images * (max(1, len(method.views or ())) + int(method.forwards_support))
+    per_element = _SAVED_PER_PROJECTED_ELEMENT * _ACTIVATION_BYTES.get(str(fit.precision), 4)
+    need = images * per_element * _projected_elements(method, device)
+    share = _free_bytes(device) // _ranks_sharing(device)
+    return int(max(1, min(cap, share // 2 // max(1, need))))
+
+
+def _ranks_sharing(device: torch.device) -> int:
+    """How many of the launcher's local ranks share ``device``'s memory (1 without one)."""
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    if device.type == "cuda":
+        return math.ceil(local / max(1, torch.cuda.device_count()))
+    return local
 
 
 def _projected_elements(method: FewShotMethod, device: torch.device) -> int:
