@@ -3,7 +3,7 @@
     python benchmarks/engine_speed.py                   # everything (ViT-B/16 bf16 is slow on
                                                         # CPUs without bf16 matrix units)
     python benchmarks/engine_speed.py --skip-vit        # micro-clip only
-    python benchmarks/engine_speed.py --reference-steps 25 --episodes 8
+    python benchmarks/engine_speed.py --reference-steps 25 --episodes 1 4 8
 
 1. GEMM peak: a 1024² matmul per dtype, one thread.
 2. A LoRA q/k/v training step (forward + backward to the adapters) for ViT-B/16 (random init,
@@ -186,7 +186,9 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--vit-repeats", type=int, default=1)
     parser.add_argument("--reference-steps", type=int, default=20)
-    parser.add_argument("--episodes", type=int, default=8)
+    parser.add_argument(
+        "--episodes", type=int, nargs="+", default=[1, 4, 8], help="E values of the engine"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -198,9 +200,11 @@ def main() -> None:
     models = [("micro-clip", 25, 5)] + (
         [] if args.skip_vit else [("clip-vit-b16", 5, args.vit_repeats)]
     )
+    gflop_per_image = {}
     for backbone, images, repeats in models:
         for precision in args.precisions:
             fig = step_figures(backbone, images, precision, repeats)
+            gflop_per_image[backbone] = fig["gflop_per_image"]
             rate = fig["flops"] / fig["s_per_step"] / 1e9
             print(
                 f"{backbone:<13} {images:>3} images {precision}: {fig['gflop_per_image']:.3f} "
@@ -209,15 +213,22 @@ def main() -> None:
                 f"{100 * rate / peaks['fp32']:.1f}% of fp32 peak"
             )
     for shot in () if args.skip_loops else (1, 5):
-        c = compare_loops(shot, args.reference_steps, args.episodes)
-        print(
-            f"Mind micro-clip 5-way {shot}-shot, 5 views, fp32, E={args.episodes}: reference "
-            f"loop {c['reference_fixed']:.2f} s/episode fixed + "
-            f"{1e3 * c['reference_step']:.1f} ms/step; "
-            f"engine {c['engine_fixed']:.2f} s + {1e3 * c['engine_step']:.1f} ms/step per episode; "
-            f"at T={250 * shot}: {c['reference_eph']:.0f} vs {c['engine_eph']:.0f} episodes/hour "
-            f"({c['engine_eph'] / c['reference_eph']:.2f}x)"
-        )
+        # An episode-step forwards and back-propagates the five views and the separate clean
+        # support: 6·5·K images; the fp32 floor is their FLOPs at the GEMM peak.
+        flops = 6 * 5 * shot * gflop_per_image.get("micro-clip", float("nan"))
+        for episodes in args.episodes:
+            c = compare_loops(shot, args.reference_steps, episodes)
+            print(
+                f"Mind micro-clip 5-way {shot}-shot, 5 views, fp32, E={episodes}: reference "
+                f"loop {c['reference_fixed']:.2f} s/episode fixed + "
+                f"{1e3 * c['reference_step']:.1f} ms/step "
+                f"({100 * flops / c['reference_step'] / peaks['fp32']:.0f}% of fp32 peak); "
+                f"engine {c['engine_fixed']:.2f} s + {1e3 * c['engine_step']:.1f} ms/step per "
+                f"episode ({100 * flops / c['engine_step'] / peaks['fp32']:.0f}% of fp32 peak, "
+                f"floor {1e3 * flops / peaks['fp32']:.1f} ms); at T={250 * shot}: "
+                f"{c['reference_eph']:.0f} vs {c['engine_eph']:.0f} episodes/hour "
+                f"({c['engine_eph'] / c['reference_eph']:.2f}x)"
+            )
 
 
 if __name__ == "__main__":
