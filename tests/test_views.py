@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -321,3 +323,257 @@ def test_each_image_position_is_flipped_half_the_time():
         flips += torch.tensor([torch.equal(o, i.flip(-1)) for o, i in pairs]).float()
     rate = flips / draws
     assert ((rate - 0.5).abs() < 5 * (0.25 / draws) ** 0.5).all(), rate.tolist()
+
+
+# -- mutation follow-up (issue 23): boundaries, messages, dtypes, devices, exact draws -----------
+
+
+def test_view_spec_names_must_be_non_empty_strings() -> None:
+    for name in ("", 3):
+        message = f"view name {name!r}; expected a non-empty string; name the view"
+        with pytest.raises(DataError, match=re.escape(message)):
+            ViewSpec(name)  # type: ignore[arg-type]
+
+
+def test_view_spec_bounds_and_their_messages() -> None:
+    assert ViewSpec("a", rotation=180).rotation == 180.0  # at most 180: 180 itself is fine
+    message = "view 'a': rotation=180.5; expected at most 180 degrees; lower it"
+    with pytest.raises(DataError, match=re.escape(message)):
+        ViewSpec("a", rotation=180.5)
+    message = "view 'a': jitter=-1; expected a finite number >= 0; fix the view"
+    with pytest.raises(DataError, match=re.escape(message)):
+        ViewSpec("a", jitter=-1)
+
+
+def test_view_errors_name_the_views_position_or_none() -> None:
+    from cdfsl.data.views import _view_from
+
+    allowed = "['name', 'rotation', 'jitter', 'hflip']"
+    with pytest.raises(
+        DataError, match=re.escape(f"view 1 is 'clean'; expected a mapping with keys {allowed}")
+    ):
+        parse_views([{"name": "a"}, "clean"])
+    with pytest.raises(
+        DataError,
+        match=re.escape(f"view 0 {{'rotation': 4}} has no 'name'; expected keys {allowed}"),
+    ):
+        parse_views([{"rotation": 4}])
+    # Read one at a time (jsonargparse's deserializer), a view has no position.
+    with pytest.raises(
+        DataError, match=re.escape(f"view is 'clean'; expected a mapping with keys {allowed}")
+    ):
+        _view_from("clean", None)
+    message = "views list is empty; expected at least one view; add a clean view"
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        parse_views([])
+
+
+def test_views_parse_from_namespaces_and_print_as_mappings() -> None:
+    from jsonargparse import ArgumentParser, Namespace
+
+    from cdfsl.data.views import _serialize_view
+
+    assert parse_views([Namespace(name="r", rotation=30)]) == (ViewSpec("r", rotation=30.0),)
+    parser = ArgumentParser()
+    parser.add_argument("--views", type=list[ViewSpec])
+    config = parser.parse_args(['--views=[{"name": "r", "rotation": 30}, {"name": "c"}]'])
+    assert config.views == [ViewSpec("r", rotation=30.0), ViewSpec("c")]
+    dumped = parser.dump(config)
+    assert "- name: r\n  rotation: 30.0\n  jitter: 0.0\n  hflip: false\n- name: c\n" in dumped
+    assert _serialize_view(ViewSpec("f", hflip=True)) == {
+        "name": "f", "rotation": 0.0, "jitter": 0.0, "hflip": True,
+    }  # fmt: skip
+    assert _serialize_view(Namespace(name="a", jitter=0.2)) == {"name": "a", "jitter": 0.2}
+    assert _serialize_view({"name": "b", "hflip": True}) == {"name": "b", "hflip": True}
+
+
+def _jitter_reference(image: torch.Tensor, b: float, c: float, s: float) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as tvf
+
+    return tvf.adjust_saturation(tvf.adjust_contrast(tvf.adjust_brightness(image, b), c), s)
+
+
+def test_float_jitter_is_torchvision_per_image_with_the_generators_draws() -> None:
+    # Factors drawn from the generator in the fixed order brightness, contrast, saturation, each
+    # U(1 - j, 1 + j) per image; float64 images stay float64 (compared at 1e-12).
+    images = _images(batch=5).double()
+    augment = ViewAugmenter([ViewSpec("j", jitter=0.4)], color_jitter="float")
+    out, _ = augment(images, torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    factors = [(0.6 + 0.8 * torch.rand(5, generator=generator)).tolist() for _ in range(3)]
+    assert out.dtype == torch.float64
+    for image, b, c, s, ours in zip(images, *factors, out, strict=True):
+        torch.testing.assert_close(ours, _jitter_reference(image, b, c, s), atol=1e-12, rtol=0)
+
+
+def test_half_precision_images_are_jittered_in_float32() -> None:
+    images = _images(batch=6).to(torch.bfloat16)
+    augment = ViewAugmenter([ViewSpec("j", jitter=0.4)], color_jitter="float")
+    out, _ = augment(images, torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    factors = [(0.6 + 0.8 * torch.rand(6, generator=generator)).tolist() for _ in range(3)]
+    for image, b, c, s, ours in zip(images, *factors, out, strict=True):
+        expected = _jitter_reference(image.float(), b, c, s).to(torch.bfloat16)
+        # Within one bfloat16 step of the float32 answer (bfloat16 arithmetic is ~3 steps off).
+        assert (ours.float() - expected.float()).abs().max() <= 2**-8
+
+
+def test_small_rotations_rotate_by_the_generators_angles() -> None:
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvf
+
+    images = _images(batch=4, size=16)
+    augment = ViewAugmenter([ViewSpec("r", rotation=1.0)], rotation_interpolation="bilinear")
+    out, _ = augment(images, torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
+    angles = (-1.0 + 2.0 * torch.rand(4, generator=generator)).tolist()
+    for image, angle, ours in zip(images, angles, out, strict=True):
+        theirs = tvf.rotate(image, angle, interpolation=InterpolationMode.BILINEAR)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_a_jitter_only_view_draws_no_angle() -> None:
+    # rotation = 0: the first three draws are the jitter factors (no angle drawn before them).
+    images = _images(batch=3)
+    augment = ViewAugmenter([ViewSpec("j", jitter=0.4)], color_jitter="float")
+    out, _ = augment(images, torch.Generator().manual_seed(9))
+    generator = torch.Generator().manual_seed(9)
+    factors = [(0.6 + 0.8 * torch.rand(3, generator=generator)).tolist() for _ in range(3)]
+    for image, b, c, s, ours in zip(images, *factors, out, strict=True):
+        torch.testing.assert_close(ours, _jitter_reference(image, b, c, s), atol=1e-5, rtol=0)
+
+
+def test_rotation_by_90_degrees_in_float64_is_rot90_and_clamps_to_the_unit_range() -> None:
+    from cdfsl.data.views import _rotate
+
+    images = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    images[0, 0, 0, :3] = torch.tensor([-0.25, 1.25, 2.0], dtype=torch.float64)  # out of range
+    expected = torch.rot90(images, 1, dims=(-2, -1)).clamp(0, 1)  # counter-clockwise
+    for mode in ("bilinear", "nearest"):
+        rotated = _rotate(images, torch.tensor([90.0, 90.0]), mode)
+        assert rotated.dtype == torch.float64
+        torch.testing.assert_close(rotated, expected, atol=1e-12, rtol=0)
+
+
+def test_rotation_and_blend_raise_no_warnings() -> None:
+    # align_corners is named (torch warns when it is left to its default).
+    import warnings
+
+    images = _images(batch=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ViewAugmenter([ViewSpec("r", rotation=30)])(images, torch.Generator().manual_seed(0))
+
+
+def test_blend_keeps_the_images_dtype() -> None:
+    from cdfsl.data.views import _blend
+
+    images = torch.tensor([[[[0.25]], [[0.5]], [[1.0]]]])  # float32 (1, 3, 1, 1)
+    factor = torch.tensor([1.5], dtype=torch.float64)
+    out = _blend(images, 0.5, factor)
+    assert out.dtype == torch.float32
+    # 1.5·x - 0.5·0.5, clamped: 0.125, 0.5, 1.25 -> 1.
+    assert out.flatten().tolist() == [0.125, 0.5, 1.0]
+
+
+def test_pil_luma_is_pil_convert_l_including_the_rounding_tie() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from cdfsl.data.views import _pil_luma
+
+    # A colour whose 16.16 weighted sum ends in 0x7FFF: PIL adds 2^15 and shifts, landing just
+    # below the next integer; one more would round it up.
+    r, g, b = 1, 63, 230
+    rgb = np.array([[[r, g, b], [255, 0, 0], [0, 255, 0], [0, 0, 255], [12, 200, 77]]], np.uint8)
+    assert (19595 * r + 38470 * g + 7471 * b) % 65536 == 32767
+    expected = np.array(Image.fromarray(rgb).convert("L"), dtype=np.float32)
+    values = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()
+    luma = _pil_luma(values)
+    assert luma.dtype == torch.float32
+    assert luma[0, 0].tolist() == expected.tolist()
+
+
+def test_pil_uint8_jitter_of_float64_images_and_factors_is_pil_bit_for_bit() -> None:
+    """PIL blends in C floats with the factor as a C float; float64 inputs must not change that."""
+    from PIL import ImageEnhance
+
+    from cdfsl.data.views import _jitter_pil_uint8
+
+    images = _uint8_images(24).double()
+    steps = torch.tensor([0.7, 0.9, 1.1, 1.3, 0.6, 1.4], dtype=torch.float64)
+    factors = tuple(steps.repeat(4).roll(k) for k in range(3))
+    ours = _jitter_pil_uint8(images, factors)
+    assert ours.dtype == torch.float64
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for index, image in enumerate(images):
+        pil = _pil(image.float())
+        for enhancer, factor in zip(enhancers, factors, strict=True):
+            pil = enhancer(pil).enhance(float(factor[index]))
+        assert torch.equal(ours[index].float(), _from_pil(pil)), f"image {index}"
+
+
+def test_augmenter_of_cpu_images_ignores_a_non_cpu_default_device() -> None:
+    # torch.set_default_device("cuda") in a user's script: CPU images still augment on the CPU,
+    # with the same parameters.
+    images = _uint8_images(3)
+    expected, expected_ids = ViewAugmenter()(images, torch.Generator().manual_seed(5))
+    with torch.device("meta"):
+        seeded, ids = ViewAugmenter()(images, torch.Generator().manual_seed(5))
+        unseeded, _ = ViewAugmenter()(images)
+    assert seeded.device == ids.device == unseeded.device == torch.device("cpu")
+    assert torch.equal(seeded, expected)
+    assert torch.equal(ids, expected_ids)
+
+
+def test_augmenter_moves_cpu_drawn_parameters_to_the_images_device() -> None:
+    # A CPU generator drives images elsewhere (the meta device stands in for a GPU here; the CUDA
+    # test compares values).
+    images = torch.empty(4, 3, 8, 8, device="meta")
+    out, view_ids = ViewAugmenter()(images, torch.Generator().manual_seed(0))
+    assert out.device.type == view_ids.device.type == "meta"
+    assert out.shape == (20, 3, 8, 8)
+
+
+def test_flip_threshold_is_strict_at_one_half() -> None:
+    # Seed 38's uniform draw number 654621 is exactly 0.5 (rand is on the 2^-24 grid): u < 0.5
+    # flips, so that image is kept (P(flip) = 1/2 exactly, as RandomHorizontalFlip).
+    position = 654_621
+    draws = torch.rand(position + 1, generator=torch.Generator().manual_seed(38))
+    assert draws[position].item() == 0.5
+    generator = torch.Generator().manual_seed(38)
+    torch.rand(position, generator=generator)
+    images = _images(batch=1)
+    out, _ = ViewAugmenter([ViewSpec("flip", hflip=True)])(images, generator)
+    assert torch.equal(out, images)
+    assert not torch.equal(images, images.flip(-1))
+
+
+@pytest.mark.cuda
+def test_cuda_generator_drives_cpu_images() -> None:
+    # Parameters are drawn on the generator's device, then moved to the images'.
+    images = _images(batch=4)
+    on_cpu, _ = ViewAugmenter()(images, torch.Generator("cuda").manual_seed(5))
+    on_gpu, _ = ViewAugmenter()(images.cuda(), torch.Generator("cuda").manual_seed(5))
+    assert on_cpu.device.type == "cpu"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=0)
+
+
+def test_pil_uint8_contrast_rounds_the_mean_of_a_large_image_as_pil() -> None:
+    """PIL rounds the L image's mean in float64; a float32 mean of 160 801 pixels is off by
+    more than the distance to the rounding tie here (mean 104.5 - 1/(2n))."""
+    from PIL import ImageEnhance
+
+    from cdfsl.data.views import _jitter_pil_uint8
+
+    side = 401
+    n = side * side
+    total = (209 * n - 1) // 2  # 2·total = 209·n - 1: the mean sits just below 104.5
+    grey = torch.full((n,), 104.0)
+    grey[: total - 104 * n] += 1
+    image = (grey / 255).view(1, 1, side, side).expand(1, 3, side, side).contiguous()
+    ones, two = torch.ones(1), torch.full((1,), 2.0)
+    ours = _jitter_pil_uint8(image, (ones, two, ones))
+    pil = ImageEnhance.Contrast(_pil(image[0])).enhance(2.0)  # mean int(104.49.. + 0.5) = 104
+    assert torch.equal(ours[0], _from_pil(pil))
+    assert ours[0, 0, 0, 0].item() == pytest.approx(106 / 255)  # 104 + 2·(105 - 104)
