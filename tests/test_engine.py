@@ -275,3 +275,63 @@ def test_automatic_episodes_per_step_counts_precision_mind_and_shared_ranks(monk
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert auto(fine_tune, "32-true") == 1
     assert auto(fine_tune, "bf16-mixed") == 3
+
+
+def test_frozen_weights_cast_once_change_no_row(four_class_folder, tmp_path, monkeypatch):
+    """Under bf16 autocast the frozen linear and convolution weights are held in bf16 for the
+    fit and the scoring (autocast would cast each again at every call): the rows are the rows
+    of per-call casting, bit for bit, and the fp32 weights come back unchanged."""
+    from contextlib import contextmanager
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cdfsl.engine import fit as engine_fit
+    from cdfsl.engine import predict as engine_predict
+
+    bf16 = FitConfig(steps=3, precision="bf16-mixed", accelerator="cpu", episodes_per_step=2)
+    protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=2, seed=0)
+    folder = ImageFolder(four_class_folder)
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype == torch.bfloat16:
+                Casts.count += 1
+            return out
+
+    def run(name):
+        method = build(Mind)
+        before = {k: v.clone() for k, v in method.state_dict().items()}
+        Casts.count = 0
+        with Casts():
+            rows = EpisodicEvaluator(method, folder, protocol, tmp_path / name, bf16).run_episodes(
+                [0, 1]
+            )
+        after = method.state_dict()
+        frozen = [k for k, p in method.named_parameters() if not p.requires_grad]
+        assert all(
+            after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in frozen
+        )
+        return rows, Casts.count
+
+    once, once_casts = run("once")
+
+    @contextmanager
+    def per_call(root, dtype):
+        yield
+
+    monkeypatch.setattr(engine_fit, "frozen_weights_in", per_call)
+    monkeypatch.setattr(engine_predict, "frozen_weights_in", per_call)
+    every, every_casts = run("every")
+    for a, b in zip(once, every, strict=True):
+        assert a["accuracy"] == b["accuracy"] and a["terms"] == b["terms"]
+    # Per-call casting casts each frozen weight in every forward of every step and scoring.
+    method = build(Mind)
+    weights = sum(
+        1
+        for m in method.backbone.lora_root().modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    )
+    assert every_casts - once_casts >= weights * bf16.steps

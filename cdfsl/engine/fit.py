@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cdfsl.errors import CdfslError
@@ -31,6 +31,54 @@ from cdfsl.registry import Registry
 _AUTOCAST: Registry[str, torch.dtype] = Registry(
     "autocast precision", {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 )
+
+
+def autocast_dtype(precision: str | int | None, device_type: str) -> torch.dtype | None:
+    """The dtype ``precision``'s autocast computes in on ``device_type`` (None: no autocast).
+
+    Lightning trains ``16-mixed`` on a CPU as bf16-mixed (with a warning): so does cdfsl.
+    """
+    dtype = _AUTOCAST.get(str(precision))
+    if device_type == "cpu" and dtype is torch.float16:
+        return torch.bfloat16
+    return dtype
+
+
+_CAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@contextmanager
+def frozen_weights_in(root: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside, the frozen weights and biases of ``root``'s linear and convolution layers (LoRA
+    projections' base weights included) are held in ``dtype``; on exit, the fp32 originals.
+
+    Autocast casts a frozen weight again at every call (it caches casts of trainable leaves
+    only), forward and backward; casting once gives the same values, since autocast's cast is
+    the same rounding. Only weights that no op outside autocast's low-precision list reads are
+    cast: layer norms, embeddings and the LoRA adapters stay fp32.
+    """
+    from cdfsl.lora import LoRAProjection
+
+    saved: dict[int, tuple[nn.Parameter, Tensor]] = {}
+    if dtype is not None:
+        for module in root.modules():
+            if isinstance(module, LoRAProjection):
+                params = module.base_weight_and_bias()
+            elif isinstance(module, _CAST_LAYERS):
+                params = (module.weight, module.bias)
+            else:
+                continue
+            for param in params:
+                if param is None or param.requires_grad or param.dtype != torch.float32:
+                    continue
+                if id(param) not in saved:
+                    saved[id(param)] = (param, param.data)
+                    param.data = param.data.to(dtype)
+    try:
+        yield
+    finally:
+        for param, data in saved.values():
+            param.data = data
 
 
 #: The Lightning precisions a fit accepts: fp32, or fp32 adapters under fp16 / bf16 autocast.
@@ -309,7 +357,13 @@ def _fit(
     method: FewShotMethod, loader: DataLoader, steps: int, fit: FitConfig, device: torch.device,
     callbacks: list[L.Callback] | None,
 ) -> None:  # fmt: skip
-    with quiet_lightning(), cuda_numerics(fit.tf32, fit.deterministic, device.type):
+    dtype = autocast_dtype(fit.precision, device.type)
+    root = method.backbone.lora_root()
+    with (
+        quiet_lightning(),
+        cuda_numerics(fit.tf32, fit.deterministic, device.type),
+        frozen_weights_in(root, dtype),
+    ):
         trainer = L.Trainer(
             accelerator=device.type,
             strategy=_StayOnDevice(device),  # the exact device, cuda:k of a launcher rank too

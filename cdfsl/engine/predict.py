@@ -7,7 +7,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from cdfsl.engine.fit import _AUTOCAST, FitConfig, tf32_allowed
+from cdfsl.engine.fit import FitConfig, autocast_dtype, frozen_weights_in, tf32_allowed
 from cdfsl.methods.base import FewShotMethod
 
 
@@ -23,16 +23,13 @@ def predict_logits(
     """
     device = fit.device()
     method.to(device).eval()
-    dtype = _AUTOCAST.get(fit.precision)
-    if device.type == "cpu" and dtype is torch.float16:
-        # Lightning trains '16-mixed' on a CPU as bf16-mixed (it warns so): score the same way.
-        dtype = torch.bfloat16
+    dtype = autocast_dtype(fit.precision, device.type)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     count = max(1, len(method.episodes))
     grouped = images.unflatten(0, (count, -1))  # (E, Q, 3, H, W)
     step = max(1, batch_size // count)
     out = []
-    with autocast, tf32_allowed(fit.tf32):
+    with autocast, tf32_allowed(fit.tf32), frozen_weights_in(method.backbone.lora_root(), dtype):
         for start in range(0, grouped.shape[1], step):
             chunk = grouped[:, start : start + step].flatten(0, 1).to(device)
             out.append(method(chunk).float().cpu().unflatten(0, (count, -1)))
