@@ -329,8 +329,28 @@ ZS = "{class_path: cdfsl.methods.ZeroShot}"
         (["--targets", "[{name: t, source: folder}]", "--domains", "null"], "'t' (source folder)"),
         (["--domains", "[mars-like]"], "['mars-like'] are not micro-world domains"),
         (["--shard", "2/2"], "shard 2/2; expected K/N with 0 <= K < N"),
+        (  # fails only when built: every method is built once before anything is written
+            [
+                "--backbones",
+                "[tiny-clip]",
+                "--methods",
+                f"[{ZS}, {{class_path: cdfsl.methods.LinearProbe, init_args: {{c: -1}}}}]",
+            ],
+            "method 'LinearProbe' on backbone tiny-clip: c=-1",
+        ),
     ],
-    ids=["reference", "duplicate", "episodes", "spec", "roots", "both", "root", "domain", "shard"],
+    ids=[
+        "reference",
+        "duplicate",
+        "episodes",
+        "spec",
+        "roots",
+        "both",
+        "root",
+        "domain",
+        "shard",
+        "build",
+    ],
 )
 def test_bad_input_is_one_line_naming_the_key_and_the_fix(capsys, tmp_path, flags, message):
     recipe = tmp_path / "grid.yaml"

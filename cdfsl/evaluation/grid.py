@@ -113,6 +113,24 @@ def build_method(spec: Mapping[str, Any], backbone: str, pretrained: str | None 
     return parser.instantiate(namespace).method
 
 
+def check_buildable(grid: Grid) -> None:
+    """Build every method of ``grid`` on every backbone once, one at a time, before anything is
+    written: a setting that fails only at construction (a LoRA rank of 0, an unknown backbone,
+    weights that are not local) stops the grid at once with its one-line error, not inside a
+    rank, nor when its first cell comes up hours into the run."""
+    from cdfsl.cli import cdfsl_error_in
+
+    for backbone in grid.backbones:
+        for spec, name in zip(grid.methods, grid.names, strict=True):
+            try:
+                build_method(spec, backbone, grid.pretrained.get(backbone))
+            except Exception as err:
+                found = cdfsl_error_in(err)
+                if found is None:
+                    raise
+                raise type(found)(f"method {name!r} on backbone {backbone}: {found}") from None
+
+
 @dataclass(frozen=True)
 class Target:
     """A dataset the grid evaluates on: one column of the table.
@@ -289,6 +307,7 @@ def run_grid(
         )
     launch = workers > 1 and ranks is None
     count = workers if launch else ranks.world if ranks else 1
+    check_buildable(grid)
     grid.output.mkdir(parents=True, exist_ok=True)
     if ranks is None or ranks.rank == 0:
         write_json_atomic(grid.output / GRID_FILE, grid.record())
