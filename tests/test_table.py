@@ -328,6 +328,10 @@ ZS = "{class_path: cdfsl.methods.ZeroShot}"
         (["--targets", "[{name: t, source: folder}]"], "both targets (1) and domains"),
         (["--targets", "[{name: t, source: folder}]", "--domains", "null"], "'t' (source folder)"),
         (["--domains", "[mars-like]"], "['mars-like'] are not micro-world domains"),
+        (
+            ["--targets", "[{name: t, source: nosuch, root: /x}]", "--domains", "null"],
+            "target 't' has source 'nosuch'; expected one of ",
+        ),
         (["--shard", "2/2"], "shard 2/2; expected K/N with 0 <= K < N"),
         (  # fails only when built: every method is built once before anything is written
             [
@@ -348,6 +352,7 @@ ZS = "{class_path: cdfsl.methods.ZeroShot}"
         "both",
         "root",
         "domain",
+        "source",
         "shard",
         "build",
     ],

@@ -354,9 +354,15 @@ def check_target(target: Target) -> None:
     import inspect
 
     from cdfsl.commands._run_args import check_source_options
-    from cdfsl.data.sources import get_source
+    from cdfsl.data.sources import get_source, list_sources
 
     data = target.data()
+    if data.source not in list_sources():
+        raise CdfslError(
+            f"target {target.name!r} has source {data.source!r}; expected one of "
+            f"{', '.join(list_sources())}; fix that target's source (cdfsl data list describes "
+            "them)"
+        )
     root = inspect.signature(get_source(data.source)).parameters.get("root")
     if data.root is None and root is not None and root.default is inspect.Parameter.empty:
         raise CdfslError(
