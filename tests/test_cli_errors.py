@@ -85,11 +85,14 @@ CASES = [
         "unknown option(s) bogus",
     ),
     # Two ranks: the methods are built before any rank starts.
-    ("demo", ["--backbone", "clip-vit-b99", "--workers", "2"], "unknown backbone 'clip-vit-b99'"),
+    (
+        "demo", ["--backbones", "[clip-vit-b99]", "--workers", "2"],
+        "method 'ZeroShot' on backbone clip-vit-b99: unknown backbone 'clip-vit-b99'",
+    ),
     (
         "demo", ["--methods", "[{class_path: cdfsl.methods.Mind, init_args: {lora: {rank: 0}}}]",
-                 "--paired", "null"],
-        "LoRAConfig.rank=0",
+                 "--reference", "null"],
+        "method 'Mind' on backbone micro-clip: LoRAConfig.rank=0",
     ),
     ("rail", ["--config", RAIL, "--backbone", "clip-vit-b99"], "unknown backbone 'clip-vit-b99'"),
     ("rail", ["--config", RAIL, "--finetune.lora.rank", "0"], "LoRAConfig.rank=0"),

@@ -1,14 +1,11 @@
-"""`cdfsl demo` and its grid on the shipped micro-clip."""
+"""`cdfsl demo` (cdfsl table on the micro-world recipe) on the shipped micro-clip."""
 
 import csv
 import json
-import math
-import statistics
 from pathlib import Path
 
 import pytest
 
-from cdfsl import demo
 from cdfsl.cli import main
 from cdfsl.data.micro_world import MicroWorld
 from cdfsl.engine import FitConfig
@@ -48,30 +45,15 @@ def test_short_mind_run_changes_query_accuracy(tmp_path):
     assert accuracy["Mind"] != accuracy["ZeroShot"], accuracy
 
 
-def _cell(tmp_path: Path, method: str, accuracies: dict[int, float]) -> demo.DemoCell:
-    out = tmp_path / method
-    out.mkdir()
-    (out / "results.jsonl").write_text(
-        "".join(json.dumps({"episode": e, "accuracy": a}) + "\n" for e, a in accuracies.items())
-    )
-    return demo.DemoCell("d", 1, method, {}, out)
-
-
-def test_paired_differences_match_a_hand_computation(tmp_path):
-    base = _cell(tmp_path, "A", {0: 0.5, 1: 0.6, 2: 0.4, 3: 0.9})
-    other = _cell(tmp_path, "B", {0: 0.6, 1: 0.4, 2: 0.7})  # episode 3 unfinished: left out
-    (row,) = demo.paired_differences([base, other], "A", "B")
-    # differences 0.1, -0.2, 0.3; CI95 = z_0.975 * sample std / sqrt(n)
-    mean = 0.2 / 3
-    var = ((0.1 - mean) ** 2 + (-0.2 - mean) ** 2 + (0.3 - mean) ** 2) / 2
-    assert row["episodes"] == 3
-    assert row["accuracy"] == pytest.approx(mean)
-    z = statistics.NormalDist().inv_cdf(0.975)
-    assert row["ci95"] == pytest.approx(z * math.sqrt(var) / math.sqrt(3))
+BASELINES = ["LinearProbe", "ZeroShotLinearProbe", "TipAdapter", "TipAdapterF", "LPPlusPlus",
+             "CLAP"]  # fmt: skip
 
 
 @needs_micro_clip
-def test_demo_command_prints_the_table_and_writes_files_and_plots(capsys, tmp_path):
+def test_demo_command_prints_the_table_and_writes_files_and_plots(capsys, tmp_path, monkeypatch):
+    """The demo is cdfsl table on the micro-world recipe: its table holds the three methods and
+    the six baselines, each against LoRAFineTune paired; then the training curves."""
+    monkeypatch.setenv("CDFSL_FEATURE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     code = main(
         ["demo", "--domains", "[isic-like]", "--shots", "[1]", "--episodes", "1", "--steps", "2",
@@ -79,14 +61,19 @@ def test_demo_command_prints_the_table_and_writes_files_and_plots(capsys, tmp_pa
     )  # fmt: skip
     assert code == 0
     stdout = capsys.readouterr().out
-    for method in ("ZeroShot", "LoRAFineTune", "Mind", "Mind - LoRAFineTune"):
+    methods = ["ZeroShot", "LoRAFineTune", "Mind", *BASELINES]
+    for method in methods:
         assert f"| 1 | {method} |" in stdout
-    assert (out / "results.md").read_text().count("| 1 |") == 4
+        if method != "LoRAFineTune":
+            assert f"| 1 | {method} - LoRAFineTune |" in stdout
+    assert (out / "results.md").read_text().count("| 1 |") == 2 * len(methods) - 1
+    assert "\\toprule" in (out / "results.tex").read_text()
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert {r["method"] for r in rows} == {"ZeroShot", "LoRAFineTune", "Mind"}
-    assert all(r["domain"] == "isic-like" and r["episodes"] == "1" for r in rows)
-    assert len(_rows(out / "results.jsonl")) == 3
+    assert [r["method"] for r in rows if r["target"] == "isic-like"] == methods
+    assert all(r["episodes"] == "1" for r in rows if r["target"] == "isic-like")
+    assert {r["reference"] for r in rows if r["method"] != "LoRAFineTune"} == {"LoRAFineTune"}
+    assert len(_rows(out / "results.jsonl")) == 2 * len(methods)  # isic-like and the average
     for png in ("accuracy.png", "curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curves = json.loads((out / "curves" / "history.json").read_text())
@@ -94,8 +81,16 @@ def test_demo_command_prints_the_table_and_writes_files_and_plots(capsys, tmp_pa
     assert len(curves["Mind"]) == 2 and "svl" in curves["Mind"][0]
 
 
-def test_demo_refuses_a_paired_method_the_recipe_lacks(capsys, tmp_path):
-    code = main(["demo", "--paired", "[LoRAFineTune, Nope]", "--output", str(tmp_path / "x")])
+def test_demo_refuses_a_reference_the_recipe_lacks(capsys, tmp_path):
+    code = main(["demo", "--reference", "Nope", "--output", str(tmp_path / "x")])
     assert code == 2
-    assert "paired takes two of the recipe's methods" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "reference 'Nope' is not one of the methods" in err and "fix --reference" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_demo_refuses_curves_on_a_domain_it_does_not_run(capsys, tmp_path):
+    flags = ["--domains", "[isic-like]", "--curves.domain", "crop-like"]
+    assert main(["demo", *flags, "--output", str(tmp_path / "x")]) == 2
+    assert "curves.domain 'crop-like' is not one of the targets" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -216,27 +216,33 @@ TWO_VIEWS = [{"name": "clean"}, {"name": "rj", "rotation": 45.0, "jitter": 0.4, 
 
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="micro-clip not shipped")
-def test_demo_on_two_launched_ranks_equals_one_process(tmp_path):
-    """Every cell split over two elastic-launched ranks gives the one-process rows."""
-    from cdfsl import demo
-    from cdfsl.engine import FitConfig
-    from cdfsl.evaluation import EpisodeProtocol
+def test_grid_on_two_launched_ranks_equals_one_process(tmp_path):
+    """Every cell of a grid (cdfsl table, cdfsl demo) split over two elastic-launched ranks
+    gives the one-process rows."""
+    from dataclasses import replace
 
-    specs = [
+    from cdfsl.engine import FitConfig
+    from cdfsl.evaluation.grid import Grid, Target, run_grid
+    from cdfsl.evaluation.table import write_tables
+
+    specs = (
         {"class_path": "cdfsl.methods.ZeroShot"},
         {"class_path": "cdfsl.methods.Mind", "init_args": {"views": TWO_VIEWS}},
-    ]
-    args = (["chestx-like"], [1], EpisodeProtocol(5, 1, 15, 3, seed=3))
-    fit = FitConfig(steps=3, precision="32-true", accelerator="cpu")
-    one = demo.run_grid(specs, "micro-clip", *args, fit, tmp_path / "a", 20, progress=False)
-    two = demo.run_grid(
-        specs, "micro-clip", *args, fit, tmp_path / "b", 20, progress=False, workers=2, threads=1
     )
-    assert [(c.domain, c.shot, c.method) for c in two] == [
+    world = {"domain": "chestx-like", "images_per_class": 20, "seed": 3}
+    one = Grid(
+        specs, (Target("chestx-like", "micro", options=world),), (1,), ("micro-clip",), {1: 3},
+        FitConfig(steps=3, precision="32-true", accelerator="cpu"), tmp_path / "a", seed=3,
+    )  # fmt: skip
+    two = replace(one, output=tmp_path / "b")
+    cells = run_grid(one, progress=False)
+    launched = run_grid(two, progress=False, workers=2, threads=1)
+    assert [(c.target, c.shot, c.method) for c in launched] == [
         ("chestx-like", 1, "ZeroShot"),
         ("chestx-like", 1, "Mind"),
     ]
-    for a, b in zip(one, two, strict=True):
-        assert_same_rows(rows(a.output_dir), rows(b.output_dir))
-        assert a.row() | {"seconds_per_episode": 0} == b.row() | {"seconds_per_episode": 0}
-        assert not (b.output_dir / "shards").exists()
+    for a, b in zip(cells, launched, strict=True):
+        assert_same_rows(rows(a.folder), rows(b.folder))
+        assert not (b.folder / "shards").exists()
+    tables = [write_tables(g.output, g.record(), c)[0] for g, c in ((one, cells), (two, launched))]
+    assert tables[0] == tables[1]

@@ -4,10 +4,10 @@ Parsing a recipe is not enough: ``order-i.yaml`` once named the ``eurosat`` layo
 ``all``) for a train/test domain and failed at the fourth domain of a real run. Here each
 recipe goes through its own command's parser and then through the same code the command builds
 its data with (``cdfsl eval``: ``_run_args.dataset``; ``cdfsl rail``: ``xtail.domain_splits``;
-``cdfsl reason``: ``build_fold`` of every fold; ``cdfsl demo``: the micro world of every
-domain), with ``--data.root`` / ``--data_root`` pointed at replicas of the real layouts
-(``tests/layouts.py``, ``tests/imagegen.py``). A wrong source, split, option or domain name
-fails here.
+``cdfsl reason``: ``build_fold`` of every fold; ``cdfsl table`` and ``cdfsl demo``:
+``grid.target_dataset`` of every target), with ``--data.root`` / ``--data_root`` / ``--roots``
+pointed at replicas of the real layouts (``tests/layouts.py``, ``tests/imagegen.py``). A wrong
+source, split, option or domain name fails here.
 """
 
 from __future__ import annotations
@@ -145,19 +145,34 @@ def _build_reason(recipe: Path, replica) -> None:
         _readable(fold.test)
 
 
-def _build_demo(recipe: Path, replica) -> None:
-    # As cdfsl.demo builds a cell's data: the generated micro world, no root.
-    from cdfsl.data.layout import check_episode_supply
-    from cdfsl.data.micro_world import MicroWorld, list_domains
+def _build_table(recipe: Path, replica, command: str = "table") -> None:
+    # As cdfsl.evaluation.grid builds a cell's data: each target's dataset, a replica of its
+    # layout as its root (the micro world is generated, it has no root).
+    from cdfsl.commands import _table_args
+    from cdfsl.data.layout import check_episode_supply, prompt_template
+    from cdfsl.evaluation.grid import target_dataset
 
-    cfg = _parse("demo", recipe)
-    for domain in cfg.domains or [d for d in list_domains() if d != "source"]:
-        dataset = MicroWorld(domain, images_per_class=cfg.images_per_class, seed=cfg.seed)
+    cfg = _parse(command, recipe)
+    targets = _table_args.targets(cfg)
+    roots = {t.name: str(replica(t.source)) for t in targets if t.source != "micro"}
+    cfg.roots = roots
+    grid = _table_args.grid(cfg)
+    assert [t.name for t in grid.targets] == [t.name for t in targets]
+    for target in grid.targets:
+        assert target.root == roots.get(target.name, target.root)
+        dataset = target_dataset(target)
         _readable(dataset)
-        assert check_episode_supply(dataset, cfg.way, max(cfg.shots), cfg.query) == []
+        for spec in grid.methods:
+            template = spec.get("init_args", {}).get("template", "a photo of a {}.")
+            assert "{}" in prompt_template(template, dataset)
+        if target.source == "micro":  # generated at full size: the recipe's episodes fit
+            assert check_episode_supply(dataset, grid.way, max(grid.shots), grid.query) == []
 
 
-BUILDERS = {"eval": _build_eval, "rail": _build_rail, "reason": _build_reason, "demo": _build_demo}
+BUILDERS = {
+    "eval": _build_eval, "rail": _build_rail, "reason": _build_reason, "table": _build_table,
+    "demo": functools.partial(_build_table, command="demo"),
+}  # fmt: skip
 
 
 def test_every_recipe_names_a_command_that_builds_its_data():

@@ -7,6 +7,9 @@
 Writes ``OUT/results.jsonl`` (every row once, sorted by episode) and ``OUT/summary.json``, as a
 one-process run would, then deletes the merged shard files. Refuses while episodes of the
 recorded protocol are missing, naming them, unless ``--allow_partial``.
+
+An ``OUT`` of ``cdfsl table --shard K/N`` (or ``cdfsl demo --shard K/N``) runs, recognised by
+its ``grid.json``, has each cell merged so, then its tables written as one run would write them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from jsonargparse import ArgumentParser, Namespace
 from cdfsl.errors import CdfslError
 
 NAME = "merge"
-HELP = "merge the shard files of cdfsl eval --shard K/N runs into results.jsonl and summary.json"
+HELP = "merge the shards of cdfsl eval (or cdfsl table) --shard K/N runs into one result"
 
 
 def configure(parser: ArgumentParser) -> None:
@@ -31,10 +34,13 @@ def configure(parser: ArgumentParser) -> None:
 
 def run(cfg: Namespace) -> None:
     from cdfsl.evaluation import shards, summary_table
-    from cdfsl.evaluation.runner import summarize_rows
-    from cdfsl.evaluation.store import write_json_atomic
+    from cdfsl.evaluation.grid import is_grid_output
+    from cdfsl.evaluation.runner import merge_output
 
     output = Path(cfg.output)
+    if is_grid_output(output):
+        _merge_table(output, cfg.allow_partial)
+        return
     config = shards.recorded_config(output)
     episodes = int(config["protocol"]["episodes"])
     missing = sorted(set(range(episodes)) - set(shards.finished_rows(output)))
@@ -50,8 +56,14 @@ def run(cfg: Namespace) -> None:
             f"{shards.describe(missing)}{owners}; expected every episode of the recorded "
             "protocol; fix: run the missing shards to the end, or pass --allow_partial"
         )
-    rows = shards.merge(output)
-    summary = summarize_rows(rows, config)
-    write_json_atomic(output / "summary.json", summary)
+    summary = merge_output(output)
     print(summary_table([summary]))
     print(f"results: {output / 'results.jsonl'}  summary: {output / 'summary.json'}")
+
+
+def _merge_table(output: Path, allow_partial: bool) -> None:
+    from cdfsl.commands.table import files_line
+    from cdfsl.evaluation.table import TABLE_FILES, merge_table
+
+    print(merge_table(output, allow_partial))
+    print(files_line(output, TABLE_FILES))

@@ -24,15 +24,22 @@ class RowProgress:
     A context manager: entering shows the bar at the episodes already finished and starts a
     thread that rereads the files every ``interval`` seconds (only what was appended since,
     whole lines only); leaving counts once more and closes the bar. ``accuracy`` adds the mean
-    accuracy of the counted rows. Disabled, it does nothing.
+    accuracy of the counted rows. ``wanted_by_dir``: the episodes wanted in each of ``dirs``
+    instead of ``wanted`` (a grid whose cells run different episode counts). Disabled, it does
+    nothing.
     """
 
     def __init__(
         self, dirs: Sequence[str | Path], wanted: Iterable[int], desc: str, enabled: bool = True,
         accuracy: bool = False, interval: float = 0.5,
+        wanted_by_dir: Sequence[Iterable[int]] | None = None,
     ) -> None:  # fmt: skip
         self.dirs = [Path(d) for d in dirs]
-        self.wanted = set(wanted)
+        shared = set(wanted)
+        each = [set(w) for w in wanted_by_dir] if wanted_by_dir is not None else None
+        if each is not None and len(each) != len(self.dirs):
+            raise ValueError(f"{len(each)} episode sets for {len(self.dirs)} folders")
+        self.wanted = {d: shared if each is None else each[i] for i, d in enumerate(self.dirs)}
         self.desc, self.enabled, self.accuracy, self.interval = desc, enabled, accuracy, interval
         self._seen: dict[Path, dict[int, float | None]] = {d: {} for d in self.dirs}
         self._read: dict[Path, tuple[int, int]] = {}  # file -> (inode, bytes read)
@@ -42,7 +49,7 @@ class RowProgress:
         for folder, seen in self._seen.items():
             for path in [folder / RESULTS, *shard_files(folder)]:
                 try:
-                    self._read_new(path, seen)
+                    self._read_new(path, seen, self.wanted[folder])
                 except (OSError, ValueError):  # merged away mid-read: the next poll recounts
                     self._read.pop(path, None)
         count = sum(len(seen) for seen in self._seen.values())
@@ -54,7 +61,7 @@ class RowProgress:
                 self.bar.set_postfix(acc=f"{100 * sum(accs) / len(accs):.2f}", refresh=False)
             self.bar.refresh()
 
-    def _read_new(self, path: Path, seen: dict[int, float | None]) -> None:
+    def _read_new(self, path: Path, seen: dict[int, float | None], wanted: set[int]) -> None:
         with open(path, "rb") as handle:
             inode = os.fstat(handle.fileno()).st_ino
             known, offset = self._read.get(path, (inode, 0))
@@ -66,7 +73,7 @@ class RowProgress:
         for line in data[:end].splitlines():
             if line.strip():
                 row = json.loads(line)
-                if row["episode"] in self.wanted:
+                if row["episode"] in wanted:
                     seen[row["episode"]] = row.get("accuracy")
         self._read[path] = (inode, offset + end)
 
@@ -75,7 +82,7 @@ class RowProgress:
             self._update()
 
     def __enter__(self) -> RowProgress:
-        total = len(self.dirs) * len(self.wanted)
+        total = sum(len(w) for w in self.wanted.values())
         self.bar = tqdm(total=total, desc=self.desc, unit="ep", disable=not self.enabled)
         if self.enabled:
             self._update()

@@ -80,6 +80,15 @@ def summarize_rows(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any])
     }
 
 
+def merge_output(output_dir: str | Path) -> dict[str, Any]:
+    """Merge the static shards of ``output_dir`` into results.jsonl and write its summary (what
+    ``cdfsl merge`` does once every shard is done); returns the summary."""
+    config = shards.recorded_config(output_dir)
+    summary = summarize_rows(shards.merge(output_dir), config)
+    write_json_atomic(Path(output_dir) / "summary.json", summary)
+    return summary
+
+
 def protocol_manifest(dataset: LabelledImages, protocol: EpisodeProtocol) -> list[dict[str, Any]]:
     """The manifest lines of ``protocol``'s episodes over ``dataset`` (see
     :func:`cdfsl.data.episodes.manifest_lines`), with the training seeds their rows carry."""
