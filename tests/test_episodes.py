@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -239,3 +240,123 @@ def test_load_episode_refuses_mixed_sizes(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="make to_tensor resize") as err:
         load_episode(dataset, indices, no_resize)
     assert "a/a_0.png" in str(err.value)
+
+
+# -- mutation follow-up (issue 23): the rejection bound, boundaries, full messages ----------------
+
+
+def _raw(seed: int, index: int, count: int) -> list[int]:
+    """The first ``count`` raw 64-bit outputs of the episode's PCG64 (numpy's stable stream)."""
+    import numpy as np
+
+    return [int(v) for v in np.random.default_rng([seed, index]).bit_generator.random_raw(count)]
+
+
+def _below_by_hand(raw: list[int], n: int) -> int:
+    # Unbiased: accept v < 2^64 - (2^64 mod n), the largest multiple of n <= 2^64; else redraw.
+    limit = 2**64 - 2**64 % n
+    return next(v for v in raw if v < limit) % n
+
+
+def test_uniform_draws_reject_the_top_partial_block() -> None:
+    from cdfsl.data.episodes import UniformDraws
+
+    # n = 3·2^62: 2^64 mod n = 2^62, so draws >= 3·2^62 (a quarter) are rejected, and those in
+    # [2^63, 3·2^62) accepted (where 2^65 mod n = 2^63 would wrongly reject them).
+    n = 3 * 2**62
+    firsts = set()
+    for seed in range(40):
+        raw = _raw(seed, 0, 64)
+        assert UniformDraws(seed, 0).below(n) == _below_by_hand(raw, n), seed
+        firsts.add(raw[0] >= n if raw[0] >= 2**63 else None)
+    assert firsts >= {True, False}  # both kinds of first draw were met
+
+
+def test_uniform_draws_reject_a_draw_equal_to_the_bound() -> None:
+    from cdfsl.data.episodes import UniformDraws
+
+    # With n = v, the first raw draw (v > 2^63), the bound 2^64 - (2^64 mod n) is v itself:
+    # v is rejected (v < bound fails) and the next draw below v is returned, not v % v = 0.
+    seed = next(s for s in range(100) if _raw(s, 3, 1)[0] > 2**63)
+    raw = _raw(seed, 3, 64)
+    n = raw[0]
+    assert 2**64 - 2**64 % n == n
+    expected = next(v for v in raw[1:] if v < n)
+    assert UniformDraws(seed, 3).below(n) == expected != 0
+
+
+@pytest.mark.parametrize("seed", [True, 1.5, "3"])
+def test_error_seed_must_be_an_integer(seed: object) -> None:
+    assert _error(TARGETS, seed=seed) == f"seed={seed!r}; expected an integer >= 0; fix --seed"
+
+
+def test_error_targets_message() -> None:
+    assert _error([[0, 1]] * 20) == (
+        "targets of shape (20, 2) and dtype int64; expected a flat sequence of class indices "
+        ">= 0; pass dataset.targets"
+    )
+
+
+def test_empty_targets_have_no_classes() -> None:
+    assert _error([]) == "way 5 but the dataset has 0 classes; lower --way to at most 0"
+
+
+def test_class_ids_are_compared_as_integers() -> None:
+    # 2^53 and 2^53 + 1 are one float64 but two int64 class ids.
+    sampler = EpisodeSampler([2**53, 2**53 + 1] * 4, n_way=2, k_shot=1, n_query=1, num_episodes=1)
+    assert sampler.eligible_classes == (2**53, 2**53 + 1)
+
+
+def test_way_may_equal_the_class_count_and_a_class_may_have_exactly_enough_images() -> None:
+    # 8 classes; class 0 has exactly k + q = 2 images.
+    targets = [0, 0] + [c for c in range(1, 8) for _ in range(3)]
+    sampler = EpisodeSampler(targets, n_way=8, k_shot=1, n_query=1, num_episodes=3)
+    assert sampler.eligible_classes == tuple(range(8))
+    assert sorted(sampler.episode(0).class_ids) == list(range(8))
+
+
+def test_error_lists_only_short_classes_and_at_most_eight() -> None:
+    # Class 0 has exactly the 5 needed (not short); classes 1..8 have 4 each: eight short.
+    eight = [0] * 5 + [c for c in range(1, 9) for _ in range(4)]
+    shown = ", ".join(f"class {c} (4)" for c in range(1, 9))
+    assert _error(eight, n_way=2) == (
+        "2-way 2-shot episodes with 3 queries need 5 images in each of 2 classes, but only 1 of "
+        f"9 classes have that many; short: {shown}; lower --shot, --query or --way, or add images"
+    )
+    nine = eight + [9] * 4
+    assert _error(nine, n_way=2) == (
+        "2-way 2-shot episodes with 3 queries need 5 images in each of 2 classes, but only 1 of "
+        f"10 classes have that many; short: {shown} and 1 more; lower --shot, --query or --way, "
+        "or add images"
+    )
+
+
+def test_load_episode_labels_are_int64_and_names_can_be_given(tmp_path: Path) -> None:
+    import numpy as np
+
+    make_image_folder(tmp_path, {"a": 2, "b": 2}, size=8)
+    dataset = ImageFolder(tmp_path)
+    # Labels as numpy int32 (a manifest read by another tool): still int64 tensors.
+    label = np.int32
+    indices = EpisodeIndices(0, (0, 1), (0, 2), (label(0), label(1)), (1, 3), (label(0), label(1)))
+    episode = load_episode(dataset, indices, _to_tensor, class_names=["first", "second"])
+    assert episode.support_labels.dtype == episode.query_labels.dtype == torch.int64
+    assert episode.support_labels.tolist() == episode.query_labels.tolist() == [0, 1]
+    assert episode.class_names == ["first", "second"]
+
+
+def test_load_episode_mixed_sizes_message_names_both_images(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"a": 3, "b": 3}, size=12)
+    Image.new("RGB", (20, 10)).save(tmp_path / "a" / "a_0.png")  # the first image is the odd one
+    dataset = ImageFolder(tmp_path)
+    indices = EpisodeIndices(0, (0, 1), (0, 1), (0, 0), (3, 4), (1, 1))
+
+    def no_resize(image: Image.Image) -> torch.Tensor:
+        return torch.zeros(3, image.height, image.width)
+
+    message = (
+        "to_tensor gave shape (3, 10, 20) for a/a_0.png but (3, 12, 12) for a/a_1.jpg; expected "
+        "one (3, H, W) shape for every image; make to_tensor resize to a fixed size"
+    )
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        load_episode(dataset, indices, no_resize)
