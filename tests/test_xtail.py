@@ -631,3 +631,161 @@ def test_zero_shot_probabilities_are_softmax_of_the_scaled_cosines_over_the_unio
     for row, expected in zip(probs.tolist(), cos, strict=True):
         exps = [math.exp(100 * c - 100 * max(expected)) for c in expected]
         assert row == pytest.approx([e / sum(exps) for e in exps], rel=1e-5, abs=1e-12)
+
+
+# -- mutation follow-up (issue 23): crop boxes as torchvision draws them, framing names and
+# identity, the metrics' dtype and order of means, the tables and heatmap titles -----------------
+
+
+class _TorchOnTheStream:
+    """The few ``torch`` calls of torchvision's ``RandomResizedCrop.get_params``, answered from a
+    ``UniformDraws`` stream in float64: uniform_(a, b) = a + (b - a)·U with U = below(2^53)·2^-53,
+    randint(0, n) = below(n). torchvision's own loop and fallback then give the expected box."""
+
+    class _Value:
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def item(self) -> float:
+            return self.value
+
+    def __init__(self, draws: UniformDraws) -> None:
+        self.draws = draws
+
+    def tensor(self, values):
+        return list(values)
+
+    def log(self, values):
+        return [math.log(v) for v in values]
+
+    def empty(self, _):
+        stream = self
+
+        class _Empty:
+            def uniform_(self, low: float, high: float):
+                u = stream.draws.below(1 << 53) * 2.0**-53
+                return stream._Value(float(low) + (float(high) - float(low)) * u)
+
+        return _Empty()
+
+    def exp(self, value):
+        return self._Value(math.exp(value.value))
+
+    def randint(self, low: int, high: int, size):
+        assert low == 0
+        return self._Value(self.draws.below(high))
+
+
+@pytest.mark.parametrize("scale", [(0.9, 1.0), (0.05, 1.0), (0.2, 0.3), (0.25, 0.35)])
+def test_random_resized_crop_box_is_torchvisions_get_params_on_the_stream(scale, monkeypatch):
+    import torchvision.transforms.transforms as tv
+
+    crop = xtail.RandomResizedCropFraming(scale)
+    # Sizes where every try fits, where few do (13 x 10: an eleventh try would often succeed),
+    # where none does, and 1-3 px images where w or h rounds to 0, 1 or the full side.
+    sizes = [(320, 300), (13, 10), (10, 13), (100, 10), (3, 2), (2, 2), (1, 1)]
+    for width, height in sizes:
+        for seed in range(40):
+            monkeypatch.setattr(tv, "torch", _TorchOnTheStream(UniformDraws(seed, 1)))
+            image = torch.zeros(3, height, width)
+            expected = tv.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3])
+            assert crop.box(width, height, UniformDraws(seed, 1)) == expected, (width, height)
+
+
+def test_framing_scale_bounds_and_unknown_name_message():
+    import re
+
+    from cdfsl.backbones.base import GEOMETRIES
+
+    assert xtail.framing("random_resized_crop", (0.5, 0.5)).scale == (0.5, 0.5)  # low == high
+    with pytest.raises(CdfslError, match=re.escape("train_crop_scale=[0.0, 1.0]: expected 0 <")):
+        xtail.framing("random_resized_crop", (0.0, 1.0))
+    names = sorted(["random_resized_crop", *GEOMETRIES])
+    message = (
+        f"preprocess 'crop': expected one of {names} (the reference: random_resized_crop for "
+        "training features, short_side_crop for test images)"
+    )
+    with pytest.raises(CdfslError, match=f"^{re.escape(message)}$"):
+        xtail.framing("crop")
+
+
+def test_framed_images_identity_names_what_the_pixels_depend_on():
+    framed = FramedImages(_List([_striped(12, 12)]), xtail.framing("short_side_crop"),
+                          _preprocess(10), seed=3)  # fmt: skip
+    assert framed.identity() == {
+        "framing": "GeometryFraming(geometry='short_side_crop')",
+        "size": [10, 10],
+        "interpolation": "bicubic",
+        "seed": 3,
+    }
+
+
+def test_metrics_of_a_float32_matrix_are_computed_in_float64():
+    a = np.array(HAND, dtype=np.float32).astype(np.float64).tolist()  # the float32 values, exact
+    m = xtail_metrics(np.array(HAND, dtype=np.float32))
+    assert m["transfer"] == pytest.approx((a[0][1] + (a[0][2] + a[1][2]) / 2) / 2, rel=1e-15)
+    columns = [(a[0][k] + a[1][k] + a[2][k]) / 3 for k in range(3)]
+    assert m["average"] == pytest.approx(sum(columns) / 3, rel=1e-15)
+    assert m["last"] == pytest.approx(sum(a[2]) / 3, rel=1e-15)
+
+
+def test_average_is_the_mean_of_the_column_means_bit_for_bit():
+    # The mean over k of the mean over t, in that order: the overall mean (or the mean of the
+    # row means) differs in the last bit for this matrix.
+    a = [[0.64, 0.27, 0.04], [0.02, 0.81, 0.91], [0.61, 0.73, 0.54]]
+    columns = [(a[0][k] + a[1][k] + a[2][k]) / 3 for k in range(3)]
+    assert xtail_metrics(a)["average"] == (columns[0] + columns[1] + columns[2]) / 3
+
+
+def test_metrics_of_one_domain_raise_no_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" for the absent transfer
+        assert math.isnan(xtail_metrics([[0.7]])["transfer"])
+
+
+def test_matrix_table_in_percent_with_dashes_and_partial_rows():
+    from cdfsl.evaluation.xtail.metrics import format_matrix
+
+    assert format_matrix([[0.5, None], [math.nan, 0.123]], ["a", "b"]) == (
+        "| after \\ on | a | b |\n|---|---:|---:|\n| a | 50.0 | - |\n| b | - | 12.3 |"
+    )
+    # A run in progress: fewer rows than domains.
+    assert format_matrix([[0.25, 1.0]], ["a", "b"]) == (
+        "| after \\ on | a | b |\n|---|---:|---:|\n| a | 25.0 | 100.0 |"
+    )
+
+
+def test_summary_table_with_and_without_timings():
+    from cdfsl.evaluation.xtail.metrics import format_summary
+
+    results = {
+        "mine": {
+            "metrics": {"transfer": math.nan, "average": 0.5, "last": 0.25},
+            "update_seconds_mean": 1.234,
+            "update_peak_rss_mb_max": 1024.4,
+            "update_extra_rss_mb_max": 12.6,
+        },
+        "primal": {"metrics": {"transfer": 0.125, "average": 0.75, "last": 1.0}},
+    }
+    assert format_summary(results) == (
+        "| method | Transfer | Average | Last | s / domain update | update peak RSS (MB) "
+        "| update extra RSS (MB) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+        "| mine | - | 50.0 | 25.0 | 1.23 | 1024 | 13 |\n"
+        "| Primal-RAIL | 12.5 | 75.0 | 100.0 | - | - | - |"
+    )
+
+
+def test_heatmap_titles_carry_the_metrics():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cdfsl.evaluation.xtail.metrics import plot_matrices
+
+    figure = plot_matrices({"mine": HAND}, ["a", "b", "c"])
+    # Transfer 0.25, Average (0.4 + 1.7/3 + 0.5)/3 = 0.4889, Last 1.9/3 = 0.6333.
+    assert [ax.get_title() for ax in figure.axes if ax.get_title()] == [
+        "mine\nT 25.0  A 48.9  L 63.3"
+    ]
