@@ -335,3 +335,45 @@ def test_frozen_weights_cast_once_change_no_row(four_class_folder, tmp_path, mon
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
     )
     assert every_casts - once_casts >= weights * bf16.steps
+
+
+def test_the_next_group_loads_while_this_one_trains(four_class_folder, tmp_path, monkeypatch):
+    """run() reads group g+1's images in a thread while group g trains; the rows are those of
+    groups run one after another."""
+    import threading
+
+    from cdfsl.evaluation import runner
+
+    method = build(LoRAFineTune)
+    protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=4, seed=0)
+    fit = FitConfig(steps=2, precision="32-true", accelerator="cpu", episodes_per_step=2)
+    folder = ImageFolder(four_class_folder)
+    plain = EpisodicEvaluator(method, folder, protocol, tmp_path / "plain", fit)
+    alone = {r["episode"]: r for g in ([0, 1], [2, 3]) for r in plain.run_episodes(g)}
+
+    second_loaded = threading.Event()
+    load_group = EpisodicEvaluator.load_group
+
+    def watched_load(self, indices):
+        episodes = load_group(self, indices)
+        if list(indices) == [2, 3]:
+            second_loaded.set()
+        return episodes
+
+    overlapped = []
+    fit_episode = runner.fit_episode
+
+    def watched_fit(method, images, labels, *args, **kwargs):
+        # Group [0, 1] trains only once group [2, 3] has been read beside it.
+        overlapped.append(second_loaded.wait(timeout=20))
+        return fit_episode(method, images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(EpisodicEvaluator, "load_group", watched_load)
+    monkeypatch.setattr(runner, "fit_episode", watched_fit)
+    evaluator = EpisodicEvaluator(method, folder, protocol, tmp_path / "run", fit, progress=False)
+    evaluator.run()
+    assert overlapped == [True, True]
+    from cdfsl.evaluation import ResultStore
+
+    rows = {r["episode"]: r for r in ResultStore(tmp_path / "run" / "results.jsonl").rows()}
+    assert_same_rows(alone, rows)

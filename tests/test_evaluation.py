@@ -71,7 +71,9 @@ def test_resume_runs_only_missing_episodes(four_class_folder, tmp_path, monkeypa
     calls: list[int] = []
     original = evaluator.run_episodes
     monkeypatch.setattr(
-        evaluator, "run_episodes", lambda indices: calls.extend(indices) or original(indices)
+        evaluator,
+        "run_episodes",
+        lambda indices, **kw: calls.extend(indices) or original(indices, **kw),
     )
     summary = evaluator.run()
     assert calls == [2, 3]

@@ -108,9 +108,9 @@ def _child(args: list[str], phase_path: Path, pause: float) -> int:
     store.os = plumbing.os = SlowOS()
     run_episodes = runner.EpisodicEvaluator.run_episodes
 
-    def training(self, indices, callbacks=None):
+    def training(self, indices, *args, **kwargs):
         phase("training")
-        return run_episodes(self, indices, callbacks)
+        return run_episodes(self, indices, *args, **kwargs)
 
     runner.EpisodicEvaluator.run_episodes = training
     phase("startup")

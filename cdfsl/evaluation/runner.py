@@ -10,7 +10,8 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,20 @@ class EpisodicEvaluator:
     def _class_names(self, index: int) -> list[str] | None:
         return self.manifest.class_names(index) if self.manifest is not None else None
 
+    def load_group(self, indices: Sequence[int]) -> list[Episode]:
+        """Episodes ``indices`` with their images read and framed (what :meth:`run_episodes`
+        trains on; the evaluator reads the next group's while the current one trains)."""
+        to_tensor = self.method.to_tensor()
+        return [
+            load_episode(self.dataset, self.sampler.episode(i), to_tensor, self._class_names(i))
+            for i in indices
+        ]
+
     def run_episodes(
-        self, indices: Sequence[int], callbacks: list[L.Callback] | None = None
+        self,
+        indices: Sequence[int],
+        callbacks: list[L.Callback] | None = None,
+        loaded: Sequence[Episode] | None = None,
     ) -> list[dict[str, Any]]:
         """Fit and score the episodes ``indices`` side by side; their rows (not stored).
 
@@ -211,11 +224,7 @@ class EpisodicEvaluator:
         if isinstance(method, FrozenFeatureMethod):
             episodes, logits, steps = self._fit_frozen(method, indices, seeds)
         else:
-            to_tensor = method.to_tensor()
-            episodes = [
-                load_episode(self.dataset, self.sampler.episode(i), to_tensor, self._class_names(i))
-                for i in indices
-            ]
+            episodes = list(loaded) if loaded is not None else self.load_group(indices)
             method.to(self.fit.device())
             method.start_episodes(seeds, [episode.class_names for episode in episodes])
             steps = [0] * len(indices)
@@ -341,8 +350,9 @@ class EpisodicEvaluator:
             size = episodes_per_step(
                 self.method, self.protocol.n_way * self.protocol.k_shot, self.fit
             )
-            for group in (todo[i : i + size] for i in range(0, len(todo), size)):
-                for row in self.run_episodes(group):
+            groups = [todo[i : i + size] for i in range(0, len(todo), size)]
+            for group, loaded in self._prefetched(groups):
+                for row in self.run_episodes(group, loaded=loaded):
                     store.append(row)
                     if on_episode is not None:
                         on_episode(row)
@@ -353,6 +363,26 @@ class EpisodicEvaluator:
                 return None
             distributed.barrier()
         return distributed.on_rank0(self._merge_and_summarize)
+
+    def _prefetched(
+        self, groups: Sequence[Sequence[int]]
+    ) -> Iterator[tuple[Sequence[int], list[Episode] | None]]:
+        """Each group with its episodes loaded; the next group's images are read in a thread
+        while the caller trains this one (a frozen-feature method reads cached features: None)."""
+        if isinstance(self.method, FrozenFeatureMethod) or not groups:
+            yield from ((group, None) for group in groups)
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="cdfsl-prefetch")
+        try:
+            pending = pool.submit(self.load_group, groups[0])
+            for k, group in enumerate(groups):
+                loaded = pending.result()
+                if k + 1 < len(groups):
+                    pending = pool.submit(self.load_group, groups[k + 1])
+                yield group, loaded
+        finally:
+            # Interrupted: do not wait for a load nobody will train.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _check_group(self, shard: Shard) -> None:
         group = distributed.ranked_shard()
