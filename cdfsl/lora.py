@@ -509,11 +509,15 @@ def _canonical_mask(mask: Tensor | None, dtype: torch.dtype, name: str) -> Tenso
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
-def _split_heads_first(proj: Tensor, n: int) -> tuple[Tensor, ...]:
-    # (L, N, n*E) -> n contiguous (L, N, E) tensors, with the exact ops torch's packed path uses.
-    e = proj.shape[-1] // n
-    proj = proj.unflatten(-1, (n, e)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
-    return tuple(proj[i] for i in range(n))
+def _heads(proj: Tensor, n: int, heads: int) -> tuple[Tensor, ...]:
+    """``(L, N, n·E)`` projections -> ``n`` ``(N, heads, L, E / heads)`` views, no copy.
+
+    The values torch's packed path gets by copying q, k and v apart and regrouping their heads:
+    SDPA reads the strided views to the same bits, and the backward assembles one gradient
+    instead of zero-filling and copying each slice.
+    """
+    length, batch = proj.shape[:2]
+    return proj.view(length, batch, n, heads, -1).permute(2, 1, 3, 0, 4).unbind(0)
 
 
 class LoRAMultiheadAttention(LoRAProjection):
@@ -574,7 +578,7 @@ class LoRAMultiheadAttention(LoRAProjection):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         tgt_len, bsz, embed_dim = query.shape
         src_len = key.shape[0]
-        heads, head_dim = self.num_heads, self.head_dim
+        heads = self.num_heads
 
         key_padding_mask = _canonical_mask(key_padding_mask, query.dtype, "key_padding_mask")
         if is_causal and attn_mask is None:
@@ -586,14 +590,14 @@ class LoRAMultiheadAttention(LoRAProjection):
             is_causal = False
 
         if query is key and key is value:
-            q, k, v = _split_heads_first(self.project(query, batch_dim=1), 3)
+            q, k, v = _heads(self.project(query, batch_dim=1), 3, heads)
         elif key is value:
-            q = self.project(query, 0, embed_dim, batch_dim=1)
-            k, v = _split_heads_first(self.project(key, embed_dim, None, batch_dim=1), 2)
+            (q,) = _heads(self.project(query, 0, embed_dim, batch_dim=1), 1, heads)
+            k, v = _heads(self.project(key, embed_dim, None, batch_dim=1), 2, heads)
         else:
-            q = self.project(query, 0, embed_dim, batch_dim=1)
-            k = self.project(key, embed_dim, 2 * embed_dim, batch_dim=1)
-            v = self.project(value, 2 * embed_dim, None, batch_dim=1)
+            (q,) = _heads(self.project(query, 0, embed_dim, batch_dim=1), 1, heads)
+            (k,) = _heads(self.project(key, embed_dim, 2 * embed_dim, batch_dim=1), 1, heads)
+            (v,) = _heads(self.project(value, 2 * embed_dim, None, batch_dim=1), 1, heads)
 
         if attn_mask is not None:
             full = (bsz * heads, tgt_len, src_len)
@@ -612,11 +616,6 @@ class LoRAMultiheadAttention(LoRAProjection):
             else:
                 attn_mask = attn_mask.view(bsz, heads, -1, src_len)
 
-        # (L, N, E) -> (N, heads, L, head_dim) through the same views as torch.
-        q, k, v = (
-            t.view(-1, bsz * heads, head_dim).transpose(0, 1).view(bsz, heads, -1, head_dim)
-            for t in (q, k, v)
-        )
         dropout_p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
         out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
