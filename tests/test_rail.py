@@ -264,3 +264,159 @@ def test_fuse_errors_name_the_input():
         fuse(p, torch.zeros(2, 3), torch.ones(2, dtype=torch.bool))
     with pytest.raises(CdfslError, match="beta"):
         fuse(p, torch.zeros(2, 3), torch.ones(3, dtype=torch.bool), beta=1.5)
+
+
+# -- mutation follow-up (issue 23): messages, dtypes and devices of the state, defaults ----------
+def _message(text: str) -> str:
+    import re
+
+    return f"^{re.escape(text)}$"
+
+
+def test_feature_and_label_shape_messages_in_full():
+    tail = "; pass one feature row per sample, from the backbone the regressor learned with"
+    with pytest.raises(
+        CdfslError, match=_message("features of shape (2, 3): expected (N, 4)" + tail)
+    ):
+        PrimalRegressor(4, 8).scores(torch.zeros(2, 3))
+    with pytest.raises(
+        CdfslError, match=_message("features of shape (3,): expected (N, D)" + tail)
+    ):
+        DualRegressor().scores(torch.zeros(3))  # nothing stored: any D
+    message = "labels of shape (3,): expected (2,), one class index per feature row"
+    with pytest.raises(CdfslError, match=_message(message)):
+        PrimalRegressor(4, 8).update(torch.zeros(2, 4), torch.zeros(3, dtype=torch.long), 2)
+
+
+def test_primal_hidden_features_take_the_regressors_dtype_and_device():
+    x = torch.rand(3, 4, generator=torch.Generator().manual_seed(0))  # float32
+    adapter = PrimalRegressor(4, 8)
+    expected = (x.double() @ adapter.projection).clamp_min(0.0)
+    phi = adapter.hidden_features(x)
+    assert phi.dtype == torch.float64
+    assert torch.equal(phi, expected)
+    elsewhere = PrimalRegressor(4, 8, device="meta")  # stands in for a GPU: CPU x moves there
+    assert elsewhere.hidden_features(x).device.type == "meta"
+
+
+def test_state_bytes_before_any_update_count_layer_and_weights_only():
+    assert PrimalRegressor(4, 8).state_bytes() == 4 * 8 * 8  # W is (8, 0), M not yet allocated
+
+
+def test_state_dicts_name_their_kind_and_load_into_the_configured_dtype_and_device():
+    x, y = _problem(30)
+    for cls, make in (
+        (PrimalRegressor, lambda: PrimalRegressor(D, 16)),
+        (DualRegressor, DualRegressor),
+    ):
+        adapter = make()
+        adapter.update(x, y, C)
+        state = adapter.state_dict()
+        assert state["kind"] == ("primal" if cls is PrimalRegressor else "dual")
+        expected = adapter.scores(x[:5])
+        # A float64 state read as float32: every tensor converted, scores within float32 error.
+        state["config"]["dtype"] = "float32"
+        single = cls.from_state_dict(state)
+        tensors = [v for v in vars(single).values() if isinstance(v, torch.Tensor)]
+        assert tensors and all(t.dtype == torch.float32 for t in tensors)
+        assert torch.allclose(single.scores(x[:5]).double(), expected, atol=1e-4)
+        moved = cls.from_state_dict(state, device="meta")
+        assert moved.device.type == "meta"
+        assert all(
+            v.device.type == "meta" for v in vars(moved).values() if isinstance(v, torch.Tensor)
+        )
+
+
+def test_dual_defaults_bounds_and_fresh_state():
+    adapter = DualRegressor()
+    assert (adapter.gamma, adapter.reg, adapter.block_size) == (0.1, 1e-3, 1024)
+    state = adapter.state_dict()
+    for key in ("memory", "inverse", "alpha"):
+        assert state[key].shape == (0, 0) and state[key].dtype == torch.float64, key
+    assert adapter.num_classes == adapter.num_stored == 0
+    on_meta = DualRegressor(device="meta")
+    assert on_meta.device.type == "meta"
+    assert all(getattr(on_meta, k).device.type == "meta" for k in ("memory", "inverse", "alpha"))
+    for gamma, reg in ((0.0, 1e-3), (0.1, 0.0)):
+        message = f"DualRegressor(gamma={gamma}, reg={reg}): expected both > 0"
+        with pytest.raises(CdfslError, match=_message(message)):
+            DualRegressor(gamma, reg)
+    message = "DualRegressor block_size=0: expected an integer >= 1"
+    with pytest.raises(CdfslError, match=_message(message)):
+        DualRegressor(block_size=0)
+
+
+def test_fuse_mask_of_any_dtype_and_device_keeps_the_probabilities_dtype():
+    p = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])  # float32
+    scores = torch.tensor([[0.1, 0.9, 0.9], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    fused = fuse(p, scores, torch.tensor([1, 0, 0]), beta=0.8)  # an int mask
+    assert fused.dtype == torch.float32
+    # Row 0 picks seen class 0: 0.2·p + 0.8·[0.1, 0, 0]; row 1 picks unseen class 1: p.
+    assert torch.allclose(fused, torch.tensor([[0.2, 0.06, 0.02], [0.2, 0.7, 0.1]]))
+    on_meta = fuse(p.to("meta"), scores.to("meta"), torch.tensor([True, False, False]))
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 3)
+
+
+def test_fuse_messages_in_full():
+    p = torch.full((2, 3), 1 / 3)
+    message = (
+        "fuse got zero_shot_probs (2, 3) and regressor_scores (2, 2): expected both (B, C); pad "
+        "regressor scores with zero columns for classes the regressor has not learned"
+    )
+    with pytest.raises(CdfslError, match=_message(message)):
+        fuse(p, torch.zeros(2, 2), torch.ones(3, dtype=torch.bool))
+    message = "seen_class_mask of shape (2,): expected (3,), one flag per class of the sequence"
+    with pytest.raises(CdfslError, match=_message(message)):
+        fuse(p, torch.zeros(2, 3), torch.ones(2, dtype=torch.bool))
+
+
+def test_primal_defaults_bounds_and_fresh_state():
+    adapter = PrimalRegressor(2)
+    config = (adapter.hidden, adapter.reg, adapter.seed, adapter.block_size, adapter.random_init)
+    assert config == (15000, 0.1, 0, 1024, "uniform_fan_in")
+    assert adapter.dtype == torch.float64 and adapter.num_classes == 0
+    assert adapter.weights.shape == (15000, 0) and adapter.inverse is None
+    assert PrimalRegressor(1, 1, block_size=1).projection.shape == (1, 1)  # 1 is positive
+    for in_dim, hidden, block_size in ((0, 4, 4), (4, 0, 4), (4, 4, 0)):
+        message = (
+            f"PrimalRegressor(in_dim={in_dim}, hidden={hidden}, block_size={block_size}): "
+            "expected positive integers"
+        )
+        with pytest.raises(CdfslError, match=_message(message)):
+            PrimalRegressor(in_dim, hidden, block_size=block_size)
+    on_meta = PrimalRegressor(4, 8, device="meta")
+    assert on_meta.device.type == on_meta.projection.device.type == "meta"
+    assert on_meta.weights.device.type == "meta"
+
+
+def test_random_layer_is_drawn_in_float32_whatever_the_default_dtype():
+    bound = 4**-0.5
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        uniform = PrimalRegressor(4, 8, seed=3).projection
+        normal = PrimalRegressor(4, 8, seed=3, random_init="normal").projection
+    finally:
+        torch.set_default_dtype(before)
+    draw = torch.rand(4, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+    assert torch.equal(uniform, (draw * (2 * bound) - bound).double())
+    gauss = torch.randn(4, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+    assert torch.equal(normal, gauss.double())
+
+
+def test_label_range_and_class_count_messages_in_full():
+    x = torch.zeros(3, 4)
+    adapter = PrimalRegressor(4, 8)
+    message = (
+        "labels in [0, 2]: expected 0 <= label < num_classes=2; raise num_classes to cover the "
+        "new classes"
+    )
+    with pytest.raises(CdfslError, match=_message(message)):
+        adapter.update(x, torch.tensor([0, 1, 2]), 2)  # label == num_classes is out of range
+    adapter.update(x, torch.tensor([0, 1, 2]), 3)
+    message = (
+        "num_classes=2: expected >= 3 (classes already learned); pass the size of the label "
+        "space seen so far, which only grows"
+    )
+    with pytest.raises(CdfslError, match=_message(message)):
+        adapter.update(x, torch.tensor([0, 1, 1]), 2)
