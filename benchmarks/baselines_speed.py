@@ -4,11 +4,12 @@ one LoRAFineTune episode; micro-clip on one micro-world target.
     OMP_NUM_THREADS=1 python benchmarks/baselines_speed.py
     OMP_NUM_THREADS=1 python benchmarks/baselines_speed.py --domain chestx-like --episodes 800
 
-Each baseline is timed twice through the evaluator's own path (``run_episodes``, groups of 8,
-rows not written): with the clean cached features only (no augmented views: 800 episodes), and
-at the reference's defaults, whose augmented support views are encoded per episode (timed on
-``--view_episodes`` episodes and extrapolated to ``--episodes``). The cache is built first and
-its time reported apart. LoRAFineTune runs the demo's schedule (T = 10·K, two views, fp32).
+Each baseline is timed twice through the evaluator's own path (``run_episodes`` in the
+evaluator's own groups, rows not written): with the clean cached features only (no augmented
+views: 800 episodes), and at the reference's defaults, whose augmented support views are encoded
+per episode (timed on ``--view_episodes`` episodes and extrapolated to ``--episodes``). The
+cache is built first and its time reported apart. LoRAFineTune runs the demo's schedule
+(T = 10·K, two views, fp32).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from cdfsl.data.sources import DataConfig, build_dataset
-from cdfsl.engine import FitConfig
+from cdfsl.engine import FitConfig, episodes_per_step
 from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.lora import LoRAConfig
 from cdfsl.methods import (
@@ -46,7 +47,9 @@ BASELINES: list[tuple[str, Any, dict[str, Any], dict[str, Any] | None]] = [
 ]
 
 
-def _time(evaluator: EpisodicEvaluator, episodes: int, group: int = 8) -> float:
+def _time(evaluator: EpisodicEvaluator, episodes: int) -> float:
+    # Groups as the evaluator makes them (episodes_per_step null: its automatic E).
+    group = episodes_per_step(evaluator.method, evaluator.protocol.n_way, evaluator.fit)
     start = time.perf_counter()
     for first in range(0, episodes, group):
         evaluator.run_episodes(list(range(first, min(first + group, episodes))))

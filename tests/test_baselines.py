@@ -145,8 +145,20 @@ def test_clap_multipliers_and_sgd_epochs_follow_the_reference_rule():
     multipliers = zero_shot_multipliers(clap_logits(ft, tt, scale), yt)
     assert np.allclose(multipliers.numpy(), lam, atol=1e-12)
     state = ClapState(tt.clone(), tt, multipliers, torch.zeros(3, dtype=torch.float64))
-    clap_fit(state, ft, yt, scale, 3, 0.1, 0.9, 256, 1, True, False, torch.Generator())
+    # Beside a second episode (other text, shuffled otherwise): each ends where it would alone.
+    t2 = torch.tensor(rng.normal(size=(3, 4)) * 3)
+    m2 = zero_shot_multipliers(clap_logits(ft, t2, scale), yt)
+    other = ClapState(t2.clone(), t2, m2, torch.zeros(3, dtype=torch.float64))
+    generators = [torch.Generator(), torch.Generator().manual_seed(9)]
+    clap_fit([state, other], torch.stack([ft, ft]), torch.stack([yt, yt]), scale, 3, 0.1, 0.9,
+             256, 1, True, False, generators)  # fmt: skip
     assert np.allclose(state.prototypes.numpy(), w, atol=1e-10)
+    w2, buf = t2.numpy().copy(), None
+    for lr in lrs:
+        g = _clap_grad(w2, t2.numpy(), m2.numpy(), f, onehot, scale, True)
+        buf = g if buf is None else 0.9 * buf + g
+        w2 = w2 - lr * buf
+    assert np.allclose(other.prototypes.numpy(), w2, atol=1e-10)
     assert [dassl_cosine_lr(e, 0.1, 3) for e in range(3)] == pytest.approx(lrs)
 
 

@@ -10,6 +10,7 @@ import torch
 from cdfsl.engine.fit import _ONE_EPISODE_PRECISIONS, FitConfig, _check_scaler_episodes
 from cdfsl.errors import CdfslError
 from cdfsl.methods.base import FewShotMethod
+from cdfsl.methods.frozen import FrozenFeatureMethod
 
 #: Activations kept for the backward pass per element of a LoRA projection's input: a ViT
 #: block saves about 16 of the residual's size (norms, q/k/v, attention, MLP at 4x). An
@@ -18,6 +19,8 @@ _SAVED_PER_PROJECTED_ELEMENT = 16
 #: Bytes of a saved activation by precision: autocast keeps most of them in 16 bits.
 _ACTIVATION_BYTES = {"32-true": 4, "bf16-mixed": 2, "16-mixed": 2}
 _MAX_EPISODES_PER_STEP = {"cpu": 8, "cuda": 32}
+#: Frozen-feature heads fit side by side on cached features: a few kB an episode.
+_MAX_FROZEN_EPISODES = 64
 
 
 def episodes_per_step(method: FewShotMethod, support_images: int, fit: FitConfig) -> int:
@@ -30,7 +33,8 @@ def episodes_per_step(method: FewShotMethod, support_images: int, fit: FitConfig
     more when the method forwards its clean support separately, as Mind does), between 1 and
     8 (CPU) or 32 (CUDA). The free memory is the device's (CUDA) or MemAvailable (CPU), shared
     by the launcher's local ranks on the same device (``LOCAL_WORLD_SIZE``). Mini-batched
-    support sets (``fit.batch_size``) train one episode at a time.
+    support sets (``fit.batch_size``) train one episode at a time; frozen-feature heads, fitted
+    on cached features, 64 at a time.
     """
     if fit.episodes_per_step is not None:
         if fit.episodes_per_step < 1:
@@ -42,6 +46,8 @@ def episodes_per_step(method: FewShotMethod, support_images: int, fit: FitConfig
         return fit.episodes_per_step
     if fit.precision in _ONE_EPISODE_PRECISIONS:
         return 1
+    if isinstance(method, FrozenFeatureMethod):
+        return _MAX_FROZEN_EPISODES
     device = fit.device()
     cap = _MAX_EPISODES_PER_STEP.get(device.type, 1)
     if not method.trainable:

@@ -18,6 +18,7 @@ containing ``adaptative``, which ``adapt.sh`` never passes: here it is the optio
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +90,7 @@ def clap_logits(feats: Tensor, prototypes: Tensor, scale: float) -> Tensor:
 
 
 def clap_fit(
-    state: ClapState,
+    states: Sequence[ClapState],
     feats: Tensor,
     labels: Tensor,
     scale: float,
@@ -100,36 +101,57 @@ def clap_fit(
     batches_per_epoch: int,
     constrained: bool,
     adaptive: bool,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
 ) -> Tensor:
-    """Train ``state.prototypes`` in place as ``ADAPTER.train`` does; the last step's loss.
+    """Train E episodes' ``states[e].prototypes`` side by side as ``ADAPTER.train`` trains one;
+    each episode's last-step loss, ``(E,)``.
 
-    ``feats: (M, D)`` the pass features, ``labels: (M,)``. Each epoch shuffles the rows and takes
-    ``batches_per_epoch`` batches of ``batch_size`` from the front, one SGD step each.
+    ``feats: (E, M, D)`` the pass features, ``labels: (E, M)``. Each epoch episode ``e``
+    shuffles its rows with ``generators[e]`` and takes ``batches_per_epoch`` batches of
+    ``batch_size`` from the front, one SGD step each. The episodes' losses are summed, so each
+    episode's prototypes get its own gradient alone and SGD moves every element as it would
+    alone; the arithmetic is the same batched kernels for any E, so an episode's result does not
+    depend on how many train beside it.
     """
-    prototypes = torch.nn.Parameter(state.prototypes.clone())
+    prototypes = torch.nn.Parameter(torch.stack([s.prototypes for s in states]).clone())
+    text = torch.stack([s.text for s in states])
+    multipliers = torch.stack([s.multipliers for s in states])
+    penalty = torch.stack([s.penalty for s in states])
     optimizer = torch.optim.SGD([prototypes], lr=lr, momentum=momentum)
-    loss = torch.tensor(float("nan"))
+    count, rows_per_episode, dim = feats.shape
+    losses = torch.full((count,), float("nan"))
     with torch.enable_grad():
         for epoch in range(epochs):
             for group in optimizer.param_groups:
                 group["lr"] = dassl_cosine_lr(epoch, lr, epochs)
-            order = torch.randperm(len(feats), generator=generator).to(feats.device)
+            orders = torch.stack(
+                [torch.randperm(rows_per_episode, generator=g) for g in generators]
+            ).to(feats.device)
             for batch in range(batches_per_epoch):
-                rows = order[batch * batch_size : (batch + 1) * batch_size]
-                loss = F.cross_entropy(clap_logits(feats[rows], prototypes, scale), labels[rows])
+                rows = orders[:, batch * batch_size : (batch + 1) * batch_size]
+                picked = feats.gather(1, rows.unsqueeze(-1).expand(-1, -1, dim))
+                logits = scale * F.normalize(picked, dim=-1) @ F.normalize(prototypes, dim=-1).mT
+                losses = (
+                    F.cross_entropy(
+                        logits.flatten(0, 1), labels.gather(1, rows).flatten(), reduction="none"
+                    )
+                    .view(count, -1)
+                    .mean(1)
+                )
                 if constrained:
-                    loss = loss + constraint_penalty(prototypes, state.text, state.multipliers)
+                    losses = losses + torch.mean(
+                        multipliers * (prototypes - text).pow(2).sum(-1), dim=1
+                    )
                 optimizer.zero_grad()
-                loss.backward()
+                losses.sum().backward()
                 optimizer.step()
             if adaptive:
                 with torch.no_grad():
-                    state.multipliers, state.penalty = phr_update(
-                        prototypes, state.text, state.multipliers, state.penalty
-                    )
-    state.prototypes = prototypes.detach()
-    return loss.detach()
+                    multipliers, penalty = phr_update(prototypes, text, multipliers, penalty)
+    for e, state in enumerate(states):
+        state.prototypes = prototypes.detach()[e]
+        state.multipliers, state.penalty = multipliers[e], penalty[e]
+    return losses.detach()
 
 
 class CLAP(FrozenFeatureMethod):
@@ -184,7 +206,10 @@ class CLAP(FrozenFeatureMethod):
             self._raw_text.update(zip(missing, raw.float().cpu(), strict=True))
         return torch.stack([self._raw_text[p] for p in prompts]).to(self.backbone.device)
 
-    def fit_support(self, episode: EpisodeState, support: SupportSet) -> int:
+    def _start(
+        self, episode: EpisodeState, support: SupportSet
+    ) -> tuple[ClapState, Tensor, Tensor]:
+        """Episode's initial state and the features and labels it trains on."""
         feats, labels = support.features, support.labels
         if self.augment_passes:
             views = self.view_features(
@@ -193,19 +218,36 @@ class CLAP(FrozenFeatureMethod):
             feats, labels = views.flatten(0, 1), labels.repeat(self.augment_passes)
         text = self.raw_text(episode.class_names)
         multipliers = zero_shot_multipliers(clap_logits(feats, text, self.scale), labels)
-        state = ClapState(text.clone(), text, multipliers, torch.zeros_like(multipliers))
-        count = len(support.labels)
+        return (
+            ClapState(text.clone(), text, multipliers, torch.zeros_like(multipliers)),
+            feats,
+            labels,
+        )
+
+    def _batches_per_epoch(self, support: SupportSet) -> int:
         # The reference's batches per epoch: those of its image loader over the support set
         # (drop_last only when a full batch exists), each taken from the pass features.
-        per_epoch = count // self.batch_size if count >= self.batch_size else 1
-        loss = clap_fit(
-            state, feats, labels, self.scale, self.epochs, self.lr, self.momentum,
-            self.batch_size, per_epoch, CONSTRAINTS[self.constraint],
-            MULTIPLIERS[self.multipliers], self.draw_generator(episode),
+        count = len(support.labels)
+        return count // self.batch_size if count >= self.batch_size else 1
+
+    def fit_support(self, episode: EpisodeState, support: SupportSet) -> int:
+        return self.fit_group([episode], [support])[0]
+
+    def fit_group(
+        self, episodes: Sequence[EpisodeState], supports: Sequence[SupportSet]
+    ) -> list[int]:
+        started = [self._start(e, s) for e, s in zip(episodes, supports, strict=True)]
+        per_epoch = self._batches_per_epoch(supports[0])
+        losses = clap_fit(
+            [state for state, _, _ in started], torch.stack([f for _, f, _ in started]),
+            torch.stack([y for _, _, y in started]), self.scale, self.epochs, self.lr,
+            self.momentum, self.batch_size, per_epoch, CONSTRAINTS[self.constraint],
+            MULTIPLIERS[self.multipliers], [self.draw_generator(e) for e in episodes],
         )  # fmt: skip
-        episode.memory["clap"] = state
-        episode.terms = {"loss": loss}
-        return self.epochs * per_epoch
+        for episode, (state, _, _), loss in zip(episodes, started, losses, strict=True):
+            episode.memory["clap"] = state
+            episode.terms = {"loss": loss}
+        return [self.epochs * per_epoch] * len(episodes)
 
     def predict_features(self, feats: Tensor, episode: EpisodeState) -> Tensor:
         return clap_logits(feats.float(), episode.memory["clap"].prototypes, self.scale)

@@ -82,6 +82,14 @@ class FrozenFeatureMethod(FewShotMethod):
         """``feats: (Q, D)`` L2-normalised -> ``(Q, N)`` logits of ``episode``'s fitted head."""
         raise NotImplementedError
 
+    def fit_group(
+        self, episodes: Sequence[EpisodeState], supports: Sequence[SupportSet]
+    ) -> list[int] | None:
+        """Fit every episode of a group at once (an iterative head's E runs side by side, one
+        optimiser step for all); None: this method fits them one by one (:meth:`fit_support`).
+        An override must give each episode what :meth:`fit_support` gives it alone."""
+        return None
+
     # -- the episodic interface ----------------------------------------------------------------
     def fit_episodes(self, supports: Sequence[SupportSet]) -> list[int]:
         """Fit every started episode on its own support set; the steps each took."""
@@ -92,14 +100,19 @@ class FrozenFeatureMethod(FewShotMethod):
                 "per episode started with start_episodes"
             )
         device = self.backbone.device
-        steps = []
-        for episode, support in zip(self.episodes, supports, strict=True):
+        moved = [
+            SupportSet(s.features.to(device).float(), s.labels.to(device), s.images)
+            for s in supports
+        ]
+        for episode in self.episodes:
             episode.memory, episode.terms = {}, {}
-            moved = SupportSet(
-                support.features.to(device).float(), support.labels.to(device), support.images
-            )
-            steps.append(int(self.fit_support(episode, moved)))
-        return steps
+        steps = self.fit_group(self.episodes, moved)
+        if steps is None:
+            steps = [
+                int(self.fit_support(episode, support))
+                for episode, support in zip(self.episodes, moved, strict=True)
+            ]
+        return [int(step) for step in steps]
 
     def forward(self, images: Tensor) -> Tensor:
         """``images: (E·B, 3, H, W)`` in [0, 1], E contiguous episode groups -> ``(E·B, N)``."""
