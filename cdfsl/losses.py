@@ -116,7 +116,8 @@ def vlm_decomposition(
         rows = torch.arange(len(labels), device=labels.device)
         residual = probs.clone()
         residual[rows, labels] -= 1.0
-        scale = torch.as_tensor(logit_scale, dtype=image_feats.dtype) / len(labels)
+        scale = torch.as_tensor(logit_scale, dtype=image_feats.dtype, device=image_feats.device)
+        scale = scale / len(labels)
         return {
             "vlm_visual": ((probs * visual).sum(1) - visual[rows, labels]).mean(),
             "vlm_cross_modal": ((probs * cross).sum(1) - cross[rows, labels]).mean(),
