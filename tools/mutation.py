@@ -42,7 +42,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "lora": (["cdfsl/lora.py"], ["tests/test_lora.py", "tests/test_lora_layouts.py"]),
     "views": (["cdfsl/data/views.py"], ["tests/test_views.py"]),
-    "episodes": (["cdfsl/data/episodes.py"], ["tests/test_episodes.py"]),
+    "episodes": (["cdfsl/data/episodes.py"], ["tests/test_episodes.py", "tests/test_manifests.py"]),
     "methods": (
         ["cdfsl/methods/base.py", "cdfsl/methods/mind.py", "cdfsl/methods/lora_ce.py"],
         ["tests/test_methods.py"],
@@ -159,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         if not args.report:
             _mutmut(work, "run", "--max-children", str(args.max_children))
-            # mutmut keeps a verdict until the mutated function changes; survivors are retried
-            # by name so that tests written since then get their chance.
-            survivors = [n for n, status in _statuses(work).items() if status == "survived"]
+            # mutmut keeps a verdict until the mutated function changes; survivors (and mutants
+            # no test reached) are retried by name so that tests written since get their chance.
+            survivors = [
+                n for n, status in _statuses(work).items() if status in ("survived", "no tests")
+            ]
             if survivors and not args.fresh:
                 _mutmut(work, "run", "--max-children", str(args.max_children), *survivors)
         rows.append((group, _statuses(work), time.monotonic() - start))
