@@ -331,11 +331,15 @@ class FewShotMethod(L.LightningModule):
     def logits(self, image_feats: Tensor, episode: EpisodeState | None = None) -> Tensor:
         """``image_feats: (B, D)`` normalised -> ``(B, N)`` logits s·cos (+ bias) of ``episode``
         (the single episode when None)."""
-        text = (episode or self._single()).text_feats
+        return self.text_logits(image_feats, (episode or self._single()).text_feats)
+
+    def text_logits(self, image_feats: Tensor, text: Tensor) -> Tensor:
+        """``(..., B, D)`` normalised features against a text classifier ``(..., N, D)`` ->
+        ``(..., B, N)`` logits s·cos (+ the backbone's bias); leading dims batch episodes."""
         # fp32 under any autocast: a bf16 head puts logits of 20-40 on steps of 0.125-0.25, and
         # ties then go to the lower class index.
         with torch.autocast(image_feats.device.type, enabled=False):
-            out = self.scale * image_feats.float() @ text.float().t()
+            out = self.scale * image_feats.float() @ text.float().mT
         if self.backbone.logit_bias is not None:
             out = out + self.backbone.logit_bias
         return out

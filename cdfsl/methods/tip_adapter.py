@@ -12,6 +12,7 @@ validation set, so α and β stay at their configured values and the last epoch 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,9 +30,10 @@ TIP_CROP_SCALE = (0.5, 1.0)
 def cache_logits(feats: Tensor, keys: Tensor, values: Tensor, beta: float) -> Tensor:
     """Tip-Adapter's cache model: ``exp(-β(1 - f·Kᵀ)) · V``.
 
-    ``feats: (Q, D)`` normalised queries, ``keys: (S, D)``, ``values: (S, N)`` one-hot.
+    ``feats: (Q, D)`` normalised queries, ``keys: (S, D)``, ``values: (S, N)`` one-hot; or each
+    with a leading episode dimension ``E``.
     """
-    affinity = feats @ keys.t()
+    affinity = feats @ keys.mT
     return torch.exp(-(beta - beta * affinity)) @ values
 
 
@@ -120,40 +122,63 @@ class TipAdapterF(TipAdapter):
         self.weight_decay, self.batch_size = float(weight_decay), int(batch_size)
 
     def fit_support(self, episode: EpisodeState, support: SupportSet) -> int:
-        super().fit_support(episode, support)
-        values = episode.memory["values"]
-        keys = torch.nn.Parameter(episode.memory["keys"].clone())
-        images = support.images()
-        count = len(images)
+        return self.fit_group([episode], [support])[0]
+
+    def fit_group(
+        self, episodes: Sequence[EpisodeState], supports: Sequence[SupportSet]
+    ) -> list[int]:
+        """The E episodes' keys train side by side: one AdamW step for all on the sum of their
+        losses (each set of keys gets its own gradient alone; AdamW is element-wise), through
+        the same batched kernels for any E."""
+        for episode, support in zip(episodes, supports, strict=True):
+            TipAdapter.fit_support(self, episode, support)
+        keys = torch.nn.Parameter(torch.stack([e.memory["keys"] for e in episodes]).clone())
+        values = torch.stack([e.memory["values"] for e in episodes])
+        text = torch.stack([e.text_feats for e in episodes])
+        labels = torch.stack([s.labels for s in supports])
+        count, dim = labels.shape[1], keys.shape[-1]
         # build_data_loader drops the last partial batch only when a full one exists.
         per_epoch = count // self.batch_size if count >= self.batch_size else 1
         optimizer = torch.optim.AdamW(
             [keys], lr=self.lr, eps=self.eps, weight_decay=self.weight_decay
         )
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs * per_epoch)
-        generator = self.draw_generator(episode)
-        # One fresh augmented pass per epoch, encoded together (views never depend on the keys).
+        generators = [self.draw_generator(e) for e in episodes]
+        # One fresh augmented pass per epoch, encoded together (views never depend on the keys):
+        # (epochs, E, S, D).
         views = [self.augment_epochs + epoch for epoch in range(self.epochs)]
         if self.augment_epochs:
-            passes = self.view_features(episode, images, views, self.crop_scale)
+            passes = torch.stack([
+                self.view_features(e, s.images(), views, self.crop_scale)
+                for e, s in zip(episodes, supports, strict=True)
+            ]).transpose(0, 1)  # fmt: skip
         else:  # no augmented views anywhere: every epoch trains on the clean features
-            passes = support.features.expand(self.epochs, -1, -1)
-        losses = []
+            clean = torch.stack([s.features for s in supports])
+            passes = clean.expand(self.epochs, -1, -1, -1)
+        losses = torch.full((len(episodes),), float("nan"))
         with torch.enable_grad():
             for feats in passes:
-                order = torch.randperm(count, generator=generator).to(feats.device)
+                orders = torch.stack([torch.randperm(count, generator=g) for g in generators]).to(
+                    feats.device
+                )
                 for batch in range(per_epoch):
-                    rows = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-                    f, y = feats[rows], support.labels[rows]
-                    logits = self.logits(f, episode) + self.alpha * cache_logits(
+                    rows = orders[:, batch * self.batch_size : (batch + 1) * self.batch_size]
+                    f = feats.gather(1, rows.unsqueeze(-1).expand(-1, -1, dim))
+                    logits = self.text_logits(f, text) + self.alpha * cache_logits(
                         f, keys, values, self.beta
                     )
-                    loss = F.cross_entropy(logits, y)
+                    losses = (
+                        F.cross_entropy(
+                            logits.flatten(0, 1), labels.gather(1, rows).flatten(), reduction="none"
+                        )
+                        .view(len(episodes), -1)
+                        .mean(1)
+                    )
                     optimizer.zero_grad()
-                    loss.backward()
+                    losses.sum().backward()
                     optimizer.step()
                     schedule.step()
-                    losses.append(loss.detach())
-        episode.memory["keys"] = keys.detach()
-        episode.terms = {"loss": losses[-1]}
-        return self.epochs * per_epoch
+        for e, episode in enumerate(episodes):
+            episode.memory["keys"] = keys.detach()[e]
+            episode.terms = {"loss": losses.detach()[e]}
+        return [self.epochs * per_epoch] * len(episodes)
