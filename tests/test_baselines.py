@@ -106,10 +106,20 @@ def test_lpp_initialisation_and_steps_follow_the_reference_rule(accumulate):
     head = lpp_init(ft, yt, tt, torch.tensor(bias))
     assert head.lr_w == pytest.approx(lr_w, rel=1e-12)
     assert head.lr_alpha == pytest.approx(lr_alpha, rel=1e-12)
-    lpp_fit(head, ft, yt, tt, 12, zero_alpha_grad=not accumulate)
-    assert np.allclose(head.weight.numpy(), w, atol=1e-10)
-    assert np.allclose(head.bias.numpy(), b, atol=1e-10)
-    assert np.allclose(head.alpha.numpy(), alpha, atol=1e-8)
+    # Beside a second episode with other features, text and step sizes: each as by hand alone.
+    f2, t2 = _unit(rng, 6, 4), _unit(rng, 3, 4)
+    bias2 = rng.uniform(-0.5, 0.5, size=3)
+    w2, b2, alpha2, _, _ = _lpp_by_hand(f2, y, t2, bias2, 12, accumulate)
+    other = lpp_init(torch.tensor(f2), yt, torch.tensor(t2), torch.tensor(bias2))
+    assert other.lr_w != pytest.approx(head.lr_w)
+    lpp_fit(
+        [head, other], torch.stack([ft, torch.tensor(f2)]), torch.stack([yt, yt]),
+        torch.stack([tt, torch.tensor(t2)]), 12, zero_alpha_grad=not accumulate,
+    )  # fmt: skip
+    for fitted, (ww, bb, aa) in ((head, (w, b, alpha)), (other, (w2, b2, alpha2))):
+        assert np.allclose(fitted.weight.numpy(), ww, atol=1e-10)
+        assert np.allclose(fitted.bias.numpy(), bb, atol=1e-10)
+        assert np.allclose(fitted.alpha.numpy(), aa, atol=1e-8)
 
 
 # -- CLAP ----------------------------------------------------------------------------------------

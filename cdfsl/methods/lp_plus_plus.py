@@ -16,6 +16,7 @@ the last epoch is scored.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +80,7 @@ def lpp_init(feats: Tensor, labels: Tensor, text: Tensor, bias: Tensor) -> LPPHe
 
 
 def lpp_fit(
-    head: LPPHead,
+    heads: Sequence[LPPHead],
     feats: Tensor,
     labels: Tensor,
     text: Tensor,
@@ -88,28 +89,51 @@ def lpp_fit(
     momentum: float = 0.9,
     zero_alpha_grad: bool = False,
 ) -> Tensor:
-    """Train ``head`` in place for ``epochs`` full-batch steps as the reference does; the last
-    step's loss."""
-    weight = torch.nn.Parameter(head.weight.clone())
-    bias = torch.nn.Parameter(head.bias.clone())
-    alpha = head.alpha.clone().requires_grad_(True)
-    optimizer = torch.optim.SGD([weight, bias], lr=head.lr_w, momentum=momentum)
-    text_logits = feats @ text.t()
-    loss = torch.tensor(float("nan"))
+    """Train E episodes' ``heads`` in place side by side, ``epochs`` full-batch steps each as the
+    reference trains one; each episode's last-step loss, ``(E,)``.
+
+    ``feats: (E, n, D)``, ``labels: (E, n)``, ``text: (E, N, D)``. The episodes' losses are
+    summed, so each head gets its own gradient alone; W and b take SGD steps with momentum
+    (torch's rule: the buffer starts at the first gradient) of their episode's ``lr_w``, α its
+    episode's ``lr_alpha``. The same batched kernels run for any E, so an episode's head does
+    not depend on how many train beside it.
+    """
+    count = len(heads)
+    weight = torch.stack([h.weight for h in heads]).clone().requires_grad_(True)
+    bias = torch.stack([h.bias for h in heads]).clone().requires_grad_(True)
+    alpha = torch.stack([h.alpha for h in heads]).clone().requires_grad_(True)
+    lr_w = torch.tensor([h.lr_w for h in heads], dtype=feats.dtype, device=feats.device)
+    lr_alpha = torch.tensor([h.lr_alpha for h in heads], dtype=feats.dtype, device=feats.device)
+    text_logits = feats @ text.mT
+    buffers: list[Tensor] = []
+    losses = torch.full((count,), float("nan"))
     with torch.enable_grad():
         for epoch in range(epochs):
-            logits = feats @ weight.t() + bias + alpha * text_logits
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if (epoch + 1) % alpha_every == 0:
-                with torch.no_grad():
-                    alpha -= head.lr_alpha * alpha.grad
+            logits = feats @ weight.mT + bias.unsqueeze(1) + alpha.unsqueeze(1) * text_logits
+            losses = (
+                F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+                .view(count, -1)
+                .mean(1)
+            )
+            weight.grad = bias.grad = None
+            losses.sum().backward()
+            with torch.no_grad():
+                grads = [weight.grad, bias.grad]
+                if not buffers:
+                    buffers = [g.clone() for g in grads]
+                else:
+                    for buffer, grad in zip(buffers, grads, strict=True):
+                        buffer.mul_(momentum).add_(grad)
+                weight.sub_(lr_w.view(-1, 1, 1) * buffers[0])
+                bias.sub_(lr_w.view(-1, 1) * buffers[1])
+                if (epoch + 1) % alpha_every == 0:
+                    alpha.sub_(lr_alpha.view(-1, 1) * alpha.grad)
             if zero_alpha_grad:
                 alpha.grad = None
-    head.weight, head.bias, head.alpha = weight.detach(), bias.detach(), alpha.detach()
-    return loss.detach()
+    for e, head in enumerate(heads):
+        head.weight, head.bias = weight.detach()[e], bias.detach()[e]
+        head.alpha = alpha.detach()[e]
+    return losses.detach()
 
 
 class LPPlusPlus(FrozenFeatureMethod):
@@ -152,23 +176,32 @@ class LPPlusPlus(FrozenFeatureMethod):
         self.alpha_gradient, self.bias_init = alpha_gradient, bias_init
 
     def fit_support(self, episode: EpisodeState, support: SupportSet) -> int:
-        feats, labels = support.features, support.labels
-        if self.augment_passes:
-            views = self.view_features(
-                episode, support.images(), range(self.augment_passes), self.crop_scale
-            )
-            feats, labels = views.flatten(0, 1), labels.repeat(self.augment_passes)
-        text = episode.text_feats.float()
-        classes, dim = text.shape
-        bias = BIAS_INITS[self.bias_init](classes, dim, self.draw_generator(episode))
-        head = lpp_init(feats, labels, text, bias)
-        loss = lpp_fit(
-            head, feats, labels, text, self.epochs, self.alpha_every, self.momentum,
-            ALPHA_GRADIENTS[self.alpha_gradient],
+        return self.fit_group([episode], [support])[0]
+
+    def fit_group(
+        self, episodes: Sequence[EpisodeState], supports: Sequence[SupportSet]
+    ) -> list[int]:
+        started = []
+        for episode, support in zip(episodes, supports, strict=True):
+            feats, labels = support.features, support.labels
+            if self.augment_passes:
+                views = self.view_features(
+                    episode, support.images(), range(self.augment_passes), self.crop_scale
+                )
+                feats, labels = views.flatten(0, 1), labels.repeat(self.augment_passes)
+            text = episode.text_feats.float()
+            classes, dim = text.shape
+            bias = BIAS_INITS[self.bias_init](classes, dim, self.draw_generator(episode))
+            started.append((lpp_init(feats, labels, text, bias), feats, labels, text))
+        losses = lpp_fit(
+            [head for head, *_ in started], torch.stack([f for _, f, _, _ in started]),
+            torch.stack([y for _, _, y, _ in started]), torch.stack([t for *_, t in started]),
+            self.epochs, self.alpha_every, self.momentum, ALPHA_GRADIENTS[self.alpha_gradient],
         )  # fmt: skip
-        episode.memory["head"] = head
-        episode.terms = {"loss": loss}
-        return self.epochs
+        for episode, (head, *_), loss in zip(episodes, started, losses, strict=True):
+            episode.memory["head"] = head
+            episode.terms = {"loss": loss}
+        return [self.epochs] * len(episodes)
 
     def predict_features(self, feats: Tensor, episode: EpisodeState) -> Tensor:
         return episode.memory["head"].logits(feats.float(), episode.text_feats.float())
