@@ -19,6 +19,7 @@ from cdfsl.lora import (
     LoRADropout,
     LoRALinear,
     LoRAMultiheadAttention,
+    adapter_sets,
     dropout_words,
     inject_lora,
     load_lora,
@@ -30,8 +31,11 @@ from cdfsl.lora import (
     qkv_slices,
     reset_lora,
     save_lora,
+    set_lora_dropout_seeds,
+    set_num_adapters,
     splitmix64,
     unmerge_lora,
+    zero_set_gradients,
 )
 
 LAYERS, WIDTH, HEADS = 2, 64, 4
@@ -529,3 +533,382 @@ def test_dropout_words_are_the_same_on_cuda_and_cpu() -> None:
         _words_on("cpu", seeds, 3, 4099), _words_on("cuda", seeds, 3, 4099), strict=True
     ):
         assert torch.equal(cpu, cuda)
+
+
+# -- mutation follow-up (issue 23): every attention layout, messages, devices, files -------------
+
+
+def _merged_reference(mha: nn.MultiheadAttention, ours: LoRAMultiheadAttention) -> nn.Module:
+    """torch's MHA whose in-projection holds ``W + scale · B A`` per adapted slice, by hand."""
+    reference = copy.deepcopy(mha)
+    scale = ours.config.alpha / math.sqrt(ours.config.rank)
+    d = mha.embed_dim
+    with torch.no_grad():
+        for i, part in enumerate("qkv"):
+            adapter = getattr(ours, part, None)
+            if adapter is not None:
+                delta = adapter.lora_B[0] @ adapter.lora_A[0]
+                reference.in_proj_weight[i * d : (i + 1) * d] += scale * delta
+    return reference
+
+
+_MASK_CASES = {
+    "none": {},
+    "bool_2d": {"attn_mask": "causal_bool"},
+    "float_3d": {"attn_mask": "float_3d"},
+    "bool_padding": {"key_padding_mask": "padding_bool"},
+    "float_padding_and_float_mask": {"key_padding_mask": "padding_float", "attn_mask": "float_2d"},
+    "causal_hint": {"attn_mask": "causal_bool", "is_causal": True},
+    "causal_hint_and_padding": {
+        "attn_mask": "causal_bool",
+        "key_padding_mask": "padding_bool",
+        "is_causal": True,
+    },
+}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tying", ["self", "key_is_value", "distinct"])
+@pytest.mark.parametrize("masks", list(_MASK_CASES))
+def test_attention_equals_torch_with_the_update_merged_by_hand(batch_first, bias, tying, masks):
+    """Every input tying (fused, k/v-fused and separate projections), mask kind and layout gives
+    torch's MHA output with ``W + scale·BA`` in its in-projection (B ≠ 0; base float64)."""
+    torch.manual_seed(11)
+    n, length, d, heads = 3, 5, 12, 3
+    source = length if tying == "self" or "causal" in masks else length + 2
+    mha = nn.MultiheadAttention(d, heads, bias=bias, batch_first=batch_first, dropout=0.3)
+    mha = mha.double()
+    holder = nn.ModuleDict({"attn": copy.deepcopy(mha)})
+    inject_lora(holder, LoRAConfig(rank=3, alpha=5.0, dropout=0.0))
+    randomise(holder, std=0.3)
+    ours = holder.attn.eval()
+    reference = _merged_reference(mha, ours).eval()
+
+    def batch(rows: int) -> torch.Tensor:
+        x = torch.randn(n, rows, d, dtype=torch.float64)
+        return x if batch_first else x.transpose(0, 1)
+
+    query = batch(length)
+    key = query if tying == "self" else batch(source)
+    value = key if tying in ("self", "key_is_value") else batch(source)
+    padding = torch.zeros(n, source, dtype=torch.bool)
+    padding[0, -2:] = padding[2, -1] = True
+    tensors = {
+        "causal_bool": torch.ones(length, source, dtype=torch.bool).triu(1),
+        "float_3d": torch.randn(n * heads, length, source, dtype=torch.float64),
+        "float_2d": torch.randn(length, source, dtype=torch.float64),
+        "padding_bool": padding,
+        "padding_float": torch.zeros(n, source, dtype=torch.float64).masked_fill(padding, -1e4),
+    }
+    kwargs = {k: tensors.get(v, v) for k, v in _MASK_CASES[masks].items()}
+    expected_kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}
+    expected = reference(query, key, value, need_weights=False, **expected_kwargs)[0]
+    out, weights = ours(query, key, value, **kwargs)
+    assert weights is None  # need_weights defaults to True, as torch's; no weights are computed
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)  # adapters are fp32
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_unbatched_attention_with_a_padding_mask_equals_torch(batch_first: bool) -> None:
+    torch.manual_seed(12)
+    d, heads = 8, 2
+    mha = nn.MultiheadAttention(d, heads, batch_first=batch_first).double()
+    holder = nn.ModuleDict({"attn": copy.deepcopy(mha)})
+    inject_lora(holder, LoRAConfig(rank=2, dropout=0.0))
+    randomise(holder, std=0.3)
+    ours = holder.attn.eval()
+    reference = _merged_reference(mha, ours).eval()
+    x, y = torch.randn(4, d, dtype=torch.float64), torch.randn(6, d, dtype=torch.float64)
+    padding = torch.tensor([False, False, True, False, True, False])
+    for key, mask in ((x, None), (y, padding), (y, None)):
+        expected = reference(x, key, key, key_padding_mask=mask, need_weights=False)[0]
+        out, _ = ours(x, key, key, key_padding_mask=mask)
+        assert out.shape == (4, d)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)  # adapters are fp32
+
+
+def test_self_attention_projects_once_through_the_fused_weight(monkeypatch) -> None:
+    """``query is key is value`` survives the layout transpose, so q, k and v come from one
+    (3E, E) product, as in torch's packed path; a k/v pair from one (2E, E) product."""
+    for batch_first in (True, False):
+        holder = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, batch_first=batch_first)})
+        inject_lora(holder, LoRAConfig(rank=2))
+        calls: list[tuple[int, int | None]] = []
+        original = LoRAMultiheadAttention.project
+
+        def spy(self, x, start=0, stop=None, batch_dim=0, calls=calls, original=original):
+            calls.append((start, stop))
+            return original(self, x, start, stop, batch_dim)
+
+        monkeypatch.setattr(LoRAMultiheadAttention, "project", spy)
+        x, y = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+        if not batch_first:
+            x, y = x.transpose(0, 1), y.transpose(0, 1)
+        holder.attn(x, x, x)
+        assert calls == [(0, None)]
+        calls.clear()
+        holder.attn(x, y, y)
+        assert calls == [(0, 8), (8, None)]
+        monkeypatch.undo()
+
+
+def test_injected_attention_keeps_the_attributes_callers_read() -> None:
+    mha = nn.MultiheadAttention(12, 3, batch_first=True, dropout=0.1)
+    holder = nn.ModuleDict({"attn": mha})
+    inject_lora(holder, LoRAConfig(rank=2))
+    for name in ("embed_dim", "num_heads", "head_dim", "kdim", "vdim", "batch_first", "dropout"):
+        assert getattr(holder.attn, name) == getattr(mha, name), name
+    assert holder.attn._qkv_same_embed_dim is True
+    assert holder.attn.in_proj_weight is mha.in_proj_weight
+    assert holder.attn.out_proj is mha.out_proj
+
+
+def test_adapters_are_created_on_the_base_weights_device() -> None:
+    """The meta device stands in for an accelerator: adapters follow the weight they adapt."""
+    holder = nn.ModuleDict(
+        {
+            "attn": nn.MultiheadAttention(8, 2, device="meta"),
+            "linear": nn.Sequential(nn.Linear(8, 24, device="meta")),
+        }
+    )
+    inject_lora(holder, LoRAConfig(rank=2))
+    linear = LoRALinear(holder.linear[0], qkv_slices(8), LoRAConfig(rank=2))
+    for module in (holder.attn, linear):
+        for adapter in module.adapters():
+            assert adapter.lora_A.device.type == "meta" and adapter.lora_B.device.type == "meta"
+
+
+def test_bad_attention_inputs_and_modules_are_refused_in_full() -> None:
+    holder = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2)})
+    inject_lora(holder, LoRAConfig(rank=2))
+    x = torch.randn(3, 2, 8)
+    with pytest.raises(CdfslError) as err:
+        holder.attn(x, x, x, is_causal=True)
+    assert str(err.value) == "is_causal=True without attn_mask: pass the causal mask as attn_mask"
+    with pytest.raises(CdfslError) as err:
+        holder.attn(x, x, x, attn_mask=torch.zeros(3, 4))
+    assert str(err.value) == "attn_mask of shape (3, 4): expected (3, 3) or (4, 3, 3)"
+    for name in ("attn_mask", "key_padding_mask"):
+        shape = (3, 3) if name == "attn_mask" else (2, 3)
+        with pytest.raises(CdfslError) as err:
+            holder.attn(x, x, x, **{name: torch.zeros(shape, dtype=torch.int64)})
+        assert str(err.value) == f"{name} of dtype torch.int64: expected bool or floating point"
+
+    tail = (
+        ": expected packed self-attention as in open_clip's ResidualAttentionBlock; pass "
+        "inject_lora a root (e.g. visual.transformer) that holds only supported attention modules"
+    )
+    only_bias_k = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    only_bias_k.bias_v = None
+    for mha, what in (
+        (
+            nn.MultiheadAttention(8, 2, kdim=4, vdim=4),
+            "separate q/k/v weights (kdim or vdim != embed_dim)",
+        ),
+        (nn.MultiheadAttention(8, 2, add_bias_kv=True), "add_bias_kv=True"),
+        (only_bias_k, "add_bias_kv=True"),
+        (nn.MultiheadAttention(8, 2, add_zero_attn=True), "add_zero_attn=True"),
+    ):
+        with pytest.raises(CdfslError) as err:
+            LoRAMultiheadAttention(mha, LoRAConfig(rank=2))
+        assert str(err.value) == f"nn.MultiheadAttention with {what}{tail}"
+
+
+def _linear_root(config: LoRAConfig, seed: int = 0) -> nn.Module:
+    """One fused q/k/v ``LoRALinear`` (8 -> 24) under a root: the smallest injected model."""
+    torch.manual_seed(seed)
+    return nn.ModuleDict({"proj": LoRALinear(nn.Linear(8, 24), qkv_slices(8), config)})
+
+
+def test_seeded_dropout_streams_reach_every_adapter() -> None:
+    """Two copies with the same seeds drop the same elements; other seeds drop others."""
+    config = LoRAConfig(rank=2, dropout=0.5, num_adapters=2)
+    roots = [_linear_root(config) for _ in range(3)]
+    for root in roots:
+        randomise(root)
+        root.train()
+    for root, seeds in zip(roots, ([3, 4], [3, 4], [3, 5]), strict=True):
+        set_lora_dropout_seeds(root, seeds)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        out = [root.proj(x) for root in roots]
+        plain = roots[0].proj.eval()(x)
+    assert torch.equal(out[0], out[1])
+    assert torch.equal(out[0][:2], out[2][:2]) and not torch.equal(out[0][2:], out[2][2:])
+    assert not torch.equal(out[0], plain)
+
+
+def test_project_splits_samples_on_dim_0_by_default() -> None:
+    """``project(x)`` with E = 2 sets: rows 0-1 of x use set 0, rows 2-3 set 1 (by hand)."""
+    root = _linear_root(LoRAConfig(rank=2, alpha=4.0, dropout=0.0, num_adapters=2))
+    randomise(root)
+    proj = root.proj.eval()
+    x = torch.randn(4, 3, 8)
+    with torch.no_grad():
+        out = proj.project(x)
+        for e in range(2):
+            rows = x[2 * e : 2 * e + 2]
+            expected = rows @ proj.weight.T + proj.bias
+            for i, part in enumerate("qkv"):
+                a, b = getattr(proj, part).lora_A[e], getattr(proj, part).lora_B[e]
+                expected[..., 8 * i : 8 * (i + 1)] += 4.0 / math.sqrt(2) * rows @ a.T @ b.T
+            torch.testing.assert_close(out[2 * e : 2 * e + 2], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_root_with_one_projection_saves_loads_and_counts_its_sets(tmp_path) -> None:
+    root = _linear_root(LoRAConfig(rank=2, num_adapters=3))
+    assert adapter_sets(root) == 3
+    randomise(root)
+    state = lora_state_dict(root, adapter_index=2)
+    assert state["proj.q.lora_A"].shape == (1, 2, 8)
+    torch.testing.assert_close(state["proj.q.lora_A"][0], root.proj.q.lora_A[2])
+    save_lora(root, tmp_path / "a.safetensors")
+    other = _linear_root(LoRAConfig(rank=2, num_adapters=3), seed=1)
+    load_lora(other, tmp_path / "a.safetensors")
+    for p, q in zip(lora_parameters(root), lora_parameters(other), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_the_config_entry_is_sorted_json_in_uint8_bytes() -> None:
+    """The saved config is readable by anything that reads JSON: UTF-8 bytes, keys sorted."""
+    config = LoRAConfig(rank=2, alpha=3.0, targets=("q", "v"))
+    entry = lora_state_dict(_linear_root(config))[LORA_CONFIG_KEY]
+    assert entry.dtype == torch.uint8 and entry.dim() == 1
+    text = bytes(entry.tolist()).decode("utf-8")
+    assert text == (
+        '{"alpha": 3.0, "dropout": 0.25, "num_adapters": 1, "rank": 2, "scaling": "rslora", '
+        '"targets": ["q", "v"]}'
+    )
+
+
+def test_lora_messages_in_full(tmp_path) -> None:
+    def message(call, *args, **kwargs) -> str:
+        with pytest.raises(CdfslError) as err:
+            call(*args, **kwargs)
+        return str(err.value)
+
+    two = _linear_root(LoRAConfig(rank=2, num_adapters=2))
+    index_tail = "adapter_index=2: expected 0 <= adapter_index < num_adapters=2"
+    assert message(lora_state_dict, two, adapter_index=2) == f"lora_state_dict {index_tail}"
+    assert message(reset_lora, two, 0, adapter_index=2) == f"reset_lora {index_tail}"
+    assert message(two.proj, torch.randn(3, 8)) == (
+        "LoRA batch of 3 samples: expected a multiple of num_adapters=2 (one contiguous group "
+        "per adapter set); pad or trim the batch to fit"
+    )
+    assert message(merge_lora, two) == (
+        "merge_lora with num_adapters=2: expected 1, since one base weight can hold only one "
+        "adapter set; export one set with lora_state_dict(root, adapter_index=e) into a "
+        "single-adapter model and merge that"
+    )
+    one = _linear_root(LoRAConfig(rank=2))
+    merge_lora(one)
+    merged_tail = "on merged LoRA weights: expected unmerged; call unmerge_lora"
+    assert message(reset_lora, one, 0) == f"reset_lora {merged_tail}"
+    state = lora_state_dict(_linear_root(LoRAConfig(rank=2)))
+    assert message(load_lora_state_dict, one, state) == f"load_lora_state_dict {merged_tail}"
+    assert message(set_num_adapters, one, 2) == f"set_num_adapters {merged_tail}"
+    unmerge_lora(one)
+
+    assert message(lora_state_dict, nn.Sequential(nn.Linear(2, 2))) == (
+        "Sequential has no LoRA adapters: expected a module passed to inject_lora; call "
+        "inject_lora(root, config) first"
+    )
+    mixed = nn.ModuleDict({"a": one, "b": _linear_root(LoRAConfig(rank=4))})
+    assert message(adapter_sets, mixed) == (
+        "ModuleDict holds adapters injected with different configs: expected one config per "
+        "root; save and load each injected subtree separately"
+    )
+    assert message(inject_lora, one, LoRAConfig()) == (
+        "ModuleDict already holds LoRA adapters: expected a model without them; inject once, "
+        "and use reset_lora to re-initialise"
+    )
+
+    garbled = {**state, LORA_CONFIG_KEY: torch.tensor(list(b"{not json"), dtype=torch.uint8)}
+    assert message(load_lora_state_dict, one, garbled).startswith(
+        f"LoRA state {LORA_CONFIG_KEY!r}: unreadable config ("
+    )
+    other = lora_state_dict(_linear_root(LoRAConfig(rank=2, alpha=4.0, scaling="standard")))
+    assert message(load_lora_state_dict, one, other) == (
+        "LoRA state saved with alpha=4.0 (model has 8.0), scaling='standard' (model has "
+        "'rslora'): expected the injected config; inject_lora with the config the adapters "
+        "were trained with"
+    )
+    # Dropout is a training setting, not part of what the weights mean: it may differ.
+    load_lora_state_dict(one, lora_state_dict(_linear_root(LoRAConfig(rank=2, dropout=0.5))))
+
+    keys = sorted(k for k in state if k != LORA_CONFIG_KEY)
+    fix = "expected exactly the adapters of this model; inject_lora with the same targets and root"
+    three_missing = {k: v for k, v in state.items() if k not in keys[:3]}
+    assert message(load_lora_state_dict, one, three_missing) == (
+        f"LoRA state with missing keys {keys[:3]} and unexpected keys []: {fix}"
+    )
+    four_missing = {k: v for k, v in state.items() if k not in keys[:4]}
+    extra = {f"x{i}.lora_A": state[keys[0]] for i in range(4)}
+    assert message(load_lora_state_dict, one, {**four_missing, **extra}) == (
+        f"LoRA state with missing keys {keys[:3]}... and unexpected keys "
+        f"{sorted(extra)[:3]}...: {fix}"
+    )
+    three_extra = {f"x{i}.lora_A": state[keys[0]] for i in range(3)}
+    assert message(load_lora_state_dict, one, {**state, **three_extra}) == (
+        f"LoRA state with missing keys [] and unexpected keys {sorted(three_extra)}: {fix}"
+    )
+    wrong = {**state, keys[0]: state[keys[0]][:, :1]}
+    assert message(load_lora_state_dict, one, wrong) == (
+        f"LoRA state {keys[0]!r} of shape {tuple(wrong[keys[0]].shape)}: expected "
+        f"{tuple(state[keys[0]].shape)}; inject_lora with the rank and num_adapters of the save"
+    )
+    missing_file = tmp_path / "none.safetensors"
+    assert message(load_lora, one, missing_file) == (
+        f"LoRA file {str(missing_file)!r} does not exist: expected a file from save_lora"
+    )
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    text = message(load_lora, one, junk)
+    assert text.startswith(f"LoRA file {str(junk)!r} is not a readable safetensors file (")
+    assert text.endswith("); expected a file written by save_lora")
+
+
+def test_set_num_adapters_gives_every_adapter_fresh_sets() -> None:
+    root = _linear_root(LoRAConfig(rank=2))
+    mark_only_lora_trainable(root)
+    set_lora_dropout_seeds(root, [1])
+    old = lora_parameters(root)
+    set_num_adapters(root, 3)
+    assert adapter_sets(root) == 3 and root.proj.config.num_adapters == 3
+    for adapter in root.proj.adapters():
+        assert adapter.num_adapters == 3 and adapter.streams is None
+        assert adapter.lora_A.shape == (3, 2, 8) and adapter.lora_B.shape == (3, 8, 2)
+        assert torch.count_nonzero(adapter.lora_B) == 0 and adapter.lora_A.abs().sum() > 0
+        assert adapter.lora_A.requires_grad and adapter.lora_B.requires_grad
+    assert not {id(p) for p in old} & {id(p) for p in lora_parameters(root)}
+    assert root.proj.weight.requires_grad is False
+
+
+def test_dropout_seeds_are_one_shared_stream_per_set() -> None:
+    root = _linear_root(LoRAConfig(rank=2, num_adapters=2))
+    set_lora_dropout_seeds(root, [5, 6])
+    streams = {id(a.streams) for a in root.proj.adapters()}
+    assert len(streams) == 1 and root.proj.q.streams.seeds == [5, 6]
+    set_lora_dropout_seeds(root, None)
+    assert all(a.streams is None for a in root.proj.adapters())
+    with pytest.raises(CdfslError) as err:
+        set_lora_dropout_seeds(root, [5])
+    assert str(err.value) == "set_lora_dropout_seeds with 1 seeds: expected num_adapters=2"
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_zero_set_gradients_zeroes_exactly_the_sets_named(as_tensor: bool) -> None:
+    root = _linear_root(LoRAConfig(rank=2, num_adapters=3, targets=("q", "v")))
+    grads = {}
+    for p in lora_parameters(root):
+        p.grad = torch.randn(p.shape)
+        grads[id(p)] = p.grad.clone()
+    root.proj.v.lora_B.grad = None  # a parameter without a gradient is skipped
+    sets = torch.tensor([True, False, True]) if as_tensor else [0, 2]
+    zero_set_gradients(root, sets)
+    for p in lora_parameters(root):
+        if p.grad is None:
+            continue
+        assert torch.count_nonzero(p.grad[0]) == 0 and torch.count_nonzero(p.grad[2]) == 0
+        assert torch.equal(p.grad[1], grads[id(p)][1])

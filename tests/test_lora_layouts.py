@@ -17,6 +17,7 @@ from torch import nn
 from cdfsl.backbones import list_backbones
 from cdfsl.errors import CdfslError
 from cdfsl.lora import (
+    LAYOUT_HANDLERS,
     LoRAAdapter,
     LoRAConfig,
     LoRALinear,
@@ -27,6 +28,8 @@ from cdfsl.lora import (
     lora_state_dict,
     mark_only_lora_trainable,
     merge_lora,
+    qkv_slices,
+    register_layout,
     reset_lora,
     save_lora,
     unmerge_lora,
@@ -258,3 +261,51 @@ def test_every_registered_timm_tower_gets_qkv_lora_on_every_block(model_name: st
     assert depth >= 2
     assert names == [f"trunk.blocks.{i}.attn.qkv.{p}" for i in range(depth) for p in "qkv"]
     assert not any(isinstance(m, LoRAAdapter) for m in tower.trunk.attn_pool.modules())
+
+
+# -- mutation follow-up (issue 23): refusals in full, a layout registered by a user ---------------
+
+
+def test_timm_layouts_without_projections_are_refused_in_full() -> None:
+    broken = AttentionRope(DIM, HEADS, qkv_fused=False)
+    broken.k_proj, broken.v_proj = nn.Identity(), nn.Identity()
+    with pytest.raises(CdfslError) as err:
+        inject_lora(nn.Sequential(broken), LoRAConfig(rank=4))
+    assert str(err.value) == (
+        "AttentionRope has no nn.Linear k_proj, v_proj and no fused qkv: expected timm's fused "
+        "or separate q/k/v projections; register a layout handler"
+    )
+    with pytest.raises(CdfslError) as err:
+        inject_lora(nn.Sequential(EvaAttention(DIM, HEADS, norm_layer=nn.LayerNorm)), LoRAConfig())
+    assert str(err.value) == (
+        "EvaAttention with separate q/v biases and a fused qkv Linear bypasses qkv.forward: "
+        "expected qkv_bias_separate=True or qkv_fused=False; build the timm model with one of "
+        "them or register a layout handler for it"
+    )
+
+
+class _OwnAttention(nn.Module):
+    """A layout no handler knows: one fused q/k/v Linear called ``to_qkv``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_qkv = nn.Linear(DIM, 3 * DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_qkv(x)
+
+
+def test_a_layout_of_ones_own_is_one_registered_handler() -> None:
+    model = nn.Sequential(_OwnAttention())
+    with pytest.raises(CdfslError, match="has no attention module LoRA can adapt"):
+        inject_lora(copy.deepcopy(model), LoRAConfig(rank=4))
+
+    @register_layout(_OwnAttention)
+    def _own(module: nn.Module, config: LoRAConfig) -> nn.Module:
+        module.to_qkv = LoRALinear(module.to_qkv, qkv_slices(DIM), config)
+        return module
+
+    assert LAYOUT_HANDLERS[_OwnAttention] is _own
+    names = inject_lora(model, LoRAConfig(rank=4))
+    assert names == ["0.to_qkv.q", "0.to_qkv.k", "0.to_qkv.v"]
+    assert isinstance(model[0].to_qkv, LoRALinear)
