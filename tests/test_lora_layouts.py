@@ -284,18 +284,17 @@ def test_timm_layouts_without_projections_are_refused_in_full() -> None:
     )
 
 
-class _OwnAttention(nn.Module):
-    """A layout no handler knows: one fused q/k/v Linear called ``to_qkv``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.to_qkv = nn.Linear(DIM, 3 * DIM)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_qkv(x)
-
-
 def test_a_layout_of_ones_own_is_one_registered_handler() -> None:
+    class _OwnAttention(nn.Module):  # a new type per call: the registry outlives the test
+        """A layout no handler knows: one fused q/k/v Linear called ``to_qkv``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.to_qkv = nn.Linear(DIM, 3 * DIM)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.to_qkv(x)
+
     model = nn.Sequential(_OwnAttention())
     with pytest.raises(CdfslError, match="has no attention module LoRA can adapt"):
         inject_lora(copy.deepcopy(model), LoRAConfig(rank=4))
