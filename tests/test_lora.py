@@ -12,6 +12,7 @@ from torch import nn
 
 from cdfsl.errors import CdfslError
 from cdfsl.lora import (
+    LAYOUT_HANDLERS,
     LORA_CONFIG_KEY,
     DropoutStreams,
     LoRAAdapter,
@@ -579,6 +580,8 @@ def test_attention_equals_torch_with_the_update_merged_by_hand(batch_first, bias
     source = length if tying == "self" or "causal" in masks else length + 2
     mha = nn.MultiheadAttention(d, heads, bias=bias, batch_first=batch_first, dropout=0.3)
     mha = mha.double()
+    if bias:
+        nn.init.normal_(mha.out_proj.bias)  # torch starts it at zero
     holder = nn.ModuleDict({"attn": copy.deepcopy(mha)})
     inject_lora(holder, LoRAConfig(rank=3, alpha=5.0, dropout=0.0))
     randomise(holder, std=0.3)
@@ -912,3 +915,194 @@ def test_zero_set_gradients_zeroes_exactly_the_sets_named(as_tensor: bool) -> No
             continue
         assert torch.count_nonzero(p.grad[0]) == 0 and torch.count_nonzero(p.grad[2]) == 0
         assert torch.equal(p.grad[1], grads[id(p)][1])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("tying", ["self", "key_is_value", "distinct"])
+def test_attention_with_two_sets_gives_each_sample_group_its_own_update(batch_first, tying):
+    """E = 2: samples 0-1 see set 0 merged by hand, samples 2-3 set 1, in either layout."""
+    torch.manual_seed(13)
+    n, length, d, heads = 4, 3, 8, 2
+    mha = nn.MultiheadAttention(d, heads, batch_first=batch_first).double()
+    holder = nn.ModuleDict({"attn": copy.deepcopy(mha)})
+    inject_lora(holder, LoRAConfig(rank=2, alpha=3.0, dropout=0.0, num_adapters=2))
+    randomise(holder, std=0.3)
+    ours = holder.attn.eval()
+    dim = 0 if batch_first else 1
+
+    def batch(rows: int) -> torch.Tensor:
+        x = torch.randn(n, rows, d, dtype=torch.float64)
+        return x if batch_first else x.transpose(0, 1)
+
+    query = batch(length)
+    key = query if tying == "self" else batch(length + 1)
+    value = key if tying in ("self", "key_is_value") else batch(length + 1)
+    out, _ = ours(query, key, value)
+    for e in range(2):
+        single = nn.ModuleDict({"attn": copy.deepcopy(mha)})
+        inject_lora(single, LoRAConfig(rank=2, alpha=3.0, dropout=0.0))
+        load_lora_state_dict(single, lora_state_dict(holder, adapter_index=e))
+        reference = _merged_reference(mha, single.attn).eval()
+        rows = slice(2 * e, 2 * e + 2)
+        q, k, v = (t.narrow(dim, 2 * e, 2) for t in (query, key, value))
+        expected = reference(q, k, v, need_weights=False)[0]
+        got = out[rows] if batch_first else out[:, rows]
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_dropout_acts_in_training_as_torchs() -> None:
+    """With B = 0, a training step draws the same attention dropout as torch's MHA."""
+    mha = nn.MultiheadAttention(8, 2, dropout=0.5)
+    holder = nn.ModuleDict({"attn": copy.deepcopy(mha)})
+    inject_lora(holder, LoRAConfig(rank=2, dropout=0.0))
+    x = torch.randn(5, 3, 8)
+    for module in (mha, holder.attn):
+        module.train()
+    torch.manual_seed(3)
+    expected = mha(x, x, x, need_weights=False)[0]
+    torch.manual_seed(3)
+    trained = holder.attn(x, x, x)[0]
+    assert torch.equal(trained, expected)
+    assert not torch.allclose(trained, holder.attn.eval()(x, x, x)[0])
+
+
+def test_an_adapter_groups_samples_on_the_dimension_asked_for() -> None:
+    """``adapter(x, batch_dim)`` and ``LoRALinear(batch_dim=1)`` with E = 2, by hand; the
+    defaults group on dim 0, and ``delta_weight()`` is set 0's."""
+    config = LoRAConfig(rank=2, alpha=2.0, dropout=0.0, num_adapters=2)
+    adapter = LoRAAdapter(6, 0, 6, config).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        adapter.lora_A.copy_(torch.randn(adapter.lora_A.shape, generator=g))
+        adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g))
+
+    def by_hand(x: torch.Tensor, e: int) -> torch.Tensor:
+        return config.scale * x @ adapter.lora_A[e].T @ adapter.lora_B[e].T
+
+    x = torch.randn(4, 4, 6, generator=g)
+    with torch.no_grad():
+        default, on_dim_1 = adapter(x), adapter(x, batch_dim=1)
+        assert adapter.grouped(x).shape == (2, 2, 4, 6)
+        torch.testing.assert_close(adapter.grouped(x)[1], x[2:])
+        for e in range(2):
+            torch.testing.assert_close(default[2 * e : 2 * e + 2], by_hand(x[2 * e : 2 * e + 2], e))
+        torch.testing.assert_close(on_dim_1[:, :2], by_hand(x[:, :2], 0))
+        torch.testing.assert_close(on_dim_1[:, 2:], by_hand(x[:, 2:], 1))
+        torch.testing.assert_close(
+            adapter.delta_weight(), config.scale * adapter.lora_B[0] @ adapter.lora_A[0]
+        )
+
+        linear = LoRALinear(nn.Linear(6, 18), qkv_slices(6), config, batch_dim=1).eval()
+        randomise(linear)
+        y = torch.randn(3, 4, 6, generator=g)  # (L, N, in): samples on dim 1
+        out = linear(y)
+        for e in range(2):
+            cols = y[:, 2 * e : 2 * e + 2]
+            expected = cols @ linear.weight.T + linear.bias
+            for i, part in enumerate("qkv"):
+                a, b = getattr(linear, part).lora_A[e], getattr(linear, part).lora_B[e]
+                expected[..., 6 * i : 6 * (i + 1)] += config.scale * cols @ a.T @ b.T
+            torch.testing.assert_close(out[:, 2 * e : 2 * e + 2], expected)
+
+
+def test_lora_config_bounds_and_messages() -> None:
+    LoRAConfig(rank=1, alpha=0.5, num_adapters=1)  # the smallest accepted values
+    cases = {
+        (("rank", 2.5),): "LoRAConfig.rank=2.5: expected an integer >= 1 (e.g. 16)",
+        (("rank", True),): "LoRAConfig.rank=True: expected an integer >= 1 (e.g. 16)",
+        (("rank", 0),): "LoRAConfig.rank=0: expected an integer >= 1 (e.g. 16)",
+        (("alpha", 0.0),): "LoRAConfig.alpha=0.0: expected a number > 0 (e.g. 8)",
+        (("num_adapters", 1.5),): "LoRAConfig.num_adapters=1.5: expected an integer >= 1",
+        (("num_adapters", True),): "LoRAConfig.num_adapters=True: expected an integer >= 1",
+        (("scaling", "sqrt"),): "LoRAConfig.scaling='sqrt': expected one of ('rslora', "
+        "'standard') ('rslora' = alpha/sqrt(rank), 'standard' = alpha/rank)",
+    }
+    for items, expected in cases.items():
+        with pytest.raises(CdfslError) as err:
+            LoRAConfig(**dict(items))
+        assert str(err.value) == expected
+
+
+def test_initial_a_is_kaiming_uniform_and_adapters_stay_fp32(monkeypatch) -> None:
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a = sqrt(5)) by a KS distance, fp32
+    even when torch's default dtype is float64; B = 0."""
+    monkeypatch.setattr(torch, "get_default_dtype", torch.get_default_dtype)
+    torch.set_default_dtype(torch.float64)
+    try:
+        adapter = LoRAAdapter(1024, 0, 8, LoRAConfig(rank=64))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert adapter.lora_A.dtype == torch.float32 and adapter.lora_B.dtype == torch.float32
+    values = adapter.lora_A.detach().flatten().double().sort().values
+    bound = 1 / math.sqrt(1024)
+    cdf = ((values + bound) / (2 * bound)).clamp(0, 1)
+    ranks = torch.arange(1, values.numel() + 1, dtype=torch.float64) / values.numel()
+    ks = max((ranks - cdf).abs().max().item(), (cdf - (ranks - 1 / values.numel())).abs().max())
+    assert ks < 1.63 / math.sqrt(values.numel())  # the 1% critical value
+    assert values.abs().max() <= bound and torch.count_nonzero(adapter.lora_B) == 0
+
+
+def test_dropout_masks_are_the_16_bit_draws_below_p() -> None:
+    """Element i of a group is dropped iff its 16-bit draw u (as an unsigned fraction of
+    65536) is below p, read from the stream's words: exact for a million draws."""
+    for p in (0.75, 0.1):
+        dropout = LoRADropout(p).train()
+        numel = 1 << 20
+        out = dropout(torch.ones(1, numel), DropoutStreams([9]))
+        words = dropout_words(DropoutStreams([9]), numel // 4, torch.device("cpu"))
+        u = (words.view(torch.int16)[0].long() + 32768).double() / 65536
+        assert torch.equal(out[0] == 0, u < round(p * 65536) / 65536)
+
+
+def test_dropout_draws_on_the_inputs_device() -> None:
+    """Keys, Weyl offsets and masks are made where the input lives (meta stands in for a GPU)."""
+    dropout = LoRADropout(0.5).train()
+    out = dropout(torch.ones(2, 9, device="meta"), DropoutStreams([1, 2]))
+    assert out.device.type == "meta" and out.shape == (2, 9)
+
+
+def test_weyl_offsets_are_multiples_of_gamma_when_fresh_and_cached(monkeypatch) -> None:
+    import cdfsl.lora as lora
+
+    monkeypatch.setattr(lora, "_WEYL", {})
+    gamma = 0x9E3779B97F4A7C15
+    for words in (5, 3, 5):
+        expected = [
+            ((i * gamma) % 2**64) - (2**64 if (i * gamma) % 2**64 >> 63 else 0)
+            for i in range(words)
+        ]
+        got = lora._weyl(words, torch.device("cpu"))
+        assert got.dtype == torch.int64 and got.tolist() == expected
+    for words in range(100):
+        lora._weyl(words + 10, torch.device("cpu"))
+    assert len(lora._WEYL) <= 65  # bounded
+
+
+def test_merging_adds_no_state_dict_key_and_save_writes_pt_metadata(tmp_path) -> None:
+    from safetensors import safe_open
+
+    root = _linear_root(LoRAConfig(rank=2))
+    keys = set(root.state_dict())
+    merge_lora(root)
+    assert set(root.state_dict()) == keys
+    unmerge_lora(root)
+    save_lora(root, tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers / peft loaders check
+
+
+def test_inject_lora_refusals_in_full() -> None:
+    with pytest.raises(CdfslError) as err:
+        inject_lora(nn.MultiheadAttention(8, 2), LoRAConfig())
+    assert str(err.value) == (
+        "root is itself a MultiheadAttention: expected a module containing it, since "
+        "inject_lora replaces modules in their parent; pass the parent module"
+    )
+    with pytest.raises(CdfslError) as err:
+        inject_lora(nn.Sequential(nn.Linear(2, 2)), LoRAConfig())
+    supported = ", ".join(sorted(t.__name__ for t in LAYOUT_HANDLERS))
+    assert "AttentionRope, EvaAttention, MultiheadAttention" in supported
+    assert str(err.value) == (
+        f"Sequential has no attention module LoRA can adapt: expected one of ({supported}); "
+        "pass the vision tower (e.g. model.visual) or register a layout handler"
+    )

@@ -268,7 +268,8 @@ def test_every_registered_timm_tower_gets_qkv_lora_on_every_block(model_name: st
 
 def test_timm_layouts_without_projections_are_refused_in_full() -> None:
     broken = AttentionRope(DIM, HEADS, qkv_fused=False)
-    broken.k_proj, broken.v_proj = nn.Identity(), nn.Identity()
+    del broken.qkv, broken.k_proj  # attributes absent altogether are as missing as wrong ones
+    broken.v_proj = nn.Identity()
     with pytest.raises(CdfslError) as err:
         inject_lora(nn.Sequential(broken), LoRAConfig(rank=4))
     assert str(err.value) == (
