@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         work = _prepare(group, args.fresh)
         start = time.monotonic()
         if not args.report:
+            # mutmut maps each function to the tests that call it once, and does not always map
+            # tests written since: forget the map so that every run selects with today's tests.
+            (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
             _mutmut(work, "run", "--max-children", str(args.max_children))
             # mutmut keeps a verdict until the mutated function changes; survivors (and mutants
             # no test reached) are retried by name so that tests written since get their chance.
