@@ -991,6 +991,9 @@ def test_an_adapter_groups_samples_on_the_dimension_asked_for() -> None:
         torch.testing.assert_close(
             adapter.delta_weight(), config.scale * adapter.lora_B[0] @ adapter.lora_A[0]
         )
+        grouped = adapter.grouped_update(x)
+        assert grouped.shape == (2, 2, 4, 6)
+        torch.testing.assert_close(grouped[1], by_hand(x[2:], 1))
 
         linear = LoRALinear(nn.Linear(6, 18), qkv_slices(6), config, batch_dim=1).eval()
         randomise(linear)
@@ -1023,10 +1026,9 @@ def test_lora_config_bounds_and_messages() -> None:
         assert str(err.value) == expected
 
 
-def test_initial_a_is_kaiming_uniform_and_adapters_stay_fp32(monkeypatch) -> None:
+def test_initial_a_is_kaiming_uniform_and_adapters_stay_fp32() -> None:
     """A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a = sqrt(5)) by a KS distance, fp32
     even when torch's default dtype is float64; B = 0."""
-    monkeypatch.setattr(torch, "get_default_dtype", torch.get_default_dtype)
     torch.set_default_dtype(torch.float64)
     try:
         adapter = LoRAAdapter(1024, 0, 8, LoRAConfig(rank=64))
@@ -1054,8 +1056,11 @@ def test_dropout_masks_are_the_16_bit_draws_below_p() -> None:
         assert torch.equal(out[0] == 0, u < round(p * 65536) / 65536)
 
 
-def test_dropout_draws_on_the_inputs_device() -> None:
+def test_dropout_draws_on_the_inputs_device(monkeypatch) -> None:
     """Keys, Weyl offsets and masks are made where the input lives (meta stands in for a GPU)."""
+    import cdfsl.lora as lora
+
+    monkeypatch.setattr(lora, "_WEYL", {})  # offsets are cached per process: make them here
     dropout = LoRADropout(0.5).train()
     out = dropout(torch.ones(2, 9, device="meta"), DropoutStreams([1, 2]))
     assert out.device.type == "meta" and out.shape == (2, 9)
@@ -1105,4 +1110,26 @@ def test_inject_lora_refusals_in_full() -> None:
     assert str(err.value) == (
         f"Sequential has no attention module LoRA can adapt: expected one of ({supported}); "
         "pass the vision tower (e.g. model.visual) or register a layout handler"
+    )
+
+
+def test_a_seed_gives_the_same_initial_a_whatever_the_default_dtype() -> None:
+    adapters_by_dtype = []
+    for dtype in (torch.float32, torch.float64):
+        torch.set_default_dtype(dtype)
+        try:
+            root = _linear_root(LoRAConfig(rank=2))
+            reset_lora(root, seed=3)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        adapters_by_dtype.append(root.proj.q.lora_A.detach().clone())
+    assert torch.equal(*adapters_by_dtype)
+
+
+def test_dropout_refuses_a_stream_count_other_than_the_groups() -> None:
+    with pytest.raises(CdfslError) as err:
+        LoRADropout(0.5).train()(torch.ones(3, 4), DropoutStreams([1, 2]))
+    assert str(err.value) == (
+        "LoRA dropout with 2 streams for 3 adapter groups: expected one per group; call "
+        "set_lora_dropout_seeds with num_adapters seeds"
     )
