@@ -13,8 +13,8 @@ from pathlib import Path
 from cdfsl.data.base import LabelledImages
 from cdfsl.engine import FitConfig
 from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
-from cdfsl.evaluation.history import TermHistory
 from cdfsl.methods.base import FewShotMethod
+from cdfsl.results.history import TermHistory
 
 
 def training_curves(

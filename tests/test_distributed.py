@@ -19,7 +19,7 @@ import torch
 
 from cdfsl.cli import main
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.shards import Shard, describe, finished_rows
+from cdfsl.results.shards import Shard, describe, finished_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 EPISODES = 8

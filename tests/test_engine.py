@@ -163,7 +163,7 @@ def test_16_mixed_rows_are_the_rows_of_one_episode_at_a_time(four_class_folder, 
     """Under 16-mixed the automatic E is 1, and a run of three episodes gives each episode the
     row it gets alone. (On a CPU Lightning 2.6 trains '16-mixed' as bf16-mixed, with a warning,
     and cdfsl scores the queries the same way; fp16 with a GradScaler is the CUDA path.)"""
-    from cdfsl.evaluation import ResultStore
+    from cdfsl.results import ResultStore
 
     method = build(Mind)
     protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=3, seed=0)
@@ -373,7 +373,7 @@ def test_the_next_group_loads_while_this_one_trains(four_class_folder, tmp_path,
     evaluator = EpisodicEvaluator(method, folder, protocol, tmp_path / "run", fit, progress=False)
     evaluator.run()
     assert overlapped == [True, True]
-    from cdfsl.evaluation import ResultStore
+    from cdfsl.results import ResultStore
 
     rows = {r["episode"]: r for r in ResultStore(tmp_path / "run" / "results.jsonl").rows()}
     assert_same_rows(alone, rows)

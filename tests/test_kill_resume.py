@@ -64,7 +64,8 @@ def _child(args: list[str], phase_path: Path, pause: float) -> int:
     import torch
 
     from cdfsl import plumbing
-    from cdfsl.evaluation import runner, store
+    from cdfsl.evaluation import runner
+    from cdfsl.results import store
 
     torch.set_num_threads(1)
     phase_fd = os.open(phase_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

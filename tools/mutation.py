@@ -35,7 +35,7 @@ LINKED = ("cdfsl", "tests", "recipes", "assets")
 
 #: group -> (files mutated, test files that guard them).
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
-    "stats": (["cdfsl/evaluation/stats.py"], ["tests/test_stats.py"]),
+    "stats": (["cdfsl/results/stats.py"], ["tests/test_stats.py"]),
     "losses": (
         ["cdfsl/losses.py", "cdfsl/alignment.py"],
         ["tests/test_losses.py", "tests/test_alignment.py"],

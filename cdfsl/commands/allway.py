@@ -37,7 +37,7 @@ def run(cfg: Namespace) -> None:
     from cdfsl.data.layout import prompt_template
     from cdfsl.data.sources import DataConfig, build_splits
     from cdfsl.evaluation.allway import AllWayEvaluator, AllWayProtocol, allway_table
-    from cdfsl.evaluation.distributed import launched_ranks
+    from cdfsl.results.distributed import launched_ranks
 
     ranks = launched_ranks()
     if ranks is not None:

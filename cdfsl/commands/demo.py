@@ -34,8 +34,8 @@ def configure(parser: ArgumentParser) -> None:
 
 def run(cfg: Namespace) -> None:
     from cdfsl.commands.table import files_line
-    from cdfsl.evaluation.shards import Shard
     from cdfsl.evaluation.table import TABLE_FILES, run_table
+    from cdfsl.results.shards import Shard
 
     if not cfg.methods:
         default = recipes_dir() / "micro" / "demo.yaml"
@@ -71,8 +71,8 @@ def _curves(cfg: Namespace, grid, name: str) -> None:
     from cdfsl.data.layout import prompt_template
     from cdfsl.evaluation import EpisodeProtocol
     from cdfsl.evaluation.grid import build_method, target_dataset
-    from cdfsl.evaluation.plots import plot_training_curves
-    from cdfsl.evaluation.store import write_json_atomic
+    from cdfsl.results.plots import plot_training_curves
+    from cdfsl.results.store import write_json_atomic
 
     target = next(t for t in grid.targets if t.name == name)
     dataset = target_dataset(target)

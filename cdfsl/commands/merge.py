@@ -33,9 +33,9 @@ def configure(parser: ArgumentParser) -> None:
 
 
 def run(cfg: Namespace) -> None:
-    from cdfsl.evaluation import shards, summary_table
     from cdfsl.evaluation.grid import is_grid_output
     from cdfsl.evaluation.runner import merge_output
+    from cdfsl.results import shards, summary_table
 
     output = Path(cfg.output)
     if is_grid_output(output):

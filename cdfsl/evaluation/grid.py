@@ -30,13 +30,13 @@ from cdfsl.data.base import LabelledImages
 from cdfsl.data.sources import DataConfig, build_dataset
 from cdfsl.engine import FitConfig
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation import distributed, shards
-from cdfsl.evaluation.progress import RowProgress
 from cdfsl.evaluation.runner import EpisodeProtocol, EpisodicEvaluator, merge_output
-from cdfsl.evaluation.shards import Shard
-from cdfsl.evaluation.store import plain_json, write_json_atomic
 from cdfsl.methods.base import FewShotMethod
 from cdfsl.plumbing import ignore_noise_warnings, quiet_loggers
+from cdfsl.results import distributed, shards
+from cdfsl.results.progress import RowProgress
+from cdfsl.results.shards import Shard
+from cdfsl.results.store import plain_json, write_json_atomic
 
 #: The grid's record in its output folder: the cells of the table, for ``cdfsl merge``.
 GRID_FILE = "grid.json"

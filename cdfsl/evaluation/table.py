@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from cdfsl.evaluation.grid import Grid, GridCell, merge_grid, recorded_cells, run_grid
-from cdfsl.evaluation.shards import Shard, failed
-from cdfsl.evaluation.stats import mean_ci95
-from cdfsl.evaluation.store import ResultStore
+from cdfsl.results.shards import Shard, failed
+from cdfsl.results.stats import mean_ci95
+from cdfsl.results.store import ResultStore
 
 #: The column that averages the targets.
 AVERAGE = "average"
@@ -320,8 +320,8 @@ def write_tables(
     output: str | Path, record: Mapping[str, Any], cells: Sequence[GridCell]
 ) -> tuple[str, list[Entry]]:
     """Write :data:`TABLE_FILES` of a grid into ``output``; the markdown and the entries."""
-    from cdfsl.evaluation.plots import plot_accuracy_by_domain
     from cdfsl.plumbing import write_bytes_atomic
+    from cdfsl.results.plots import plot_accuracy_by_domain
 
     output = Path(output)
     reference = record.get("reference")

@@ -68,7 +68,7 @@ def format_summary(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 def plot_matrices(matrices: Mapping[str, Sequence[Sequence[float]]], domains: Sequence[str]) -> Any:
     """A matplotlib ``Figure`` with one annotated heatmap per method, titled with its metrics."""
-    from cdfsl.evaluation.plots import plot_matrix_heatmaps
+    from cdfsl.results.plots import plot_matrix_heatmaps
 
     panels = []
     for name, matrix in matrices.items():

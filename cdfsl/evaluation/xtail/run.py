@@ -18,7 +18,6 @@ import torch
 from cdfsl.backbones import Backbone, create_backbone
 from cdfsl.engine import episode_seed
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, write_json_atomic
 from cdfsl.evaluation.xtail.config import XTailConfig
 from cdfsl.evaluation.xtail.data import Domain, domain_splits
 from cdfsl.evaluation.xtail.framing import FramedImages, framing
@@ -39,6 +38,7 @@ from cdfsl.evaluation.xtail.metrics import (
 from cdfsl.features import FeatureCache, backbone_fingerprint
 from cdfsl.memory import peak_rss
 from cdfsl.plumbing import resolve_device, save_torch_atomic
+from cdfsl.results.store import ResultStore, check_run_config, plain_json, write_json_atomic
 
 
 def method_result(
