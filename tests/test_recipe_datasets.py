@@ -120,7 +120,7 @@ def _build_eval(recipe: Path, replica, *flags: str) -> None:
 
 def _build_rail(recipe: Path, replica) -> None:
     from cdfsl.commands.rail import config_from
-    from cdfsl.evaluation.xtail import domain_splits
+    from cdfsl.continual.xtail import domain_splits
 
     config = config_from(_parse("rail", recipe, "--data_root", str(replica("coop"))))
     splits = domain_splits(config)

@@ -52,10 +52,10 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/test_engine.py", "tests/test_failed_episodes.py"],
     ),
     "xtail": (
-        ["cdfsl/evaluation/xtail/framing.py", "cdfsl/evaluation/xtail/metrics.py"],
+        ["cdfsl/continual/xtail/framing.py", "cdfsl/continual/xtail/metrics.py"],
         ["tests/test_xtail.py"],
     ),
-    "rail": (["cdfsl/methods/rail.py"], ["tests/test_rail.py"]),
+    "rail": (["cdfsl/continual/rail.py"], ["tests/test_rail.py"]),
 }
 
 # mutmut's exit-code statuses, as `mutmut results --all true` prints them.

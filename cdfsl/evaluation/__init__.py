@@ -2,9 +2,9 @@
 
 Training is the engine's: :mod:`cdfsl.engine` (``FitConfig``, ``fit_episode``, ...)."""
 
+from cdfsl.continual.xtail import XTailConfig, XTailRun, xtail_metrics
 from cdfsl.evaluation.allway import AllWayEvaluator, AllWayProtocol, allway_table, draw_per_class
 from cdfsl.evaluation.runner import EpisodeProtocol, EpisodicEvaluator
-from cdfsl.evaluation.xtail import XTailConfig, XTailRun, xtail_metrics
 from cdfsl.results.report import summary_table
 from cdfsl.results.stats import EpisodeAccuracy, mean_ci95
 from cdfsl.results.store import ResultStore, write_json_atomic

@@ -151,7 +151,7 @@ class FrozenFeatureMethod(FewShotMethod):
         view ``v`` is the same whichever other views are drawn. ``normalize`` False keeps the
         encoder's raw output (Tip-Adapter averages raw view features).
         """
-        from cdfsl.evaluation.xtail.framing import RandomResizedCropFraming
+        from cdfsl.continual.xtail.framing import RandomResizedCropFraming
 
         crop = RandomResizedCropFraming(tuple(float(s) for s in crop_scale))
         size = list(self.backbone.preprocess.size)

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from cdfsl.continual.xtail.learners import title_of
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.xtail.learners import title_of
 
 
 def xtail_metrics(matrix: Sequence[Sequence[float]] | np.ndarray) -> dict[str, float]:
