@@ -39,7 +39,7 @@ import torch
 
 from cdfsl.data.micro_world import MicroWorld, list_domains
 from cdfsl.engine import ENGINE_VERSION, FitConfig
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
+from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.lora import LoRAConfig
 from cdfsl.methods import LoRAFineTune, Mind
 from cdfsl.results.stats import mean_ci95

@@ -146,11 +146,11 @@ def _build_reason(recipe: Path, replica) -> None:
 
 
 def _build_table(recipe: Path, replica, command: str = "table") -> None:
-    # As cdfsl.evaluation.grid builds a cell's data: each target's dataset, a replica of its
+    # As cdfsl.fewshot.grid builds a cell's data: each target's dataset, a replica of its
     # layout as its root (the micro world is generated, it has no root).
     from cdfsl.commands import _table_args
     from cdfsl.data.layout import check_episode_supply, prompt_template
-    from cdfsl.evaluation.grid import target_dataset
+    from cdfsl.fewshot.grid import target_dataset
 
     cfg = _parse(command, recipe)
     targets = _table_args.targets(cfg)

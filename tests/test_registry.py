@@ -57,9 +57,9 @@ def test_every_choice_table_is_a_registry():
     from cdfsl.continual.xtail.learners import LEARNERS
     from cdfsl.data.sources import SOURCES
     from cdfsl.data.views import COLOR_JITTERS, ROTATION_INTERPOLATIONS
+    from cdfsl.fewshot.losses import DIVERGENCES
+    from cdfsl.fewshot.methods.mind import SUPPORT_FEATURES
     from cdfsl.lora import LAYOUT_HANDLERS
-    from cdfsl.losses import DIVERGENCES
-    from cdfsl.methods.mind import SUPPORT_FEATURES
     from cdfsl.reasoning.experiment import DG_DATA, MODELS, TEACHERS, VARIANTS
 
     tables = [

@@ -37,14 +37,18 @@ LINKED = ("cdfsl", "tests", "recipes", "assets")
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "stats": (["cdfsl/results/stats.py"], ["tests/test_stats.py"]),
     "losses": (
-        ["cdfsl/losses.py", "cdfsl/alignment.py"],
+        ["cdfsl/fewshot/losses.py", "cdfsl/fewshot/alignment.py"],
         ["tests/test_losses.py", "tests/test_alignment.py"],
     ),
     "lora": (["cdfsl/lora.py"], ["tests/test_lora.py", "tests/test_lora_layouts.py"]),
     "views": (["cdfsl/data/views.py"], ["tests/test_views.py"]),
     "episodes": (["cdfsl/data/episodes.py"], ["tests/test_episodes.py", "tests/test_manifests.py"]),
     "methods": (
-        ["cdfsl/methods/base.py", "cdfsl/methods/mind.py", "cdfsl/methods/lora_ce.py"],
+        [
+            "cdfsl/fewshot/methods/base.py",
+            "cdfsl/fewshot/methods/mind.py",
+            "cdfsl/fewshot/methods/lora_ce.py",
+        ],
         ["tests/test_methods.py"],
     ),
     "engine": (
@@ -106,7 +110,7 @@ def _statuses(work: Path) -> dict[str, str]:
 
 
 def _module(mutant: str) -> str:
-    """``cdfsl.losses.x_svl__mutmut_3`` -> ``cdfsl.losses``."""
+    """``cdfsl.fewshot.losses.x_svl__mutmut_3`` -> ``cdfsl.fewshot.losses``."""
     return mutant.rsplit(".", 1)[0]
 
 

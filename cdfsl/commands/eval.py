@@ -68,8 +68,7 @@ def run(cfg: Namespace) -> None:
 
 def _export_manifest(cfg: Namespace) -> None:
     from cdfsl.data.layout import check_episode_supply
-    from cdfsl.evaluation import EpisodeProtocol
-    from cdfsl.evaluation.runner import protocol_manifest
+    from cdfsl.fewshot.episodic import EpisodeProtocol, protocol_manifest
     from cdfsl.results.store import ResultStore
 
     protocol = EpisodeProtocol(cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed)
@@ -99,8 +98,8 @@ def _evaluate(cfg: Namespace, shard: Shard | None) -> None:
     from dataclasses import replace
 
     from cdfsl.data.layout import check_episode_supply, prompt_template
-    from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, summary_table
-    from cdfsl.evaluation.runner import check_manifest
+    from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator, check_manifest
+    from cdfsl.results import summary_table
     from cdfsl.results.shards import describe, finished_rows
 
     protocol = EpisodeProtocol(cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed)

@@ -1,15 +1,24 @@
-"""LightningModules for few-shot adaptation, on one shared base; frozen-feature baselines."""
+"""The public import path of the methods: ``from cdfsl.methods import Mind``, and every recipe's
+``class_path: cdfsl.methods.Mind``.
+
+It holds no code: the few-shot LightningModules live in :mod:`cdfsl.fewshot.methods`, RAIL's
+regressors and RAIL-Fusion in :mod:`cdfsl.continual.rail`; both are re-exported here.
+"""
 
 from cdfsl.continual.rail import DualRegressor, PrimalRegressor, fuse
-from cdfsl.methods.base import FewShotMethod
-from cdfsl.methods.clap import CLAP, ZeroShotLinearProbe
-from cdfsl.methods.frozen import FrozenFeatureMethod
-from cdfsl.methods.linear_probe import LinearProbe
-from cdfsl.methods.lora_ce import LoRAFineTune
-from cdfsl.methods.lp_plus_plus import LPPlusPlus
-from cdfsl.methods.mind import Mind
-from cdfsl.methods.tip_adapter import TipAdapter, TipAdapterF
-from cdfsl.methods.zero_shot import ZeroShot
+from cdfsl.fewshot.methods import (
+    CLAP,
+    FewShotMethod,
+    FrozenFeatureMethod,
+    LinearProbe,
+    LoRAFineTune,
+    LPPlusPlus,
+    Mind,
+    TipAdapter,
+    TipAdapterF,
+    ZeroShot,
+    ZeroShotLinearProbe,
+)
 
 __all__ = [
     "CLAP",

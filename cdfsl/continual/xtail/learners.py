@@ -181,7 +181,7 @@ class FineTuneLearner(XTailLearner):
         return {"finetune": config.finetune}
 
     def __init__(self, context: LearnerContext) -> None:
-        from cdfsl.methods.lora_ce import LoRAFineTune
+        from cdfsl.fewshot.methods.lora_ce import LoRAFineTune
 
         super().__init__(context)
         cfg = context.config

@@ -1,6 +1,6 @@
 """A grid's results as paper tables: mean ± CI95 per cell, paired differences, best marked.
 
-Made from the cells' stored rows alone (:mod:`cdfsl.evaluation.grid`), so a resumed, sharded or
+Made from the cells' stored rows alone (:mod:`cdfsl.fewshot.grid`), so a resumed, sharded or
 merged grid gives the same bytes. Per (backbone, shot, method) row and target column:
 
 - the mean accuracy over the cell's successful episodes and its CI95 (1.96·s/√n with the sample
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cdfsl.evaluation.grid import Grid, GridCell, merge_grid, recorded_cells, run_grid
+from cdfsl.fewshot.grid import Grid, GridCell, merge_grid, recorded_cells, run_grid
 from cdfsl.results.shards import Shard, failed
 from cdfsl.results.stats import mean_ci95
 from cdfsl.results.store import ResultStore

@@ -42,8 +42,8 @@ from cdfsl.engine import (
 )
 from cdfsl.errors import CdfslError
 from cdfsl.features import EpisodeFeatures, FeatureCache
-from cdfsl.methods.base import FewShotMethod
-from cdfsl.methods.frozen import FrozenFeatureMethod, SupportSet
+from cdfsl.fewshot.methods.base import FewShotMethod
+from cdfsl.fewshot.methods.frozen import FrozenFeatureMethod, SupportSet
 from cdfsl.results import distributed, shards
 from cdfsl.results.progress import RowProgress
 from cdfsl.results.shards import Shard
