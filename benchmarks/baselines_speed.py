@@ -24,7 +24,7 @@ import torch
 
 from cdfsl.data.sources import DataConfig, build_dataset
 from cdfsl.engine import FitConfig, episodes_per_step
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
+from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.lora import LoRAConfig
 from cdfsl.methods import (
     CLAP,

@@ -33,9 +33,8 @@ from cdfsl.data.episodes import EpisodeSampler, load_episode
 from cdfsl.data.micro_world import MicroWorld
 from cdfsl.data.views import DEFAULT_VIEWS, ViewAugmenter
 from cdfsl.engine import FitConfig, episode_seed
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
-from cdfsl.lora import LoRAConfig, reset_lora
-from cdfsl.losses import (
+from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator
+from cdfsl.fewshot.losses import (
     fusion_target,
     mind_schedule,
     relation_alignment,
@@ -44,6 +43,7 @@ from cdfsl.losses import (
     visual_relation,
     vlm_cross_entropy,
 )
+from cdfsl.lora import LoRAConfig, reset_lora
 from cdfsl.methods import LoRAFineTune, Mind
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

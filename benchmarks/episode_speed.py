@@ -23,7 +23,7 @@ from imagegen import make_image_folder
 
 from cdfsl.data.folder import ImageFolder
 from cdfsl.engine import FitConfig
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
+from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.lora import LoRAConfig
 from cdfsl.methods import LoRAFineTune, Mind, ZeroShot
 

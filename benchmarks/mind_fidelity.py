@@ -39,11 +39,11 @@ import torch
 
 from cdfsl.data.micro_world import MicroWorld, list_domains
 from cdfsl.engine import ENGINE_VERSION, FitConfig
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
-from cdfsl.evaluation.stats import mean_ci95
-from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json
+from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.lora import LoRAConfig
 from cdfsl.methods import LoRAFineTune, Mind
+from cdfsl.results.stats import mean_ci95
+from cdfsl.results.store import ResultStore, check_run_config, plain_json
 
 LORA = LoRAConfig(rank=16, alpha=8.0, dropout=0.25, targets=("q", "k", "v"), scaling="rslora")
 

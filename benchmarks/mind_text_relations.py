@@ -1,9 +1,9 @@
 """Is RA's text target a worse guide where Mind loses? A look at crop-like (issue 13, item 6).
 
-RA pulls the visual relations A_v towards the text relations A_t (``cdfsl.losses.text_relation``).
-If A_t ranked class pairs differently from how the images relate, RA would pull in a wrong
-direction. Per domain, from the zero-shot micro-clip on held-out images (micro-world seed 1, not
-the benchmark's seed 0), this prints:
+RA pulls the visual relations A_v towards the text relations A_t
+(``cdfsl.fewshot.losses.text_relation``). If A_t ranked class pairs differently from how the
+images relate, RA would pull in a wrong direction. Per domain, from the zero-shot micro-clip on
+held-out images (micro-world seed 1, not the benchmark's seed 0), this prints:
 
 - the mean off-diagonal of A_t and of the visual prototype relations (``class_prototypes`` of
   every image of the class);
@@ -30,7 +30,7 @@ from torch import Tensor
 from cdfsl.backbones import Backbone, create_backbone
 from cdfsl.data.micro_world import MicroWorld, list_domains
 from cdfsl.features import encode_images
-from cdfsl.losses import class_prototypes
+from cdfsl.fewshot.losses import class_prototypes
 from cdfsl.plumbing import PROMPT_TEMPLATE
 
 PAIR = ("mind/per_episode/separate", "ft/per_episode")

@@ -25,8 +25,8 @@ import time
 import torch
 from torch.nn import functional as F
 
+from cdfsl.continual.rail import DualRegressor, PrimalRegressor
 from cdfsl.memory import peak_rss
-from cdfsl.methods.rail import DualRegressor, PrimalRegressor
 
 
 def clustered(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

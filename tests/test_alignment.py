@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from cdfsl.alignment import image_text_margin, intra_inter_cosine_gap, modality_gap
 from cdfsl.errors import CdfslError
+from cdfsl.fewshot.alignment import image_text_margin, intra_inter_cosine_gap, modality_gap
 
 E1, E2, E3 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
 

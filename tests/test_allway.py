@@ -15,15 +15,10 @@ from cdfsl.data import DataConfig, ImageList, build_splits
 from cdfsl.data.fsl import SPLIT_FILE_DATASETS
 from cdfsl.engine import FitConfig
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation import (
-    AllWayEvaluator,
-    AllWayProtocol,
-    ResultStore,
-    allway_table,
-    draw_per_class,
-)
+from cdfsl.fewshot.allway import AllWayEvaluator, AllWayProtocol, allway_table, draw_per_class
 from cdfsl.lora import LoRAConfig
 from cdfsl.methods import Mind, ZeroShot
+from cdfsl.results import ResultStore
 
 TINY = str(Path(__file__).resolve().parents[1] / "recipes/tiny/mind.yaml")
 PETS = next(row for row in SPLIT_FILE_DATASETS if row.name == "oxford-pets")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cdfsl.cli import main
-from cdfsl.methods.clap import (
+from cdfsl.fewshot.methods.clap import (
     ClapState,
     clap_fit,
     clap_logits,
@@ -20,9 +20,9 @@ from cdfsl.methods.clap import (
     phr_update,
     zero_shot_multipliers,
 )
-from cdfsl.methods.linear_probe import fit_logistic_regression
-from cdfsl.methods.lp_plus_plus import lpp_fit, lpp_init
-from cdfsl.methods.tip_adapter import cache_keys, cache_logits
+from cdfsl.fewshot.methods.linear_probe import fit_logistic_regression
+from cdfsl.fewshot.methods.lp_plus_plus import lpp_fit, lpp_init
+from cdfsl.fewshot.methods.tip_adapter import cache_keys, cache_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "assets" / "micro-clip" / "open_clip_model.safetensors"
@@ -203,8 +203,8 @@ def test_logistic_regression_meets_the_optimality_conditions_in_float64(n, dim):
 def test_a_view_is_the_same_whichever_other_views_are_drawn():
     from PIL import Image
 
+    from cdfsl.fewshot.methods.base import EpisodeState
     from cdfsl.methods import TipAdapter
-    from cdfsl.methods.base import EpisodeState
 
     method = TipAdapter(backbone="tiny-clip", pretrained=None, class_names=["a", "b"])
     episode = EpisodeState(7, ["a", "b"], method.text_feats)

@@ -9,7 +9,7 @@ import pytest
 from cdfsl.cli import main
 from cdfsl.data.micro_world import MicroWorld
 from cdfsl.engine import FitConfig
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
+from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "micro-clip"
 needs_micro_clip = pytest.mark.skipif(

@@ -19,7 +19,7 @@ import torch
 
 from cdfsl.cli import main
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.shards import Shard, describe, finished_rows
+from cdfsl.results.shards import Shard, describe, finished_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 EPISODES = 8
@@ -177,7 +177,7 @@ def test_two_ranks_under_torchrun_merge_to_the_one_process_rows(launched, refere
 
 def test_stopped_shards_resume_with_another_shard_count(capsys, monkeypatch, four_class_folder,
                                                         reference, tmp_path):  # fmt: skip
-    from cdfsl.evaluation.runner import EpisodicEvaluator
+    from cdfsl.fewshot.episodic import EpisodicEvaluator
 
     out = tmp_path / "stopped"
     assert main(eval_args(four_class_folder, out, "--shard", "0/2")) == 0
@@ -222,8 +222,8 @@ def test_grid_on_two_launched_ranks_equals_one_process(tmp_path):
     from dataclasses import replace
 
     from cdfsl.engine import FitConfig
-    from cdfsl.evaluation.grid import Grid, Target, run_grid
-    from cdfsl.evaluation.table import write_tables
+    from cdfsl.fewshot.grid import Grid, Target, run_grid
+    from cdfsl.fewshot.table import write_tables
 
     specs = (
         {"class_path": "cdfsl.methods.ZeroShot"},

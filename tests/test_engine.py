@@ -9,7 +9,7 @@ from cdfsl.data.folder import ImageFolder
 from cdfsl.data.views import ViewSpec
 from cdfsl.engine import FitConfig
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
+from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.lora import LoRAConfig, lora_state_dict
 from cdfsl.methods import LoRAFineTune, Mind, ZeroShot
 
@@ -163,7 +163,7 @@ def test_16_mixed_rows_are_the_rows_of_one_episode_at_a_time(four_class_folder, 
     """Under 16-mixed the automatic E is 1, and a run of three episodes gives each episode the
     row it gets alone. (On a CPU Lightning 2.6 trains '16-mixed' as bf16-mixed, with a warning,
     and cdfsl scores the queries the same way; fp16 with a GradScaler is the CUDA path.)"""
-    from cdfsl.evaluation import ResultStore
+    from cdfsl.results import ResultStore
 
     method = build(Mind)
     protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=3, seed=0)
@@ -342,7 +342,7 @@ def test_the_next_group_loads_while_this_one_trains(four_class_folder, tmp_path,
     groups run one after another."""
     import threading
 
-    from cdfsl.evaluation import runner
+    from cdfsl.fewshot import episodic
 
     method = build(LoRAFineTune)
     protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=4, seed=0)
@@ -361,7 +361,7 @@ def test_the_next_group_loads_while_this_one_trains(four_class_folder, tmp_path,
         return episodes
 
     overlapped = []
-    fit_episode = runner.fit_episode
+    fit_episode = episodic.fit_episode
 
     def watched_fit(method, images, labels, *args, **kwargs):
         # Group [0, 1] trains only once group [2, 3] has been read beside it.
@@ -369,11 +369,11 @@ def test_the_next_group_loads_while_this_one_trains(four_class_folder, tmp_path,
         return fit_episode(method, images, labels, *args, **kwargs)
 
     monkeypatch.setattr(EpisodicEvaluator, "load_group", watched_load)
-    monkeypatch.setattr(runner, "fit_episode", watched_fit)
+    monkeypatch.setattr(episodic, "fit_episode", watched_fit)
     evaluator = EpisodicEvaluator(method, folder, protocol, tmp_path / "run", fit, progress=False)
     evaluator.run()
     assert overlapped == [True, True]
-    from cdfsl.evaluation import ResultStore
+    from cdfsl.results import ResultStore
 
     rows = {r["episode"]: r for r in ResultStore(tmp_path / "run" / "results.jsonl").rows()}
     assert_same_rows(alone, rows)

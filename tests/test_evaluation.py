@@ -12,9 +12,10 @@ import torch
 from cdfsl.data.folder import ImageFolder
 from cdfsl.engine import FitConfig
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, ResultStore, mean_ci95
+from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.lora import LoRAConfig
 from cdfsl.methods import Mind, ZeroShot
+from cdfsl.results import ResultStore, mean_ci95
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT = FitConfig(steps=3, precision="32-true", accelerator="cpu")

@@ -13,15 +13,10 @@ from cdfsl.cli import main
 from cdfsl.data.folder import ImageFolder
 from cdfsl.data.views import ViewSpec
 from cdfsl.engine import FitConfig, episode_seed
-from cdfsl.evaluation import (
-    EpisodeProtocol,
-    EpisodicEvaluator,
-    ResultStore,
-    mean_ci95,
-    summary_table,
-)
+from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.lora import LoRAConfig, lora_state_dict
 from cdfsl.methods import LoRAFineTune, ZeroShot
+from cdfsl.results import ResultStore, mean_ci95, summary_table
 
 FIT = FitConfig(steps=5, precision="32-true", accelerator="cpu")
 NAN_STEP = 2

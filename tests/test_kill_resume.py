@@ -25,7 +25,7 @@ import pytest
 from imagegen import make_image_folder
 
 # Imported before forking, so that the children start warm.
-import cdfsl.evaluation.runner
+import cdfsl.fewshot.episodic
 import cdfsl.methods  # noqa: F401
 from cdfsl.cli import main
 
@@ -64,7 +64,8 @@ def _child(args: list[str], phase_path: Path, pause: float) -> int:
     import torch
 
     from cdfsl import plumbing
-    from cdfsl.evaluation import runner, store
+    from cdfsl.fewshot import episodic
+    from cdfsl.results import store
 
     torch.set_num_threads(1)
     phase_fd = os.open(phase_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -106,13 +107,13 @@ def _child(args: list[str], phase_path: Path, pause: float) -> int:
 
     # The store opens its files; cdfsl.plumbing writes and renames them.
     store.os = plumbing.os = SlowOS()
-    run_episodes = runner.EpisodicEvaluator.run_episodes
+    run_episodes = episodic.EpisodicEvaluator.run_episodes
 
     def training(self, indices, *args, **kwargs):
         phase("training")
         return run_episodes(self, indices, *args, **kwargs)
 
-    runner.EpisodicEvaluator.run_episodes = training
+    episodic.EpisodicEvaluator.run_episodes = training
     phase("startup")
     code = main(args)
     phase("done")

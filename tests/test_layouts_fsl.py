@@ -22,7 +22,7 @@ from cdfsl.data import (
 from cdfsl.data.fsl import SPLIT_FILE_DATASETS
 from cdfsl.data.layout import GENERIC_TEMPLATE
 from cdfsl.errors import DataError
-from cdfsl.methods.base import FewShotMethod
+from cdfsl.fewshot.methods.base import FewShotMethod
 
 ROWS = {row.name: row for row in SPLIT_FILE_DATASETS}
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cdfsl.errors import CdfslError
-from cdfsl.losses import (
+from cdfsl.fewshot.losses import (
     DIVERGENCES,
     MindStep,
     class_prototypes,

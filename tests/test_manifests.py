@@ -15,8 +15,8 @@ from cdfsl.cli import main
 from cdfsl.data.episodes import EpisodeManifest
 from cdfsl.data.folder import ImageFolder
 from cdfsl.errors import DataError
-from cdfsl.evaluation import EpisodeProtocol, ResultStore
-from cdfsl.evaluation.runner import protocol_manifest
+from cdfsl.fewshot.episodic import EpisodeProtocol, protocol_manifest
+from cdfsl.results import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes/tiny/mind.yaml")

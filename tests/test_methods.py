@@ -4,8 +4,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from cdfsl.errors import CdfslError
+from cdfsl.fewshot.losses import vlm_cross_entropy
 from cdfsl.lora import LoRAConfig
-from cdfsl.losses import vlm_cross_entropy
 from cdfsl.methods import LoRAFineTune, Mind, ZeroShot
 
 NAMES = ["red fox", "blue jay", "gray wolf"]
@@ -354,8 +354,8 @@ def test_views_dropout_and_draws_use_independent_streams_of_the_episode_seed():
     """Views and SVL draw from stream 0 of the episode's seed, LoRA dropout from stream 1: a
     generator and a counter-based dropout stream with different seeds, neither the other's, one
     dropout stream shared by every adapter."""
+    from cdfsl.fewshot.methods.base import stream_seed
     from cdfsl.lora import LoRAAdapter
-    from cdfsl.methods.base import stream_seed
 
     method = Mind(backbone="tiny-clip", pretrained=None, lora=LoRAConfig(rank=4))
     method.start_episodes([5, 9], [NAMES, NAMES])

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from cdfsl.continual.rail import DualRegressor, PrimalRegressor, fuse, rbf_kernel
 from cdfsl.errors import CdfslError
-from cdfsl.methods.rail import DualRegressor, PrimalRegressor, fuse, rbf_kernel
 
 D, C, H = 24, 9, 256
 

@@ -120,7 +120,7 @@ def _build_eval(recipe: Path, replica, *flags: str) -> None:
 
 def _build_rail(recipe: Path, replica) -> None:
     from cdfsl.commands.rail import config_from
-    from cdfsl.evaluation.xtail import domain_splits
+    from cdfsl.continual.xtail import domain_splits
 
     config = config_from(_parse("rail", recipe, "--data_root", str(replica("coop"))))
     splits = domain_splits(config)
@@ -146,11 +146,11 @@ def _build_reason(recipe: Path, replica) -> None:
 
 
 def _build_table(recipe: Path, replica, command: str = "table") -> None:
-    # As cdfsl.evaluation.grid builds a cell's data: each target's dataset, a replica of its
+    # As cdfsl.fewshot.grid builds a cell's data: each target's dataset, a replica of its
     # layout as its root (the micro world is generated, it has no root).
     from cdfsl.commands import _table_args
     from cdfsl.data.layout import check_episode_supply, prompt_template
-    from cdfsl.evaluation.grid import target_dataset
+    from cdfsl.fewshot.grid import target_dataset
 
     cfg = _parse(command, recipe)
     targets = _table_args.targets(cfg)

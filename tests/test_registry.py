@@ -52,14 +52,14 @@ def test_every_choice_table_is_a_registry():
     """The named choices of cdfsl are Registry objects, one mechanism for all of them."""
     from cdfsl.backbones.base import GEOMETRIES, INTERPOLATIONS
     from cdfsl.backbones.registry import BACKBONES
+    from cdfsl.continual.rail import RANDOM_LAYER_INITS
+    from cdfsl.continual.xtail.data import CLASS_NAME_STYLES, SMALL_CLASS_DRAWS
+    from cdfsl.continual.xtail.learners import LEARNERS
     from cdfsl.data.sources import SOURCES
     from cdfsl.data.views import COLOR_JITTERS, ROTATION_INTERPOLATIONS
-    from cdfsl.evaluation.xtail.data import CLASS_NAME_STYLES, SMALL_CLASS_DRAWS
-    from cdfsl.evaluation.xtail.learners import LEARNERS
+    from cdfsl.fewshot.losses import DIVERGENCES
+    from cdfsl.fewshot.methods.mind import SUPPORT_FEATURES
     from cdfsl.lora import LAYOUT_HANDLERS
-    from cdfsl.losses import DIVERGENCES
-    from cdfsl.methods.mind import SUPPORT_FEATURES
-    from cdfsl.methods.rail import RANDOM_LAYER_INITS
     from cdfsl.reasoning.experiment import DG_DATA, MODELS, TEACHERS, VARIANTS
 
     tables = [

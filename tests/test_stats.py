@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from cdfsl.evaluation.stats import EpisodeAccuracy, mean_ci95
+from cdfsl.results.stats import EpisodeAccuracy, mean_ci95
 
 
 def test_mean_and_ci95_against_hand_computation():

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.store import ResultStore, write_json_atomic
+from cdfsl.results.store import ResultStore, write_json_atomic
 
 
 def test_rows_round_trip_and_completed(tmp_path):

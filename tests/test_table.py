@@ -23,8 +23,8 @@ import yaml
 from test_kill_resume import read_phase, spawn, wait
 
 from cdfsl.cli import main
-from cdfsl.evaluation.grid import Grid, GridCell
-from cdfsl.evaluation.table import AVERAGE, csv_text, entries, latex, markdown
+from cdfsl.fewshot.grid import Grid, GridCell
+from cdfsl.fewshot.table import AVERAGE, csv_text, entries, latex, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "assets" / "micro-clip" / "open_clip_model.safetensors"
@@ -179,7 +179,7 @@ def test_markdown_csv_and_latex_show_the_entries(tmp_path):
 
 
 def test_best_marks_every_mean_tied_at_the_two_decimals_shown():
-    from cdfsl.evaluation.table import Entry, mark_best
+    from cdfsl.fewshot.table import Entry, mark_best
 
     means = {"A": 0.5, "B": 0.500004, "C": 0.49996, "D": 0.4999}  # 50.00, 50.00, 50.00, 49.99
     marked = mark_best([Entry("bb", 1, m, "t", a, 0.0, 4) for m, a in means.items()])
@@ -370,7 +370,7 @@ def test_bad_input_is_one_line_naming_the_key_and_the_fix(capsys, tmp_path, flag
 
 def test_named_rows_let_one_class_appear_twice(tmp_path):
     from cdfsl.engine import FitConfig
-    from cdfsl.evaluation.grid import Target
+    from cdfsl.fewshot.grid import Target
 
     probe = "cdfsl.methods.LinearProbe"
     specs = ({"class_path": probe, "name": "LP"},

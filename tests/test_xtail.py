@@ -13,10 +13,9 @@ from torchvision.transforms import v2
 from cdfsl.backbones.base import Preprocess
 from cdfsl.cli import build_parser, main
 from cdfsl.commands.rail import config_from
-from cdfsl.data.episodes import UniformDraws
-from cdfsl.errors import CdfslError
-from cdfsl.evaluation import xtail
-from cdfsl.evaluation.xtail import (
+from cdfsl.continual import xtail
+from cdfsl.continual.rail import PrimalRegressor
+from cdfsl.continual.xtail import (
     DomainConfig,
     FineTuneConfig,
     FramedImages,
@@ -26,8 +25,9 @@ from cdfsl.evaluation.xtail import (
     few_shot_indices,
     xtail_metrics,
 )
+from cdfsl.data.episodes import UniformDraws
+from cdfsl.errors import CdfslError
 from cdfsl.lora import LoRAConfig
-from cdfsl.methods.rail import PrimalRegressor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -614,14 +614,14 @@ def test_a_recipe_names_an_unregistered_learner_by_its_class_path(tmp_path):
     with pytest.raises(CdfslError, match=r"class_path 'cdfsl\.nowhere\.Learner'"):
         XTailRun(_config(tmp_path, ["cdfsl.nowhere.Learner"]))
     with pytest.raises(CdfslError, match="expected an XTailLearner subclass"):
-        XTailRun(_config(tmp_path, ["cdfsl.evaluation.xtail.XTailConfig"]))
+        XTailRun(_config(tmp_path, ["cdfsl.continual.xtail.XTailConfig"]))
 
 
 def test_zero_shot_probabilities_are_softmax_of_the_scaled_cosines_over_the_union():
     """RAIL's reference: softmax(100 · f·t) over every class of the sequence; cdfsl takes the
     backbone's own temperature (100 for OpenAI CLIP), checked here against a hand softmax."""
-    from cdfsl.evaluation.xtail.config import XTailConfig
-    from cdfsl.evaluation.xtail.learners import LearnerContext, ZeroShotLearner
+    from cdfsl.continual.xtail.config import XTailConfig
+    from cdfsl.continual.xtail.learners import LearnerContext, ZeroShotLearner
 
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     feats = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
@@ -746,7 +746,7 @@ def test_metrics_of_one_domain_raise_no_warning():
 
 
 def test_matrix_table_in_percent_with_dashes_and_partial_rows():
-    from cdfsl.evaluation.xtail.metrics import format_matrix
+    from cdfsl.continual.xtail.metrics import format_matrix
 
     assert format_matrix([[0.5, None], [math.nan, 0.123]], ["a", "b"]) == (
         "| after \\ on | a | b |\n|---|---:|---:|\n| a | 50.0 | - |\n| b | - | 12.3 |"
@@ -758,7 +758,7 @@ def test_matrix_table_in_percent_with_dashes_and_partial_rows():
 
 
 def test_summary_table_with_and_without_timings():
-    from cdfsl.evaluation.xtail.metrics import format_summary
+    from cdfsl.continual.xtail.metrics import format_summary
 
     results = {
         "mine": {
@@ -782,7 +782,7 @@ def test_heatmap_titles_carry_the_metrics():
     import matplotlib
 
     matplotlib.use("Agg")
-    from cdfsl.evaluation.xtail.metrics import plot_matrices
+    from cdfsl.continual.xtail.metrics import plot_matrices
 
     figure = plot_matrices({"mine": HAND}, ["a", "b", "c"])
     # Transfer 0.25, Average (0.4 + 1.7/3 + 0.5)/3 = 0.4889, Last 1.9/3 = 0.6333.

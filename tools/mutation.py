@@ -35,16 +35,20 @@ LINKED = ("cdfsl", "tests", "recipes", "assets")
 
 #: group -> (files mutated, test files that guard them).
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
-    "stats": (["cdfsl/evaluation/stats.py"], ["tests/test_stats.py"]),
+    "stats": (["cdfsl/results/stats.py"], ["tests/test_stats.py"]),
     "losses": (
-        ["cdfsl/losses.py", "cdfsl/alignment.py"],
+        ["cdfsl/fewshot/losses.py", "cdfsl/fewshot/alignment.py"],
         ["tests/test_losses.py", "tests/test_alignment.py"],
     ),
     "lora": (["cdfsl/lora.py"], ["tests/test_lora.py", "tests/test_lora_layouts.py"]),
     "views": (["cdfsl/data/views.py"], ["tests/test_views.py"]),
     "episodes": (["cdfsl/data/episodes.py"], ["tests/test_episodes.py", "tests/test_manifests.py"]),
     "methods": (
-        ["cdfsl/methods/base.py", "cdfsl/methods/mind.py", "cdfsl/methods/lora_ce.py"],
+        [
+            "cdfsl/fewshot/methods/base.py",
+            "cdfsl/fewshot/methods/mind.py",
+            "cdfsl/fewshot/methods/lora_ce.py",
+        ],
         ["tests/test_methods.py"],
     ),
     "engine": (
@@ -52,10 +56,10 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/test_engine.py", "tests/test_failed_episodes.py"],
     ),
     "xtail": (
-        ["cdfsl/evaluation/xtail/framing.py", "cdfsl/evaluation/xtail/metrics.py"],
+        ["cdfsl/continual/xtail/framing.py", "cdfsl/continual/xtail/metrics.py"],
         ["tests/test_xtail.py"],
     ),
-    "rail": (["cdfsl/methods/rail.py"], ["tests/test_rail.py"]),
+    "rail": (["cdfsl/continual/rail.py"], ["tests/test_rail.py"]),
 }
 
 # mutmut's exit-code statuses, as `mutmut results --all true` prints them.
@@ -106,7 +110,7 @@ def _statuses(work: Path) -> dict[str, str]:
 
 
 def _module(mutant: str) -> str:
-    """``cdfsl.losses.x_svl__mutmut_3`` -> ``cdfsl.losses``."""
+    """``cdfsl.fewshot.losses.x_svl__mutmut_3`` -> ``cdfsl.fewshot.losses``."""
     return mutant.rsplit(".", 1)[0]
 
 

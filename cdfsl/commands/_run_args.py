@@ -8,7 +8,7 @@ from cdfsl.commands._recipe_file import RecipeFile
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.sources import DataConfig, build_dataset
 from cdfsl.engine import FitConfig
-from cdfsl.methods.base import FewShotMethod
+from cdfsl.fewshot.methods.base import FewShotMethod
 
 
 def add_run_arguments(parser: ArgumentParser) -> None:

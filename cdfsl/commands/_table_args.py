@@ -10,7 +10,7 @@ from jsonargparse import ArgumentParser, Namespace
 from cdfsl.commands._recipe_file import RecipeFile
 from cdfsl.engine import FitConfig
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.grid import Grid, Target
+from cdfsl.fewshot.grid import Grid, Target
 
 
 def add_table_arguments(parser: ArgumentParser) -> None:

@@ -4,7 +4,7 @@
 
 K images per class from train for each K of ``--shots`` and seed of ``--seeds``, validation from
 val, accuracy on the whole test split; results are resumable (see
-``cdfsl.evaluation.allway``). The recipe's episode keys (way, shot, query, episodes, seed) are
+``cdfsl.fewshot.allway``). The recipe's episode keys (way, shot, query, episodes, seed) are
 accepted and unused. A recipe that keeps the generic prompt gets the dataset's own template.
 """
 
@@ -36,8 +36,8 @@ def configure(parser: ArgumentParser) -> None:
 def run(cfg: Namespace) -> None:
     from cdfsl.data.layout import prompt_template
     from cdfsl.data.sources import DataConfig, build_splits
-    from cdfsl.evaluation.allway import AllWayEvaluator, AllWayProtocol, allway_table
-    from cdfsl.evaluation.distributed import launched_ranks
+    from cdfsl.fewshot.allway import AllWayEvaluator, AllWayProtocol, allway_table
+    from cdfsl.results.distributed import launched_ranks
 
     ranks = launched_ranks()
     if ranks is not None:

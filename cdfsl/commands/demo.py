@@ -34,8 +34,8 @@ def configure(parser: ArgumentParser) -> None:
 
 def run(cfg: Namespace) -> None:
     from cdfsl.commands.table import files_line
-    from cdfsl.evaluation.shards import Shard
-    from cdfsl.evaluation.table import TABLE_FILES, run_table
+    from cdfsl.fewshot.table import TABLE_FILES, run_table
+    from cdfsl.results.shards import Shard
 
     if not cfg.methods:
         default = recipes_dir() / "micro" / "demo.yaml"
@@ -67,12 +67,12 @@ def _curves(cfg: Namespace, grid, name: str) -> None:
     """The training curves of episode 0 on target ``name`` at ``--curves.shot`` shots."""
     import pydoc
 
-    from cdfsl import demo
     from cdfsl.data.layout import prompt_template
-    from cdfsl.evaluation import EpisodeProtocol
-    from cdfsl.evaluation.grid import build_method, target_dataset
-    from cdfsl.evaluation.plots import plot_training_curves
-    from cdfsl.evaluation.store import write_json_atomic
+    from cdfsl.fewshot import demo
+    from cdfsl.fewshot.episodic import EpisodeProtocol
+    from cdfsl.fewshot.grid import build_method, target_dataset
+    from cdfsl.results.plots import plot_training_curves
+    from cdfsl.results.store import write_json_atomic
 
     target = next(t for t in grid.targets if t.name == name)
     dataset = target_dataset(target)

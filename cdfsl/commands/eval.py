@@ -20,7 +20,7 @@ from cdfsl.plumbing import plain_json
 if TYPE_CHECKING:
     from cdfsl.data.base import LabelledImages
     from cdfsl.data.episodes import EpisodeManifest
-    from cdfsl.evaluation.shards import Shard
+    from cdfsl.results.shards import Shard
 
 NAME = "eval"
 HELP = "episodic N-way K-shot evaluation (resumable)"
@@ -49,8 +49,8 @@ def configure(parser: ArgumentParser) -> None:
 
 
 def run(cfg: Namespace) -> None:
-    from cdfsl.evaluation import distributed
-    from cdfsl.evaluation.shards import Shard
+    from cdfsl.results import distributed
+    from cdfsl.results.shards import Shard
 
     if cfg.export_manifest is not None:
         _export_manifest(cfg)
@@ -68,9 +68,8 @@ def run(cfg: Namespace) -> None:
 
 def _export_manifest(cfg: Namespace) -> None:
     from cdfsl.data.layout import check_episode_supply
-    from cdfsl.evaluation import EpisodeProtocol
-    from cdfsl.evaluation.runner import protocol_manifest
-    from cdfsl.evaluation.store import ResultStore
+    from cdfsl.fewshot.episodic import EpisodeProtocol, protocol_manifest
+    from cdfsl.results.store import ResultStore
 
     protocol = EpisodeProtocol(cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed)
     _, dataset = _run_args.dataset(cfg)
@@ -85,7 +84,7 @@ def _export_manifest(cfg: Namespace) -> None:
 
 def _read_manifest(path: str, dataset: LabelledImages) -> EpisodeManifest:
     from cdfsl.data.episodes import EpisodeManifest
-    from cdfsl.evaluation.store import ResultStore
+    from cdfsl.results.store import ResultStore
 
     if not Path(path).is_file():
         raise CdfslError(
@@ -99,9 +98,9 @@ def _evaluate(cfg: Namespace, shard: Shard | None) -> None:
     from dataclasses import replace
 
     from cdfsl.data.layout import check_episode_supply, prompt_template
-    from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator, summary_table
-    from cdfsl.evaluation.runner import check_manifest
-    from cdfsl.evaluation.shards import describe, finished_rows
+    from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator, check_manifest
+    from cdfsl.results import summary_table
+    from cdfsl.results.shards import describe, finished_rows
 
     protocol = EpisodeProtocol(cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed)
     # build_dataset has validated the folder; classes too small for the episodes, or a

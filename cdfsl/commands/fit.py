@@ -63,7 +63,7 @@ class FitCLI(LightningCLI):
 
     def __init__(self, config: Namespace) -> None:
         from cdfsl.cli import PARSER_MODE, LightningParser
-        from cdfsl.methods.base import FewShotMethod
+        from cdfsl.fewshot.methods.base import FewShotMethod
 
         super().__init__(
             model_class=FewShotMethod,

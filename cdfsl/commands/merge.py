@@ -33,9 +33,9 @@ def configure(parser: ArgumentParser) -> None:
 
 
 def run(cfg: Namespace) -> None:
-    from cdfsl.evaluation import shards, summary_table
-    from cdfsl.evaluation.grid import is_grid_output
-    from cdfsl.evaluation.runner import merge_output
+    from cdfsl.fewshot.episodic import merge_output
+    from cdfsl.fewshot.grid import is_grid_output
+    from cdfsl.results import shards, summary_table
 
     output = Path(cfg.output)
     if is_grid_output(output):
@@ -63,7 +63,7 @@ def run(cfg: Namespace) -> None:
 
 def _merge_table(output: Path, allow_partial: bool) -> None:
     from cdfsl.commands.table import files_line
-    from cdfsl.evaluation.table import TABLE_FILES, merge_table
+    from cdfsl.fewshot.table import TABLE_FILES, merge_table
 
     print(merge_table(output, allow_partial))
     print(files_line(output, TABLE_FILES))

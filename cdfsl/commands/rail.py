@@ -14,15 +14,15 @@ from jsonargparse import ArgumentParser, Namespace
 from cdfsl.commands._recipe_file import RecipeFile
 
 if TYPE_CHECKING:  # the CLI imports every command at start-up; torch loads only when run
-    from cdfsl.evaluation.xtail import XTailConfig
+    from cdfsl.continual.xtail import XTailConfig
 
 NAME = "rail"
 HELP = "X-TAIL continual learning over a domain sequence: zero-shot, fine-tuning, RAIL"
 
 
 def configure(parser: ArgumentParser) -> None:
-    """The keys of :class:`cdfsl.evaluation.xtail.XTailConfig` at the top level."""
-    from cdfsl.evaluation.xtail import XTailConfig
+    """The keys of :class:`cdfsl.continual.xtail.XTailConfig` at the top level."""
+    from cdfsl.continual.xtail import XTailConfig
 
     parser.add_argument("--config", action=RecipeFile, help="a YAML recipe or a name (rail/micro)")
     parser.add_class_arguments(XTailConfig, nested_key=None, as_group=False)
@@ -30,7 +30,7 @@ def configure(parser: ArgumentParser) -> None:
 
 def config_from(cfg: Namespace) -> XTailConfig:
     """The parsed ``cdfsl rail`` arguments as an ``XTailConfig``."""
-    from cdfsl.evaluation.xtail import XTailConfig
+    from cdfsl.continual.xtail import XTailConfig
 
     parser = ArgumentParser()
     configure(parser)
@@ -41,7 +41,7 @@ def config_from(cfg: Namespace) -> XTailConfig:
 def run(cfg: Namespace) -> None:
     from pathlib import Path
 
-    from cdfsl.evaluation.xtail import XTailRun
+    from cdfsl.continual.xtail import XTailRun
 
     config = config_from(cfg)
     runner = XTailRun(config)

@@ -30,8 +30,8 @@ def configure(parser: ArgumentParser) -> None:
 def run(cfg: Namespace) -> str | None:
     """Run the grid and print its tables; the markdown, or None where no tables were written
     (a static shard, a torchrun rank other than 0)."""
-    from cdfsl.evaluation.shards import Shard
-    from cdfsl.evaluation.table import TABLE_FILES, run_table
+    from cdfsl.fewshot.table import TABLE_FILES, run_table
+    from cdfsl.results.shards import Shard
 
     grid = _table_args.grid(cfg)
     shard = Shard.parse(cfg.shard) if cfg.shard is not None else None

@@ -10,7 +10,7 @@ an object keyed by label (``{"0": "T-shirt/top", ...}``), which must name every 
 file holds. :class:`Mnist` (the X-TAIL Order-I domain ``mnist``) looks in ``ROOT``, ``ROOT/mnist``
 and ``ROOT/MNIST/raw`` (torchvision's download folder) and names the classes "0".."9";
 :data:`TORCHVISION_CLASSES` holds torchvision's names ("0 - zero" ...), which the RAIL reference
-builds its prompts from (see ``cdfsl.evaluation.xtail.CLASS_NAME_STYLES``).
+builds its prompts from (see ``cdfsl.continual.xtail.CLASS_NAME_STYLES``).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import torch
 
 from cdfsl.engine.fit import _ONE_EPISODE_PRECISIONS, FitConfig, _check_scaler_episodes
 from cdfsl.errors import CdfslError
-from cdfsl.methods.base import FewShotMethod
-from cdfsl.methods.frozen import FrozenFeatureMethod
+from cdfsl.fewshot.methods.base import FewShotMethod
+from cdfsl.fewshot.methods.frozen import FrozenFeatureMethod
 
 #: Activations kept for the backward pass per element of a LoRA projection's input: a ViT
 #: block saves about 16 of the residual's size (norms, q/k/v, attention, MLP at 4x). An

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cdfsl.errors import CdfslError
+from cdfsl.fewshot.methods.base import FewShotMethod
 from cdfsl.lora import zero_set_gradients
-from cdfsl.methods.base import FewShotMethod
 from cdfsl.plumbing import cuda_index, quiet_lightning, resolve_device
 from cdfsl.registry import Registry
 

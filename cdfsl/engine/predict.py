@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from cdfsl.engine.fit import FitConfig, autocast_dtype, frozen_weights_in, tf32_allowed
-from cdfsl.methods.base import FewShotMethod
+from cdfsl.fewshot.methods.base import FewShotMethod
 
 
 @torch.no_grad()

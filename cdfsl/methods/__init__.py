@@ -1,29 +1,17 @@
-"""LightningModules for few-shot adaptation, on one shared base; frozen-feature baselines."""
+"""The public import path of the methods: ``from cdfsl.methods import Mind``, and every recipe's
+``class_path: cdfsl.methods.Mind``.
 
-from cdfsl.methods.base import FewShotMethod
-from cdfsl.methods.clap import CLAP, ZeroShotLinearProbe
-from cdfsl.methods.frozen import FrozenFeatureMethod
-from cdfsl.methods.linear_probe import LinearProbe
-from cdfsl.methods.lora_ce import LoRAFineTune
-from cdfsl.methods.lp_plus_plus import LPPlusPlus
-from cdfsl.methods.mind import Mind
-from cdfsl.methods.rail import DualRegressor, PrimalRegressor, fuse
-from cdfsl.methods.tip_adapter import TipAdapter, TipAdapterF
-from cdfsl.methods.zero_shot import ZeroShot
+It holds no code. It re-exports every name of :mod:`cdfsl.fewshot.methods` (FewShotMethod,
+ZeroShot, LoRAFineTune, Mind and the frozen-feature baselines: FrozenFeatureMethod,
+LinearProbe, ZeroShotLinearProbe, TipAdapter, TipAdapterF, LPPlusPlus, CLAP) and RAIL's
+regressors and RAIL-Fusion from :mod:`cdfsl.continual.rail` (PrimalRegressor, DualRegressor,
+fuse).
+"""
 
-__all__ = [
-    "CLAP",
-    "DualRegressor",
-    "FewShotMethod",
-    "FrozenFeatureMethod",
-    "LPPlusPlus",
-    "LinearProbe",
-    "LoRAFineTune",
-    "Mind",
-    "PrimalRegressor",
-    "TipAdapter",
-    "TipAdapterF",
-    "ZeroShot",
-    "ZeroShotLinearProbe",
-    "fuse",
-]
+from cdfsl.continual.rail import DualRegressor, PrimalRegressor, fuse
+from cdfsl.fewshot.methods import *  # noqa: F403 (the names of its __all__, listed once there)
+from cdfsl.fewshot.methods import __all__ as _FEWSHOT_METHODS
+
+__all__ = ["DualRegressor", "PrimalRegressor", "fuse"]
+__all__ += _FEWSHOT_METHODS
+__all__.sort()

@@ -1,7 +1,7 @@
 """Domain-generalization evaluation: answer, parse, score per held-out domain, tabulate.
 
 Accuracy per held-out domain comes with a 95% confidence interval from
-:func:`cdfsl.evaluation.stats.mean_ci95` over per-image correctness (0/1): the normal
+:func:`cdfsl.results.stats.mean_ci95` over per-image correctness (0/1): the normal
 approximation z·s/√n with the sample standard deviation, i.e. the Wald interval of a
 proportion (with n/(n-1) inside the square root). The average over held-out domains is the mean
 of the per-domain accuracies; its half-width is √(Σ h_k²)/K, the domains being independent
@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from cdfsl.evaluation.stats import mean_ci95
 from cdfsl.reasoning.answers import conclusion_text, parse_class
 from cdfsl.reasoning.model import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt
+from cdfsl.results.stats import mean_ci95
 
 ANSWER_MODES: tuple[str, ...] = ("label", "reason")
 """``label``: answer q_cls, parse the whole answer; ``reason``: answer q_reason, parse its

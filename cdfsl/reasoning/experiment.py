@@ -40,7 +40,6 @@ import torch
 
 from cdfsl.data.base import LabelledImages
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.store import check_run_config, write_json_atomic
 from cdfsl.plumbing import save_torch_atomic, write_jsonl_atomic
 from cdfsl.reasoning.chains import Chain, ChainReport, import_chains, validate_chains, write_chains
 from cdfsl.reasoning.dg import ANSWER_MODES, DomainResult, average, evaluate_domain, markdown_table
@@ -55,6 +54,7 @@ from cdfsl.reasoning.mtct import (
 from cdfsl.reasoning.prompts import label_prompt, reason_prompt, teacher_prompt
 from cdfsl.reasoning.sarr import SARRConfig, SARRRunner
 from cdfsl.registry import Registry, import_class_path
+from cdfsl.results.store import check_run_config, write_json_atomic
 
 log = logging.getLogger(__name__)
 

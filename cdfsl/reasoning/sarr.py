@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from cdfsl.evaluation.store import write_json_atomic
 from cdfsl.plumbing import save_torch_atomic, write_jsonl_atomic
 from cdfsl.reasoning.answers import conclusion_text, parse_class
 from cdfsl.reasoning.chains import Chain, write_chains
@@ -35,6 +34,7 @@ from cdfsl.reasoning.dg import generate_all
 from cdfsl.reasoning.model import GenerativeVLM, ImageInputs
 from cdfsl.reasoning.mtct import ReasoningExamples, TrainConfig, train_mtct
 from cdfsl.reasoning.prompts import reason_prompt
+from cdfsl.results.store import write_json_atomic
 
 log = logging.getLogger(__name__)
 

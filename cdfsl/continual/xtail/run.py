@@ -16,29 +16,29 @@ import numpy as np
 import torch
 
 from cdfsl.backbones import Backbone, create_backbone
-from cdfsl.engine import episode_seed
-from cdfsl.errors import CdfslError
-from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, write_json_atomic
-from cdfsl.evaluation.xtail.config import XTailConfig
-from cdfsl.evaluation.xtail.data import Domain, domain_splits
-from cdfsl.evaluation.xtail.framing import FramedImages, framing
-from cdfsl.evaluation.xtail.learners import (
+from cdfsl.continual.xtail.config import XTailConfig
+from cdfsl.continual.xtail.data import Domain, domain_splits
+from cdfsl.continual.xtail.framing import FramedImages, framing
+from cdfsl.continual.xtail.learners import (
     LEARNERS,
     LearnerContext,
     XTailLearner,
     learner_class,
     title_of,
 )
-from cdfsl.evaluation.xtail.metrics import (
+from cdfsl.continual.xtail.metrics import (
     _pct,
     format_matrix,
     format_summary,
     plot_matrices,
     xtail_metrics,
 )
+from cdfsl.engine import episode_seed
+from cdfsl.errors import CdfslError
 from cdfsl.features import FeatureCache, backbone_fingerprint
 from cdfsl.memory import peak_rss
 from cdfsl.plumbing import resolve_device, save_torch_atomic
+from cdfsl.results.store import ResultStore, check_run_config, plain_json, write_json_atomic
 
 
 def method_result(

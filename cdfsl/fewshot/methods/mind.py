@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from cdfsl.errors import CdfslError
-from cdfsl.losses import (
+from cdfsl.fewshot.losses import (
     fusion_target,
     mind_schedule,
     relation_alignment,
@@ -17,7 +17,7 @@ from cdfsl.losses import (
     visual_relation,
     vlm_cross_entropy,
 )
-from cdfsl.methods.base import EpisodeState, FewShotMethod
+from cdfsl.fewshot.methods.base import EpisodeState, FewShotMethod
 from cdfsl.registry import Registry
 
 #: Mind's sources of the clean support features S: name -> whether the support set is
@@ -28,7 +28,7 @@ SUPPORT_FEATURES: Registry[str, bool] = Registry(
 
 
 class Mind(FewShotMethod):
-    """L_vlm + λ_svl·L_svl + λ_ra·L_ra on the schedule of ``cdfsl.losses.mind_schedule``.
+    """L_vlm + λ_svl·L_svl + λ_ra·L_ra on the schedule of ``cdfsl.fewshot.losses.mind_schedule``.
 
     The relation target fuses the previous step's visual relation matrix, so every training
     batch must hold the same images in the same order (the whole support set, as the episodic
@@ -37,7 +37,8 @@ class Mind(FewShotMethod):
     Args (beyond :class:`FewShotMethod`, whose arguments pass through ``kwargs``):
         svl_weight: λ_svl (the reference code's ``beta``).
         ra_weight: λ_ra (the reference code's ``gamma``; the paper's β).
-        divergence: the relation-alignment divergence, see ``cdfsl.losses.relation_alignment``.
+        divergence: the relation-alignment divergence, see
+            ``cdfsl.fewshot.losses.relation_alignment``.
         support: where the clean support features S come from, a key of
             :data:`SUPPORT_FEATURES`: ``"separate"`` (the reference's: "S ... the normalised
             features of the clean (un-augmented) support images, forwarded with gradient in the

@@ -5,7 +5,7 @@ order, names never merged across domains. The domain of a test image is unknown:
 prediction is an argmax over the whole union, seen and not yet seen. After learning domain t,
 every domain k is evaluated: ``a[t][k]`` (rows: steps, columns: domains).
 
-Methods, each an :class:`~cdfsl.evaluation.xtail.learners.XTailLearner` registered in
+Methods, each an :class:`~cdfsl.continual.xtail.learners.XTailLearner` registered in
 :data:`LEARNERS` under the name a recipe's ``methods`` list uses, each resumable per step (a
 kill loses at most the step it was in):
 
@@ -30,17 +30,17 @@ then ``summary.json``, ``summary.md`` and ``xtail.png`` over all methods.
 Modules, one concern each: :mod:`.config` (the recipe), :mod:`.data` (splits, shots, prompt
 names), :mod:`.framing` (images to the input size), :mod:`.learners` (the methods),
 :mod:`.metrics` (Transfer / Average / Last, tables, heatmaps) and :mod:`.run` (the runner).
-Every public name is importable from ``cdfsl.evaluation.xtail``.
+Every public name is importable from ``cdfsl.continual.xtail``.
 """
 
-from cdfsl.evaluation.xtail.config import (
+from cdfsl.continual.xtail.config import (
     DomainConfig,
     DualConfig,
     FineTuneConfig,
     PrimalConfig,
     XTailConfig,
 )
-from cdfsl.evaluation.xtail.data import (
+from cdfsl.continual.xtail.data import (
     CLASS_NAME_STYLES,
     SMALL_CLASS_DRAWS,
     Domain,
@@ -52,13 +52,13 @@ from cdfsl.evaluation.xtail.data import (
     import_class_path,
     prompt_names,
 )
-from cdfsl.evaluation.xtail.framing import (
+from cdfsl.continual.xtail.framing import (
     FramedImages,
     GeometryFraming,
     RandomResizedCropFraming,
     framing,
 )
-from cdfsl.evaluation.xtail.learners import (
+from cdfsl.continual.xtail.learners import (
     LEARNERS,
     METHOD_TITLES,
     METHODS,
@@ -74,13 +74,13 @@ from cdfsl.evaluation.xtail.learners import (
     register_learner,
     title_of,
 )
-from cdfsl.evaluation.xtail.metrics import (
+from cdfsl.continual.xtail.metrics import (
     format_matrix,
     format_summary,
     plot_matrices,
     xtail_metrics,
 )
-from cdfsl.evaluation.xtail.run import XTailRun, method_result, run_summary
+from cdfsl.continual.xtail.run import XTailRun, method_result, run_summary
 from cdfsl.memory import peak_rss
 
 __all__ = [

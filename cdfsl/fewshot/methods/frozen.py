@@ -4,8 +4,8 @@ These methods never train the backbone, so an episode needs only image features:
 features of its support and query images (read from a feature cache by the episodic evaluator,
 :class:`cdfsl.features.EpisodeFeatures`) and, where the method's reference augments, features
 of augmented support views drawn for that episode alone. Views come from random streams of the
-episode's seed (:func:`cdfsl.methods.base.stream_seed`), so a row stays a pure function of seed,
-index and configuration.
+episode's seed (:func:`cdfsl.fewshot.methods.base.stream_seed`), so a row stays a pure function
+of seed, index and configuration.
 
 A subclass implements :meth:`FrozenFeatureMethod.fit_support` (fit episode ``e``'s head from its
 :class:`SupportSet`) and :meth:`FrozenFeatureMethod.predict_features` (query features ->
@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 
 from cdfsl.data.episodes import UniformDraws
 from cdfsl.errors import CdfslError
-from cdfsl.methods.base import EpisodeState, FewShotMethod, stream_seed
+from cdfsl.fewshot.methods.base import EpisodeState, FewShotMethod, stream_seed
 from cdfsl.plumbing import PROMPT_TEMPLATE
 
 #: Random stream (of the episode's seed) of the augmented support views; the method's own draws
@@ -151,7 +151,7 @@ class FrozenFeatureMethod(FewShotMethod):
         view ``v`` is the same whichever other views are drawn. ``normalize`` False keeps the
         encoder's raw output (Tip-Adapter averages raw view features).
         """
-        from cdfsl.evaluation.xtail.framing import RandomResizedCropFraming
+        from cdfsl.continual.xtail.framing import RandomResizedCropFraming
 
         crop = RandomResizedCropFraming(tuple(float(s) for s in crop_scale))
         size = list(self.backbone.preprocess.size)

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from cdfsl.continual.rail import DualRegressor, PrimalRegressor, fuse
 from cdfsl.engine import FitConfig, episode_seed, fit_episode, predict_logits
 from cdfsl.errors import CdfslError
 from cdfsl.lora import load_lora_state_dict, lora_state_dict
-from cdfsl.methods.rail import DualRegressor, PrimalRegressor, fuse
 from cdfsl.registry import Registry
 
 if TYPE_CHECKING:
+    from cdfsl.continual.xtail.config import XTailConfig
+    from cdfsl.continual.xtail.data import Domain
     from cdfsl.data.base import LabelledImages
-    from cdfsl.evaluation.xtail.config import XTailConfig
-    from cdfsl.evaluation.xtail.data import Domain
 
 
 @dataclass
@@ -123,7 +123,7 @@ def learner_class(entry: str) -> type[XTailLearner] | None:
     """
     if entry not in LEARNERS and "." not in entry:
         return None
-    cls = LEARNERS.resolve(entry, XTailLearner, "cdfsl.evaluation.xtail.ZeroShotLearner")
+    cls = LEARNERS.resolve(entry, XTailLearner, "cdfsl.continual.xtail.ZeroShotLearner")
     return register_learner(cls)
 
 
@@ -181,7 +181,7 @@ class FineTuneLearner(XTailLearner):
         return {"finetune": config.finetune}
 
     def __init__(self, context: LearnerContext) -> None:
-        from cdfsl.methods.lora_ce import LoRAFineTune
+        from cdfsl.fewshot.methods.lora_ce import LoRAFineTune
 
         super().__init__(context)
         cfg = context.config

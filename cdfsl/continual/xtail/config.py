@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdfsl.continual.xtail.learners import METHODS
 from cdfsl.data.views import ViewSpec
-from cdfsl.evaluation.xtail.learners import METHODS
 from cdfsl.lora import LoRAConfig
 
 
@@ -31,7 +31,7 @@ class DomainConfig:
 
 @dataclass
 class PrimalConfig:
-    """:class:`~cdfsl.methods.rail.PrimalRegressor` settings (the paper's H and lambda).
+    """:class:`~cdfsl.continual.rail.PrimalRegressor` settings (the paper's H and lambda).
 
     ``random_init``: ``uniform_fan_in`` (the reference's ``nn.Linear`` layer) or ``normal``.
     """
@@ -46,7 +46,7 @@ class PrimalConfig:
 
 @dataclass
 class DualConfig:
-    """:class:`~cdfsl.methods.rail.DualRegressor` settings (the paper's gamma and lambda)."""
+    """:class:`~cdfsl.continual.rail.DualRegressor` settings (the paper's gamma and lambda)."""
 
     gamma: float = 0.1
     reg: float = 1e-3
@@ -85,7 +85,7 @@ class XTailConfig:
     size, a name :func:`framing` knows (defaults: the reference's seeded
     ``random_resized_crop`` of area ``train_crop_scale`` for training features, CLIP's
     ``short_side_crop`` for test images; ``squash`` was cdfsl's earlier choice for both).
-    ``methods``: names of registered learners (:data:`~cdfsl.evaluation.xtail.LEARNERS`),
+    ``methods``: names of registered learners (:data:`~cdfsl.continual.xtail.LEARNERS`),
     run in registration order; default the built-in :data:`METHODS`.
     ``beta``: RAIL-Fusion's regressor weight.
     ``data_root``: the ``root`` of every split given by a registered source without one (the

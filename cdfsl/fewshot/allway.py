@@ -36,9 +36,9 @@ from cdfsl.data.base import LabelledImages
 from cdfsl.data.episodes import UniformDraws
 from cdfsl.engine import FitConfig, episode_seed, fit_episode, predict_logits
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.stats import mean_ci95
-from cdfsl.evaluation.store import ResultStore, check_run_config, write_json_atomic
-from cdfsl.methods.base import FewShotMethod
+from cdfsl.fewshot.methods.base import FewShotMethod
+from cdfsl.results.stats import mean_ci95
+from cdfsl.results.store import ResultStore, check_run_config, write_json_atomic
 
 __all__ = ["AllWayEvaluator", "AllWayProtocol", "allway_table", "draw_per_class"]
 

@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from cdfsl.errors import CdfslError
-from cdfsl.methods.base import EpisodeState
-from cdfsl.methods.frozen import FrozenFeatureMethod, SupportSet, one_hot
+from cdfsl.fewshot.methods.base import EpisodeState
+from cdfsl.fewshot.methods.frozen import FrozenFeatureMethod, SupportSet, one_hot
 from cdfsl.registry import Registry
 
 #: dassl's default ``INPUT.RRCROP_SCALE``, which the CLAP trainer config does not change.

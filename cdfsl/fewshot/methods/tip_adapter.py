@@ -20,8 +20,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from cdfsl.errors import CdfslError
-from cdfsl.methods.base import EpisodeState
-from cdfsl.methods.frozen import FrozenFeatureMethod, SupportSet, one_hot
+from cdfsl.fewshot.methods.base import EpisodeState
+from cdfsl.fewshot.methods.frozen import FrozenFeatureMethod, SupportSet, one_hot
 
 #: The references' training crop: ``RandomResizedCrop(224, scale=(0.5, 1), bicubic)``.
 TIP_CROP_SCALE = (0.5, 1.0)

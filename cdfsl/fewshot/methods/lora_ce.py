@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from cdfsl.losses import vlm_cross_entropy
-from cdfsl.methods.base import EpisodeState, FewShotMethod
+from cdfsl.fewshot.losses import vlm_cross_entropy
+from cdfsl.fewshot.methods.base import EpisodeState, FewShotMethod
 
 
 class LoRAFineTune(FewShotMethod):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cdfsl.evaluation.shards import RESULTS, shard_files
+from cdfsl.results.shards import RESULTS, shard_files
 
 
 class RowProgress:

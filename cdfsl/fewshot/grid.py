@@ -5,7 +5,7 @@ Cell (backbone, target, shot, method) is an episodic run (:class:`EpisodicEvalua
 shards, as ``cdfsl eval --output`` writes them. Every method of a (backbone, target, shot) sees
 the same seeded episodes (episode *i* depends only on the seed and *i*), so two methods' rows
 pair per episode. ``OUTPUT/grid.json`` records which cells make the table; the tables
-(:mod:`cdfsl.evaluation.table`) are made from the cells' rows alone, so ``cdfsl merge OUTPUT``
+(:mod:`cdfsl.fewshot.table`) are made from the cells' rows alone, so ``cdfsl merge OUTPUT``
 can write them after ``--shard K/N`` runs as well.
 
 Computation only: ``cdfsl table`` and ``cdfsl demo`` read the recipe and write the files.
@@ -30,13 +30,13 @@ from cdfsl.data.base import LabelledImages
 from cdfsl.data.sources import DataConfig, build_dataset
 from cdfsl.engine import FitConfig
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation import distributed, shards
-from cdfsl.evaluation.progress import RowProgress
-from cdfsl.evaluation.runner import EpisodeProtocol, EpisodicEvaluator, merge_output
-from cdfsl.evaluation.shards import Shard
-from cdfsl.evaluation.store import plain_json, write_json_atomic
-from cdfsl.methods.base import FewShotMethod
+from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator, merge_output
+from cdfsl.fewshot.methods.base import FewShotMethod
 from cdfsl.plumbing import ignore_noise_warnings, quiet_loggers
+from cdfsl.results import distributed, shards
+from cdfsl.results.progress import RowProgress
+from cdfsl.results.shards import Shard
+from cdfsl.results.store import plain_json, write_json_atomic
 
 #: The grid's record in its output folder: the cells of the table, for ``cdfsl merge``.
 GRID_FILE = "grid.json"

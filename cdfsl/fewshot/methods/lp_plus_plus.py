@@ -25,9 +25,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from cdfsl.errors import CdfslError
-from cdfsl.methods.base import EpisodeState
-from cdfsl.methods.frozen import FrozenFeatureMethod, SupportSet, one_hot
-from cdfsl.methods.tip_adapter import TIP_CROP_SCALE
+from cdfsl.fewshot.methods.base import EpisodeState
+from cdfsl.fewshot.methods.frozen import FrozenFeatureMethod, SupportSet, one_hot
+from cdfsl.fewshot.methods.tip_adapter import TIP_CROP_SCALE
 from cdfsl.registry import Registry
 
 #: Whether α's gradient is zeroed after each step: ``accumulated`` (the reference: never, so an

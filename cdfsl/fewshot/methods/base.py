@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from cdfsl import alignment, losses
 from cdfsl.backbones import Backbone, create_backbone
 from cdfsl.backbones.base import GEOMETRIES, INTERPOLATIONS
 from cdfsl.data.views import DEFAULT_VIEWS, ViewAugmenter, ViewSpec, clean_view_index
 from cdfsl.errors import CdfslError
+from cdfsl.fewshot import alignment, losses
 from cdfsl.lora import (
     LoRAConfig,
     adapter_sets,

@@ -1,7 +1,7 @@
 """The offline demo's training curves: per-step terms of one episode for each trainable method.
 
-The demo's table is ``cdfsl table``'s (:mod:`cdfsl.evaluation.grid`,
-:mod:`cdfsl.evaluation.table`) on the micro-world recipe; ``cdfsl.commands.demo`` runs it and
+The demo's table is ``cdfsl table``'s (:mod:`cdfsl.fewshot.grid`,
+:mod:`cdfsl.fewshot.table`) on the micro-world recipe; ``cdfsl.commands.demo`` runs it and
 then these curves.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from cdfsl.data.base import LabelledImages
 from cdfsl.engine import FitConfig
-from cdfsl.evaluation import EpisodeProtocol, EpisodicEvaluator
-from cdfsl.evaluation.history import TermHistory
-from cdfsl.methods.base import FewShotMethod
+from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator
+from cdfsl.fewshot.methods.base import FewShotMethod
+from cdfsl.results.history import TermHistory
 
 
 def training_curves(

@@ -22,7 +22,7 @@ from cdfsl.features import ImageFeatures
 from cdfsl.registry import Registry, import_class_path
 
 if TYPE_CHECKING:
-    from cdfsl.evaluation.xtail.config import XTailConfig
+    from cdfsl.continual.xtail.config import XTailConfig
 
 
 def build_split(spec: Mapping[str, Any], data_root: str | None = None) -> LabelledImages:

@@ -1,6 +1,6 @@
 """A grid's results as paper tables: mean ± CI95 per cell, paired differences, best marked.
 
-Made from the cells' stored rows alone (:mod:`cdfsl.evaluation.grid`), so a resumed, sharded or
+Made from the cells' stored rows alone (:mod:`cdfsl.fewshot.grid`), so a resumed, sharded or
 merged grid gives the same bytes. Per (backbone, shot, method) row and target column:
 
 - the mean accuracy over the cell's successful episodes and its CI95 (1.96·s/√n with the sample
@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cdfsl.evaluation.grid import Grid, GridCell, merge_grid, recorded_cells, run_grid
-from cdfsl.evaluation.shards import Shard, failed
-from cdfsl.evaluation.stats import mean_ci95
-from cdfsl.evaluation.store import ResultStore
+from cdfsl.fewshot.grid import Grid, GridCell, merge_grid, recorded_cells, run_grid
+from cdfsl.results.shards import Shard, failed
+from cdfsl.results.stats import mean_ci95
+from cdfsl.results.store import ResultStore
 
 #: The column that averages the targets.
 AVERAGE = "average"
@@ -320,8 +320,8 @@ def write_tables(
     output: str | Path, record: Mapping[str, Any], cells: Sequence[GridCell]
 ) -> tuple[str, list[Entry]]:
     """Write :data:`TABLE_FILES` of a grid into ``output``; the markdown and the entries."""
-    from cdfsl.evaluation.plots import plot_accuracy_by_domain
     from cdfsl.plumbing import write_bytes_atomic
+    from cdfsl.results.plots import plot_accuracy_by_domain
 
     output = Path(output)
     reference = record.get("reference")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from cdfsl.errors import CdfslError
-from cdfsl.methods.base import EpisodeState, FewShotMethod
+from cdfsl.fewshot.methods.base import EpisodeState, FewShotMethod
 
 
 class ZeroShot(FewShotMethod):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.store import ResultStore, write_json_atomic
+from cdfsl.results.store import ResultStore, write_json_atomic
 
 SHARDS = "shards"
 RESULTS = "results.jsonl"

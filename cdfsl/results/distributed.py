@@ -2,7 +2,7 @@
 
 ``torchrun`` (or torch's elastic launcher) sets RANK, WORLD_SIZE and LOCAL_RANK. With WORLD_SIZE
 > 1 a run joins one process group (nccl when CUDA is present, gloo otherwise) and each rank
-evaluates its share of the episodes (see ``cdfsl.evaluation.shards``). The group carries only
+evaluates its share of the episodes (see ``cdfsl.results.shards``). The group carries only
 small decisions (rank 0's resume scan, its summary) and barriers, always over gloo on the CPU
 (a gloo side group when the default is nccl); rows travel through files.
 """
@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.shards import Shard
 from cdfsl.plumbing import cuda_index
+from cdfsl.results.shards import Shard
 
 T = TypeVar("T")
 

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from cdfsl.errors import CdfslError
-from cdfsl.methods.base import EpisodeState
-from cdfsl.methods.frozen import FrozenFeatureMethod, SupportSet, one_hot
+from cdfsl.fewshot.methods.base import EpisodeState
+from cdfsl.fewshot.methods.frozen import FrozenFeatureMethod, SupportSet, one_hot
 
 
 @dataclass

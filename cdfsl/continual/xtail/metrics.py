@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from cdfsl.continual.xtail.learners import title_of
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation.xtail.learners import title_of
 
 
 def xtail_metrics(matrix: Sequence[Sequence[float]] | np.ndarray) -> dict[str, float]:
@@ -68,7 +68,7 @@ def format_summary(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 def plot_matrices(matrices: Mapping[str, Sequence[Sequence[float]]], domains: Sequence[str]) -> Any:
     """A matplotlib ``Figure`` with one annotated heatmap per method, titled with its metrics."""
-    from cdfsl.evaluation.plots import plot_matrix_heatmaps
+    from cdfsl.results.plots import plot_matrix_heatmaps
 
     panels = []
     for name, matrix in matrices.items():

@@ -41,14 +41,14 @@ from cdfsl.engine import (
     predict_logits,
 )
 from cdfsl.errors import CdfslError
-from cdfsl.evaluation import distributed, shards
-from cdfsl.evaluation.progress import RowProgress
-from cdfsl.evaluation.shards import Shard
-from cdfsl.evaluation.stats import mean_ci95
-from cdfsl.evaluation.store import ResultStore, check_run_config, plain_json, write_json_atomic
 from cdfsl.features import EpisodeFeatures, FeatureCache
-from cdfsl.methods.base import FewShotMethod
-from cdfsl.methods.frozen import FrozenFeatureMethod, SupportSet
+from cdfsl.fewshot.methods.base import FewShotMethod
+from cdfsl.fewshot.methods.frozen import FrozenFeatureMethod, SupportSet
+from cdfsl.results import distributed, shards
+from cdfsl.results.progress import RowProgress
+from cdfsl.results.shards import Shard
+from cdfsl.results.stats import mean_ci95
+from cdfsl.results.store import ResultStore, check_run_config, plain_json, write_json_atomic
 
 
 @dataclass
