@@ -13,7 +13,8 @@ plain ``nn.Linear``); each targeted slice carries a ``LoRAAdapter`` that adds
   slice each). The timm module itself stays, with its projection children swapped.
 
 ``inject_lora`` walks a module tree and asks a registry of layout handlers, keyed by exact module
-type, for the replacement of each match; a new layout registers a handler with ``register_layout``.
+type, for the replacement of each match; a new layout registers a handler with
+``LAYOUT_HANDLERS.register(module_type)``.
 
 With ``num_adapters = E > 1`` every adapter holds ``E`` independent sets (``A: (E, r, in)``,
 ``B: (E, out, r)``); the batch is split into ``E`` contiguous groups and group ``e`` uses set ``e``.
@@ -58,7 +59,6 @@ __all__ = [
     "mark_only_lora_trainable",
     "merge_lora",
     "qkv_slices",
-    "register_layout",
     "reset_lora",
     "save_lora",
     "set_lora_dropout_seeds",
@@ -640,20 +640,13 @@ def _retied(
 
 LayoutHandler = Callable[[nn.Module, LoRAConfig], nn.Module]
 LAYOUT_HANDLERS: Registry[type[nn.Module], LayoutHandler] = Registry("LoRA layout")
-"""Module type -> ``handler(module, config) -> module`` that takes ``module``'s place."""
+"""Module type -> ``handler(module, config) -> module`` for modules of exactly that type
+(``@LAYOUT_HANDLERS.register(module_type)``). The handler returns the module that takes
+``module``'s place (a new one, or ``module`` itself after replacing some of its children with
+``LoRALinear``); ``inject_lora`` does not descend into it further."""
 
 
-def register_layout(module_type: type[nn.Module]) -> Callable[[LayoutHandler], LayoutHandler]:
-    """Register ``handler(module, config) -> module`` for modules of exactly ``module_type``.
-
-    The handler returns the module that takes ``module``'s place (a new one, or ``module`` itself
-    after replacing some of its children with ``LoRALinear``); ``inject_lora`` does not descend
-    into it further.
-    """
-    return LAYOUT_HANDLERS.register(module_type)
-
-
-@register_layout(nn.MultiheadAttention)
+@LAYOUT_HANDLERS.register(nn.MultiheadAttention)
 def _multihead_attention(module: nn.Module, config: LoRAConfig) -> nn.Module:
     assert isinstance(module, nn.MultiheadAttention)
     return LoRAMultiheadAttention(module, config)
@@ -708,7 +701,7 @@ def _timm_qkv(module: nn.Module, config: LoRAConfig) -> nn.Module:
 
 
 for _timm_type in (TimmAttention, TimmAttentionRope, EvaAttention):
-    register_layout(_timm_type)(_timm_qkv)
+    LAYOUT_HANDLERS.register(_timm_type, _timm_qkv)
 
 
 # ----------------------------------------------------------------------------- public functions

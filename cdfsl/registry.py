@@ -2,7 +2,8 @@
 
 A registry maps names (or types, for LoRA layouts) to implementations. It reads like a dict
 (``name in REG``, ``REG[name]``, ``sorted(REG)``), adds entries with :meth:`Registry.register`
-(directly or as a decorator), refuses a name registered twice, and answers an unknown name with
+(directly or as a decorator) or :meth:`Registry.add` (for entries that carry their own key, e.g. a
+class with a ``name``), refuses a name registered twice, and answers an unknown name with
 one line that lists what exists (:meth:`Registry.lookup`). :meth:`Registry.resolve` also takes a
 dotted ``class_path``, so a recipe names a built-in by its short name and a user's own class by
 its import path, the same way everywhere.
@@ -11,7 +12,7 @@ its import path, the same way everywhere.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from cdfsl.errors import CdfslError
@@ -41,7 +42,8 @@ class Registry(Mapping[K, T], Generic[K, T]):
     """Named implementations of one choice (``kind``, e.g. "geometry").
 
     ``fix``: what the one-line error for an unknown name tells the user to do;
-    ``error``: the ``CdfslError`` subclass it raises.
+    ``error``: the ``CdfslError`` subclass it raises; ``key_of``: the key an entry carries, for
+    :meth:`add`; ``check``: called on every entry :meth:`add` is given, to refuse a bad one.
     """
 
     def __init__(
@@ -51,8 +53,11 @@ class Registry(Mapping[K, T], Generic[K, T]):
         *,
         fix: str = "fix the recipe",
         error: type[CdfslError] = CdfslError,
+        key_of: Callable[[T], K] | None = None,
+        check: Callable[[T], None] | None = None,
     ) -> None:
         self.kind, self.fix, self.error = kind, fix, error
+        self.key_of, self.check = key_of, check
         self._entries: dict[K, T] = {}
         for key, value in (entries or {}).items():
             self.register(key, value)
@@ -76,6 +81,15 @@ class Registry(Mapping[K, T], Generic[K, T]):
             )
         self._entries[key] = value
         return value
+
+    def add(self, value: T) -> T:
+        """Register ``value`` under ``key_of(value)`` after ``check(value)``; returns ``value``,
+        so that it also decorates a class."""
+        if self.key_of is None:
+            raise TypeError(f"the {self.kind} registry has no key_of: use register(key, value)")
+        if self.check is not None:
+            self.check(value)
+        return self.register(self.key_of(value), value)
 
     def names(self) -> list[str]:
         """The registered keys as text, sorted."""

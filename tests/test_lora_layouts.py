@@ -29,7 +29,6 @@ from cdfsl.lora import (
     mark_only_lora_trainable,
     merge_lora,
     qkv_slices,
-    register_layout,
     reset_lora,
     save_lora,
     unmerge_lora,
@@ -300,7 +299,7 @@ def test_a_layout_of_ones_own_is_one_registered_handler() -> None:
     with pytest.raises(CdfslError, match="has no attention module LoRA can adapt"):
         inject_lora(copy.deepcopy(model), LoRAConfig(rank=4))
 
-    @register_layout(_OwnAttention)
+    @LAYOUT_HANDLERS.register(_OwnAttention)
     def _own(module: nn.Module, config: LoRAConfig) -> nn.Module:
         module.to_qkv = LoRALinear(module.to_qkv, qkv_slices(DIM), config)
         return module

@@ -51,7 +51,7 @@ def test_resolve_takes_a_name_or_a_class_path_of_the_base():
 def test_every_choice_table_is_a_registry():
     """The named choices of cdfsl are Registry objects, one mechanism for all of them."""
     from cdfsl.backbones.base import GEOMETRIES, INTERPOLATIONS
-    from cdfsl.backbones.registry import BACKBONES
+    from cdfsl.backbones.registry import BACKBONES, FAMILIES
     from cdfsl.continual.rail import RANDOM_LAYER_INITS
     from cdfsl.continual.xtail.data import CLASS_NAME_STYLES, SMALL_CLASS_DRAWS
     from cdfsl.continual.xtail.learners import LEARNERS
@@ -65,6 +65,41 @@ def test_every_choice_table_is_a_registry():
     tables = [
         GEOMETRIES, INTERPOLATIONS, BACKBONES, SOURCES, COLOR_JITTERS, ROTATION_INTERPOLATIONS,
         CLASS_NAME_STYLES, SMALL_CLASS_DRAWS, LEARNERS, LAYOUT_HANDLERS, DIVERGENCES,
-        SUPPORT_FEATURES, RANDOM_LAYER_INITS, DG_DATA, MODELS, TEACHERS, VARIANTS,
+        SUPPORT_FEATURES, RANDOM_LAYER_INITS, DG_DATA, MODELS, TEACHERS, VARIANTS, FAMILIES,
     ]  # fmt: skip
     assert all(isinstance(table, Registry) and len(table) > 0 for table in tables)
+
+
+def test_add_keys_an_entry_by_what_it_carries_after_its_check():
+    seen = []
+
+    def check(cls: type) -> None:
+        seen.append(cls)
+        if not hasattr(cls, "name"):
+            raise CdfslError(f"{cls.__name__} has no name")
+
+    reg: Registry[str, type] = Registry("gadget", key_of=lambda cls: cls.name, check=check)
+
+    @reg.add
+    class Named:
+        name = "named"
+
+    assert reg["named"] is Named and seen == [Named]
+    assert reg.add(Named) is Named  # the same class again is a no-op
+    with pytest.raises(CdfslError, match="Nameless has no name"):
+        reg.add(type("Nameless", (), {}))
+    with pytest.raises(CdfslError, match="gadget 'named' is already registered"):
+        reg.add(type("Other", (), {"name": "named"}))
+    with pytest.raises(TypeError, match="the widget registry has no key_of"):
+        Registry("widget").add(1)
+
+
+def test_the_newest_backbone_family_whose_rule_matches_builds_the_model():
+    from cdfsl.backbones.clip import ClipBackbone
+    from cdfsl.backbones.pe_core import PeCoreBackbone
+    from cdfsl.backbones.registry import _family_for
+    from cdfsl.backbones.siglip import SiglipBackbone
+
+    assert _family_for("ViT-B-16-SigLIP2") is SiglipBackbone
+    assert _family_for("PE-Core-B-16") is PeCoreBackbone
+    assert _family_for("ViT-B-16") is ClipBackbone  # the generic rule, added first, comes last

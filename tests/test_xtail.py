@@ -500,7 +500,7 @@ def test_cli_prints_matrix_and_metrics(tmp_path, capsys):
 
 
 # -- adding a method: one class ----------------------------------------------------------------
-@xtail.register_learner
+@xtail.LEARNERS.add
 class NearestMeanLearner(xtail.XTailLearner):
     """A new X-TAIL method in one class: each learned class's mean training feature; a test
     image takes the class of the most similar mean, among the classes learned so far."""
@@ -572,13 +572,13 @@ def test_learner_names_and_titles_are_checked():
         name = "untitled"
 
     with pytest.raises(CdfslError, match="no name or title"):
-        xtail.register_learner(Untitled)
+        xtail.LEARNERS.add(Untitled)
 
     class Twin(xtail.XTailLearner):
         name, title = "primal", "Another primal"
 
     with pytest.raises(CdfslError, match="'primal' is taken by PrimalRailLearner"):
-        xtail.register_learner(Twin)
+        xtail.LEARNERS.add(Twin)
     assert xtail.LEARNERS["primal"] is xtail.PrimalRailLearner
 
 

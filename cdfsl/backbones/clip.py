@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from cdfsl.assets import assets_dir
 from cdfsl.backbones.base import Backbone, Preprocess
-from cdfsl.backbones.registry import BackboneEntry, register_backbone, register_family
+from cdfsl.backbones.registry import BACKBONES, FAMILIES, BackboneEntry, BackboneFamily
 
 
 class ClipBackbone(Backbone):
@@ -41,7 +41,7 @@ class ClipBackbone(Backbone):
 
 
 # Generic rule: any open_clip model without a more specific family class.
-register_family(lambda model_name: True, ClipBackbone)
+FAMILIES.add(BackboneFamily(lambda model_name: True, ClipBackbone))
 
 for _row in (
     BackboneEntry("clip-vit-b16", "ViT-B-16", "openai", "OpenAI CLIP ViT-B/16 (the paper's)"),
@@ -58,4 +58,4 @@ for _row in (
         how_to_get="rebuild it with: python -m cdfsl.pretrain_micro --output assets/micro-clip",
     ),
 ):
-    register_backbone(_row)
+    BACKBONES.add(_row)

@@ -17,7 +17,7 @@ from timm.layers import LayerNorm
 from timm.models import Eva, register_model
 
 from cdfsl.backbones.clip import ClipBackbone
-from cdfsl.backbones.registry import BackboneEntry, register_backbone, register_family
+from cdfsl.backbones.registry import BACKBONES, FAMILIES, BackboneEntry, BackboneFamily
 
 
 class PeCoreBackbone(ClipBackbone):
@@ -33,7 +33,7 @@ def _is_pe_core(model_name: str) -> bool:
     return "pe-core" in model_name.lower()
 
 
-register_family(_is_pe_core, PeCoreBackbone)
+FAMILIES.add(BackboneFamily(_is_pe_core, PeCoreBackbone))
 
 
 @register_model
@@ -79,4 +79,4 @@ for _row in (
         "tiny-pe-core", "cdfsl-tiny-pe-core", None, "random-init 32 px PE-Core for tests (Eva)"
     ),
 ):
-    register_backbone(_row)
+    BACKBONES.add(_row)

@@ -1,10 +1,10 @@
 """Short backbone names -> (open_clip model, default weights, family class), and the one factory.
 
-Adding a model is adding a row with :func:`register_backbone`; adding a family is adding an
-family class and a :func:`register_family` rule. Weights (and the Hugging Face tokenizer files
-some families need, see :mod:`cdfsl.backbones.tokenizers`) are looked up in local caches only,
-unless downloads are allowed explicitly: offline, a missing file fails at once with a message
-instead of hanging on network retries.
+Adding a model is adding a row with ``BACKBONES.add(BackboneEntry(...))``; adding a family is
+adding a family class and ``FAMILIES.add(BackboneFamily(matches, cls))``. Weights (and the
+Hugging Face tokenizer files some families need, see :mod:`cdfsl.backbones.tokenizers`) are
+looked up in local caches only, unless downloads are allowed explicitly: offline, a missing file
+fails at once with a message instead of hanging on network retries.
 
 The Hugging Face conventions hold: the cache is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
 ``~/.cache/huggingface/hub`` (read by ``huggingface_hub`` when it is imported), and
@@ -58,23 +58,24 @@ class BackboneEntry:
 
 
 BACKBONES: Registry[str, BackboneEntry] = Registry(
-    "backbone", fix="list them with cdfsl backbones", error=WeightsError
+    "backbone", fix="list them with cdfsl backbones", error=WeightsError, key_of=lambda e: e.name
 )
-"""Short backbone names -> their entries."""
-_FAMILIES: list[tuple[Callable[[str], bool], type[Backbone]]] = []
+"""Short backbone names -> their entries (``BACKBONES.add(entry)``)."""
 
 
-def register_backbone(entry: BackboneEntry) -> BackboneEntry:
-    """Add a short name to :data:`BACKBONES`; re-registering a name is an error."""
-    return BACKBONES.register(entry.name, entry)
+@dataclass(frozen=True)
+class BackboneFamily:
+    """Routes the open_clip model names for which ``matches(name)`` holds to the class ``cls``."""
+
+    matches: Callable[[str], bool]
+    cls: type[Backbone]
 
 
-def register_family(matches: Callable[[str], bool], family: type[Backbone]) -> None:
-    """Route open_clip model names for which ``matches(name)`` holds to ``family``.
-
-    Rules are tried newest first, so a specific family registered after the generic CLIP rule wins.
-    """
-    _FAMILIES.insert(0, (matches, family))
+FAMILIES: Registry[str, BackboneFamily] = Registry(
+    "backbone family", error=WeightsError, key_of=lambda family: family.cls.__name__
+)
+"""Family class names -> their rules (``FAMILIES.add(BackboneFamily(matches, cls))``); rules
+are tried newest first, so a specific family added after the generic CLIP rule wins."""
 
 
 def list_backbones() -> list[BackboneEntry]:
@@ -95,9 +96,9 @@ def resolve_entry(name: str) -> BackboneEntry:
 
 
 def _family_for(model_name: str) -> type[Backbone]:
-    for matches, family in _FAMILIES:
-        if matches(model_name):
-            return family
+    for family in reversed(list(FAMILIES.values())):
+        if family.matches(model_name):
+            return family.cls
     raise WeightsError(f"no backbone family class accepts open_clip model {model_name!r}")
 
 

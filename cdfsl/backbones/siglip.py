@@ -15,7 +15,7 @@ from typing import Any
 from timm.models import VisionTransformer, register_model
 
 from cdfsl.backbones.clip import ClipBackbone
-from cdfsl.backbones.registry import BackboneEntry, register_backbone, register_family
+from cdfsl.backbones.registry import BACKBONES, FAMILIES, BackboneEntry, BackboneFamily
 
 
 class SiglipBackbone(ClipBackbone):
@@ -40,7 +40,7 @@ def _is_siglip(model_name: str) -> bool:
     return "siglip" in model_name.lower()
 
 
-register_family(_is_siglip, SiglipBackbone)
+FAMILIES.add(BackboneFamily(_is_siglip, SiglipBackbone))
 
 
 @register_model
@@ -86,4 +86,4 @@ for _row in (
         "tiny-siglip2", "cdfsl-tiny-siglip2", None, "random-init 32 px SigLIP2 for tests"
     ),
 ):
-    register_backbone(_row)
+    BACKBONES.add(_row)

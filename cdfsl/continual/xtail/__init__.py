@@ -71,7 +71,6 @@ from cdfsl.continual.xtail.learners import (
     _FeatureLearner,
     _RailLearner,
     learner_class,
-    register_learner,
     title_of,
 )
 from cdfsl.continual.xtail.metrics import (
@@ -121,7 +120,6 @@ __all__ = [
     "peak_rss",
     "plot_matrices",
     "prompt_names",
-    "register_learner",
     "run_summary",
     "title_of",
     "xtail_metrics",

@@ -4,7 +4,7 @@ A learner learns domain t of the sequence (:meth:`XTailLearner.learn`) and predi
 indices for a domain's test split (:meth:`XTailLearner.predict`); its name, title and the
 recipe settings it depends on are class attributes. Adding a method is one class::
 
-    @register_learner
+    @LEARNERS.add
     class NearestMean(XTailLearner):
         name = "nearest-mean"            # what a recipe's ``methods`` list names
         title = "Nearest class mean"     # the reports' and heatmaps' name
@@ -20,7 +20,7 @@ outside cdfsl (registered when the run starts): ``methods: [zero-shot, mypackage
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -90,16 +90,7 @@ class XTailLearner:
         return None
 
 
-LEARNERS: Registry[str, type[XTailLearner]] = Registry(
-    "X-TAIL learner", fix="fix the recipe's methods (or give a learner's class_path)"
-)
-"""Registered X-TAIL learners: recipe name -> class, in the order a run runs them."""
-
-L = TypeVar("L", bound=type[XTailLearner])
-
-
-def register_learner(cls: L) -> L:
-    """Class decorator: add ``cls`` to :data:`LEARNERS` under ``cls.name``."""
+def _check_learner(cls: type[XTailLearner]) -> None:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not isinstance(getattr(cls, "title", None), str):
         raise CdfslError(
@@ -111,7 +102,16 @@ def register_learner(cls: L) -> L:
             f"learner name {name!r} is taken by {LEARNERS[name].__qualname__}: expected a new "
             "name; rename the class's `name`"
         )
-    return LEARNERS.register(name, cls)
+
+
+LEARNERS: Registry[str, type[XTailLearner]] = Registry(
+    "X-TAIL learner",
+    fix="fix the recipe's methods (or give a learner's class_path)",
+    key_of=lambda cls: cls.name,
+    check=_check_learner,
+)
+"""Registered X-TAIL learners: recipe name -> class, in the order a run runs them
+(``@LEARNERS.add`` on a class with string ``name`` and ``title`` attributes)."""
 
 
 def learner_class(entry: str) -> type[XTailLearner] | None:
@@ -124,7 +124,7 @@ def learner_class(entry: str) -> type[XTailLearner] | None:
     if entry not in LEARNERS and "." not in entry:
         return None
     cls = LEARNERS.resolve(entry, XTailLearner, "cdfsl.continual.xtail.ZeroShotLearner")
-    return register_learner(cls)
+    return LEARNERS.add(cls)
 
 
 def title_of(name: str) -> str:
@@ -159,7 +159,7 @@ class _FeatureLearner(XTailLearner):
         return torch.cat(out)
 
 
-@register_learner
+@LEARNERS.add
 class ZeroShotLearner(_FeatureLearner):
     """The frozen model with ``template`` prompts; learns nothing."""
 
@@ -168,7 +168,7 @@ class ZeroShotLearner(_FeatureLearner):
     learns = False
 
 
-@register_learner
+@LEARNERS.add
 class FineTuneLearner(XTailLearner):
     """LoRA-CE on each domain's training shots in turn (its own classes), adapters carried
     from domain to domain (the forgetting that RAIL avoids)."""
@@ -271,7 +271,7 @@ class _RailLearner(_FeatureLearner):
         return self.regressor.state_bytes()
 
 
-@register_learner
+@LEARNERS.add
 class PrimalRailLearner(_RailLearner):
     """Primal-RAIL: ridge regression on a random ReLU layer (``primal``), with RAIL-Fusion."""
 
@@ -291,7 +291,7 @@ class PrimalRailLearner(_RailLearner):
         )  # fmt: skip
 
 
-@register_learner
+@LEARNERS.add
 class DualRailLearner(_RailLearner):
     """Dual-RAIL: kernel ridge regression with an RBF kernel (``dual``), with RAIL-Fusion."""
 
