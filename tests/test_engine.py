@@ -377,3 +377,101 @@ def test_the_next_group_loads_while_this_one_trains(four_class_folder, tmp_path,
 
     rows = {r["episode"]: r for r in ResultStore(tmp_path / "run" / "results.jsonl").rows()}
     assert_same_rows(alone, rows)
+
+
+# -- mutation follow-up (issue 23): capacity's inputs and the failure record ----------------------
+
+
+def test_projected_elements_are_the_lora_inputs_of_one_image():
+    """tiny-clip: 2 blocks of (16 patches + CLS) x width 64 feed the q/k/v projection; the
+    count is per image whatever the adapter sets, and 0 without LoRA."""
+    from cdfsl.engine import capacity
+
+    method = build(LoRAFineTune)
+    assert capacity._projected_elements(method, torch.device("cpu")) == 2 * (16 + 1) * 64
+    method.start_episodes([0, 1, 2], [["a", "b"]] * 3)
+    assert capacity._projected_elements(method, torch.device("cpu")) == 2 * (16 + 1) * 64
+    assert capacity._projected_elements(build(ZeroShot), torch.device("cpu")) == 0
+
+    siglip = LoRAFineTune(backbone="tiny-siglip", pretrained=None, lora=LoRAConfig(rank=4))
+    trunk = siglip.backbone.lora_root().trunk  # open_clip's TimmModel holds the timm ViT
+    tokens = trunk.patch_embed.num_patches + trunk.num_prefix_tokens
+    expected = len(trunk.blocks) * tokens * trunk.embed_dim  # timm layout: one fused qkv Linear
+    assert capacity._projected_elements(siglip, torch.device("cpu")) == expected
+
+
+def test_ranks_sharing_a_device_come_from_the_launcher(monkeypatch):
+    from cdfsl.engine import capacity
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert capacity._ranks_sharing(cpu) == 1
+    for value, expected in (("4", 4), ("0", 1), ("junk", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
+        assert capacity._ranks_sharing(cpu) == expected, value
+    # On CUDA the local ranks spread over the visible GPUs: ceil(ranks / GPUs) share one.
+    for ranks, gpus, expected in (("4", 2, 2), ("3", 2, 2), ("2", 4, 1), ("3", 0, 3)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        assert capacity._ranks_sharing(cuda) == expected, (ranks, gpus)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert capacity._ranks_sharing(cuda) == 1
+
+
+def test_free_bytes_read_available_memory(monkeypatch, tmp_path):
+    """CPU: MemAvailable of /proc/meminfo (kB), 4 GiB where there is none; CUDA: the free bytes
+    of mem_get_info (not the total)."""
+    import builtins
+    from pathlib import Path
+
+    from cdfsl.engine import capacity
+
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines())
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+        assert capacity._free_bytes(torch.device("cpu")) == pytest.approx(available, rel=0.1)
+    fake = tmp_path / "meminfo"
+    fake.write_text("MemTotal:       9999 kB\nMemFree:  1 kB\nMemAvailable:    2048 kB\n")
+    real_open = builtins.open
+
+    def reading(target):
+        def fake_open(path, *args, **kwargs):
+            if str(path) == "/proc/meminfo":
+                return real_open(target, *args, **kwargs)
+            return real_open(path, *args, **kwargs)
+
+        return fake_open
+
+    monkeypatch.setattr(builtins, "open", reading(fake))
+    assert capacity._free_bytes(torch.device("cpu")) == 2048 * 1024
+    monkeypatch.setattr(builtins, "open", reading(tmp_path / "absent"))
+    assert capacity._free_bytes(torch.device("cpu")) == 4 * 2**30
+    monkeypatch.setattr(builtins, "open", real_open)
+
+    asked = []
+
+    def mem_get_info(device):
+        asked.append(device)
+        return (3 * 2**30, 80 * 2**30)
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    cuda = torch.device("cuda", 1)
+    assert capacity._free_bytes(cuda) == 3 * 2**30 and asked == [cuda]
+
+
+def test_a_failure_record_names_the_first_non_finite_term_before_the_loss():
+    from cdfsl.engine.fit import failure_record
+
+    nan, inf = float("nan"), float("inf")
+    cases = [
+        ({"loss": nan, "svl": 1.0, "ra": inf}, "ra", ["loss", "ra"]),
+        ({"loss": nan, "ce": 2.0}, "loss", ["loss"]),
+        ({"ce": nan, "loss": nan, "ra": nan}, "ce", ["ce", "loss", "ra"]),
+        ({"loss": 1.0, "ce": 2.0}, "loss", []),
+    ]
+    for terms, term, bad in cases:
+        record = failure_record(7.0, terms)
+        assert record["step"] == 7 and isinstance(record["step"], int)
+        assert record["term"] == term and record["non_finite"] == bad
+        assert record["terms"] == {k: (None if k in bad else v) for k, v in terms.items()}
