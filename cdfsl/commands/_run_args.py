@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from jsonargparse import ArgumentParser, Namespace
 
 from cdfsl.commands._recipe_file import RecipeFile
@@ -9,6 +11,7 @@ from cdfsl.data.base import LabelledImages
 from cdfsl.data.sources import DataConfig, build_dataset
 from cdfsl.engine import FitConfig
 from cdfsl.fewshot.methods.base import FewShotMethod
+from cdfsl.plumbing import plain_json
 
 
 def add_run_arguments(parser: ArgumentParser) -> None:
@@ -88,3 +91,14 @@ def method(cfg: Namespace) -> FewShotMethod:
     parser = ArgumentParser()
     parser.add_subclass_arguments(FewShotMethod, "method")
     return parser.instantiate(Namespace(method=cfg.method)).method
+
+
+def run_description(cfg: Namespace, method: FewShotMethod, dataset_label: str) -> dict[str, Any]:
+    """What a ``cdfsl eval`` / ``cdfsl allway`` run adds to its evaluator's fingerprint: the
+    backbone, the dataset's name, the method's and the data's arguments as the recipe gave them."""
+    return {
+        "backbone": method.hparams.backbone,
+        "dataset": dataset_label,
+        "method_args": plain_json(cfg.method.init_args),
+        "data": plain_json(vars(cfg.data)),
+    }

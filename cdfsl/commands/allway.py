@@ -16,7 +16,6 @@ from jsonargparse import ArgumentParser, Namespace
 
 from cdfsl.commands import _run_args
 from cdfsl.errors import CdfslError
-from cdfsl.plumbing import plain_json
 
 NAME = "allway"
 HELP = "all-way K-shot evaluation on train/val/test splits, over shots and seeds (resumable)"
@@ -56,12 +55,7 @@ def run(cfg: Namespace) -> None:
     method = _run_args.method(cfg)
     evaluator = AllWayEvaluator(
         method, splits, protocol, cfg.output, _run_args.fit_config(cfg),
-        config={
-            "backbone": method.hparams.backbone,
-            "dataset": data.source,
-            "method_args": plain_json(cfg.method.init_args),
-            "data": plain_json(vars(cfg.data)),
-        },
+        config=_run_args.run_description(cfg, method, data.source),
         progress=cfg.progress, batch_size=cfg.score_batch_size, workers=cfg.workers,
     )  # fmt: skip
     summary = evaluator.run()

@@ -15,7 +15,6 @@ from jsonargparse import ArgumentParser, Namespace
 
 from cdfsl.commands import _run_args
 from cdfsl.errors import CdfslError
-from cdfsl.plumbing import plain_json
 
 if TYPE_CHECKING:
     from cdfsl.data.base import LabelledImages
@@ -118,12 +117,7 @@ def _evaluate(cfg: Namespace, shard: Shard | None) -> None:
     label = Path(data.root).name if data.root and data.source == "folder" else data.source
     evaluator = EpisodicEvaluator(
         method, dataset, protocol, cfg.output, _run_args.fit_config(cfg),
-        config={
-            "backbone": method.hparams.backbone,
-            "dataset": label,
-            "method_args": plain_json(cfg.method.init_args),
-            "data": plain_json(vars(cfg.data)),
-        },
+        config=_run_args.run_description(cfg, method, label),
         progress=cfg.progress, shard=shard, manifest=manifest, retry_failed=cfg.retry_failed,
     )  # fmt: skip
     summary = evaluator.run()
