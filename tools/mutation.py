@@ -83,6 +83,9 @@ def _prepare(group: str, fresh: bool) -> Path:
     config += f"only_mutate = {files!r}\n".replace("'", '"')
     config += f"pytest_add_cli_args_test_selection = {tests!r}\n".replace("'", '"')
     config += 'pytest_add_cli_args = ["-p", "no:warnings", "-q"]\n'
+    # A mutant that makes training run 40x longer (T = 250 instead of a test's 6 steps) is
+    # caught by its timeout; mutmut's default (30x the tests' time) spent 15 min on one.
+    config += "timeout_multiplier = 3.0\n"
     config += 'also_copy = ["tests", "recipes", "assets", "pyproject.toml"]\n'
     (work / "pyproject.toml").write_text(config)
     return work
