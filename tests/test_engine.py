@@ -475,3 +475,76 @@ def test_a_failure_record_names_the_first_non_finite_term_before_the_loss():
         assert record["step"] == 7 and isinstance(record["step"], int)
         assert record["term"] == term and record["non_finite"] == bad
         assert record["terms"] == {k: (None if k in bad else v) for k, v in terms.items()}
+
+
+def test_fit_config_steps_and_precision_refusals():
+    from cdfsl.engine.fit import FitConfig as Fit
+
+    assert Fit(steps_per_shot=250).total_steps(5) == 1250
+    assert Fit(steps=1, steps_per_shot=250).total_steps(5) == 1  # given steps win, 1 is enough
+    assert Fit(steps_per_shot=1).total_steps(1) == 1
+    for fit in (Fit(steps=0), Fit(steps_per_shot=0)):
+        with pytest.raises(CdfslError) as err:
+            fit.total_steps(5)
+        assert str(err.value) == "steps must be >= 1, got 0; set --steps or --steps_per_shot"
+    with pytest.raises(CdfslError) as err:
+        Fit(precision="bf16-true")
+    assert str(err.value) == (
+        "precision='bf16-true': expected one of 32-true, 16-mixed, bf16-mixed (the LoRA weights "
+        "stay fp32; a '*-true' low precision would cast them); fix --precision"
+    )
+
+
+class _GuardedEpisodes(torch.nn.Module):
+    """What NonFiniteGuard reads of a method: E episodes' losses and their adapter sets."""
+
+    def __init__(self, losses_by_step: list[list[float]]):
+        from types import SimpleNamespace
+
+        from cdfsl.lora import LoRALinear, qkv_slices
+
+        super().__init__()
+        self.proj = LoRALinear(
+            torch.nn.Linear(4, 12), qkv_slices(4), LoRAConfig(rank=2, num_adapters=2)
+        )
+        self.losses_by_step, self.step = losses_by_step, 0
+        self.episodes = [SimpleNamespace(terms={}) for _ in losses_by_step[0]]
+
+    def begin_step(self) -> None:
+        for episode, loss in zip(self.episodes, self.losses_by_step[self.step], strict=True):
+            episode.terms = {"loss": torch.tensor(loss), "ce": torch.tensor(loss)}
+        for p in (self.proj.q.lora_A, self.proj.q.lora_B):
+            p.grad = torch.ones_like(p)
+        self.step += 1
+
+    def terms_snapshot(self) -> list[dict[str, float]]:
+        return [{k: float(v) for k, v in e.terms.items()} for e in self.episodes]
+
+    def episode_terms(self, index: int, snapshot: list[dict[str, float]]) -> dict[str, float]:
+        return snapshot
+
+
+def test_a_failed_episode_stays_failed_when_its_loss_turns_finite_again():
+    """Episode 0's loss is NaN at step 1 only: its gradients stay zeroed at every later step,
+    its record names step 1, episode 1 trains throughout, and a reused guard starts clean."""
+    from types import SimpleNamespace
+
+    from cdfsl.engine.fit import NonFiniteGuard
+
+    nan = float("nan")
+    module = _GuardedEpisodes([[1.0, 1.0], [nan, 2.0], [0.5, 0.5], [0.4, 0.4]])
+    guard, trainer = NonFiniteGuard(), SimpleNamespace(global_step=0, should_stop=False)
+    guard.all_failed, guard.failures = True, {5: {}}  # left over from an earlier fit
+    guard.on_train_start(trainer, module)
+    assert guard.failures == {} and guard.all_failed is False
+    zeroed = []
+    for step in range(4):
+        trainer.global_step = step
+        module.begin_step()
+        guard.on_before_optimizer_step(trainer, module, None)
+        grad = module.proj.q.lora_A.grad
+        zeroed.append([bool(torch.count_nonzero(grad[e]) == 0) for e in range(2)])
+    guard.on_train_end(trainer, module)
+    assert zeroed == [[False, False], [True, False], [True, False], [True, False]]
+    assert list(guard.failures) == [0] and guard.failures[0]["step"] == 1
+    assert guard.failures[0]["term"] == "ce" and not guard.all_failed and not trainer.should_stop
