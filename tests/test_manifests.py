@@ -122,3 +122,113 @@ def test_manifest_and_protocol_must_agree(capsys, folder, tmp_path):
     assert code == 2 and "fix: pass --way 3 --shot 1 --query 5" in err and not out.exists()
     code = main(eval_args(folder, "--output", str(out), "--manifest", str(tmp_path / "nope")))
     assert code == 2 and "is not a file" in capsys.readouterr().err
+
+
+# -- mutation follow-up (issue 23): EpisodeManifest by hand, its refusals in full -----------------
+
+
+def _lines(folder: Path) -> tuple[ImageFolder, list[dict]]:
+    """Two hand-written 2-way 1-shot 2-query episodes over the folder's files (seed on one)."""
+    data = ImageFolder(folder)
+    ids = [data.sample_id(j) for j in range(len(data))]
+    by_class = {c: [i for j, i in enumerate(ids) if int(data.targets[j]) == c] for c in range(4)}
+    one = {
+        "episode": 1, "classes": ["Fox", "Bird"], "seed": 77,
+        "support_ids": [by_class[3][0], by_class[0][0]], "support_labels": [0, 1],
+        "query_ids": [by_class[0][1], by_class[3][1], by_class[0][2], by_class[3][2]],
+        "query_labels": [1, 0, 1, 0],
+    }  # fmt: skip
+    zero = {
+        "episode": 0, "classes": ["cat", "dog"],
+        "support_ids": [by_class[1][0], by_class[2][0]], "support_labels": [0, 1],
+        "query_ids": [by_class[1][1], by_class[1][2], by_class[2][1], by_class[2][2]],
+        "query_labels": [0, 0, 1, 1],
+    }  # fmt: skip
+    return data, [one, zero]
+
+
+def test_a_hand_written_manifest_gives_its_episodes(folder):
+    data, lines = _lines(folder)
+    manifest = EpisodeManifest(lines, data)
+    assert (manifest.n_way, manifest.k_shot, manifest.n_query, len(manifest)) == (2, 1, 2, 2)
+    assert manifest.source == "manifest" and manifest.lines == [lines[1], lines[0]]
+    assert manifest.seed(0) is None and manifest.seed(1) == 77
+    assert manifest.class_names(1) == ["Fox", "Bird"]
+    index = {data.sample_id(j): j for j in range(len(data))}
+    episode = manifest.episode(1)
+    assert episode.index == 1
+    assert episode.support == tuple(index[i] for i in lines[0]["support_ids"])
+    assert episode.query == tuple(index[i] for i in lines[0]["query_ids"])
+    assert episode.support_labels == (0, 1) and episode.query_labels == (1, 0, 1, 0)
+    # Label 0 is Fox's images' dataset class, label 1 Bird's: read from the support images.
+    fox, bird = (int(data.targets[index[lines[0]["support_ids"][k]]]) for k in (0, 1))
+    assert episode.class_ids == (fox, bird) and fox != bird
+    one_way = {**lines[1], "classes": ["cat"], "support_ids": lines[1]["support_ids"][:1],
+               "support_labels": [0], "query_ids": lines[1]["query_ids"][:2],
+               "query_labels": [0, 0]}  # fmt: skip
+    single = EpisodeManifest([one_way], data)
+    assert (single.n_way, single.k_shot, single.n_query) == (1, 1, 2)
+
+
+def test_manifest_refusals_in_full(folder):
+    data, lines = _lines(folder)
+
+    def message(lines, source="m.jsonl") -> str:
+        with pytest.raises(DataError) as err:
+            EpisodeManifest(lines, data, source)
+        return str(err.value)
+
+    keys = "episode, classes, support_ids, support_labels, query_ids, query_labels"
+    broken = [lines[0], {k: v for k, v in lines[1].items() if k not in ("classes", "query_ids")}]
+    assert message(broken) == (
+        f"m.jsonl line 2 lacks classes, query_ids; expected the keys {keys} (and seed); fix that "
+        "line or export the manifest again (cdfsl eval --export_manifest FILE)"
+    )
+    many = [{**lines[1], "episode": e} for e in (0, 2, 3, 4, 5, 6, 7, 8, 9, 10)]
+    assert message(many) == (
+        "m.jsonl numbers its 10 lines as episodes 0, 2, 3, 4, 5, 6, 7, 8, ...; expected 0..9, "
+        "each once; fix: renumber the episode fields"
+    )
+    eight = [{**lines[1], "episode": e} for e in (0, 2, 3, 4, 5, 6, 7, 8)]
+    assert message(eight) == (
+        "m.jsonl numbers its 8 lines as episodes 0, 2, 3, 4, 5, 6, 7, 8; expected 0..7, "
+        "each once; fix: renumber the episode fields"
+    )
+    two_shot = {
+        **lines[0],
+        "support_ids": lines[0]["support_ids"] + lines[0]["query_ids"][:2],
+        "support_labels": [0, 1, 1, 0],
+    }
+    assert message([two_shot, lines[1]]) == (
+        "m.jsonl episode 1 is 2-way 2-shot 2-query, episode 0 2-way 1-shot 2-query; expected "
+        "one shape for every episode; fix: split the manifest by shape"
+    )
+    for bad in (
+        {**lines[0], "query_labels": [1, 0, 1, 1]},  # unequal counts per class
+        {**lines[0], "query_labels": [1, 0]},  # fewer labels than ids, each class once
+        {**lines[0], "query_labels": [1, 0, 2, 0]},  # a label outside the classes
+    ):
+        assert message([bad, lines[1]]) == (
+            f"m.jsonl episode 1: 4 query ids, {len(bad['query_labels'])} labels over 2 classes; "
+            "expected one label in [0, 2) per id and the same count for every class; fix that line"
+        )
+    empty = {**lines[0], "query_ids": [], "query_labels": []}
+    assert message([empty, {**lines[1], "query_ids": [], "query_labels": []}]) == (
+        "m.jsonl episode 0: 0 query ids, 0 labels over 2 classes; expected one label in [0, 2) "
+        "per id and the same count for every class; fix that line"
+    )
+    fix = (
+        "expected every support and query id relative to the dataset root; fix: pass the "
+        "--data.root the manifest was exported from, or restore those files"
+    )
+    gone = [f"gone/{k}.png" for k in range(6)]
+    real = lines[0]["query_ids"][3]
+    for queries, shown in (
+        ([*gone[2:5], real], "gone/0.png, gone/1.png, gone/2.png, gone/3.png, gone/4.png"),
+        (gone[2:6], "gone/0.png, gone/1.png, gone/2.png, gone/3.png, gone/4.png and 1 more"),
+    ):
+        absent = {**lines[0], "support_ids": gone[:2], "query_ids": queries}
+        count = 5 if real in queries else 6
+        assert message([absent, lines[1]]) == (
+            f"m.jsonl names {count} files the dataset lacks: {shown}; " + fix
+        )
