@@ -189,6 +189,11 @@ def test_manifest_refusals_in_full(folder):
         "m.jsonl numbers its 10 lines as episodes 0, 2, 3, 4, 5, 6, 7, 8, ...; expected 0..9, "
         "each once; fix: renumber the episode fields"
     )
+    nine = [{**lines[1], "episode": e} for e in (0, 2, 3, 4, 5, 6, 7, 8, 9)]
+    assert message(nine) == (
+        "m.jsonl numbers its 9 lines as episodes 0, 2, 3, 4, 5, 6, 7, 8, ...; expected 0..8, "
+        "each once; fix: renumber the episode fields"
+    )
     eight = [{**lines[1], "episode": e} for e in (0, 2, 3, 4, 5, 6, 7, 8)]
     assert message(eight) == (
         "m.jsonl numbers its 8 lines as episodes 0, 2, 3, 4, 5, 6, 7, 8; expected 0..7, "
