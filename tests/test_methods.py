@@ -368,3 +368,141 @@ def test_views_dropout_and_draws_use_independent_streams_of_the_episode_seed():
         assert dropout == stream_seed(seed, 1)
         assert views.initial_seed() != dropout
     assert len({stream_seed(s, k) for s in (5, 9) for k in (0, 1)}) == 4
+
+
+# -- mutation follow-up (issue 23): a step's loss, its streams, its heads, its refusals ------------
+
+OTHER = ["green frog", "white owl", "black cat"]
+
+
+def _two_episodes(cls=LoRAFineTune, **kwargs):
+    from cdfsl.data.views import ViewSpec
+
+    views = (ViewSpec("clean"), ViewSpec("rotate_jitter_flip", rotation=30.0, jitter=0.2))
+    method = cls(backbone="tiny-clip", pretrained=None, lora=LORA, views=views, **kwargs)
+    method.start_episodes([3, 4], [NAMES, OTHER])
+    images, labels = support()
+    return method, (torch.cat([images, images.flip(0)]), torch.cat([labels, labels.flip(0)]))
+
+
+def test_a_step_returns_the_sum_of_its_episodes_losses():
+    method, batch = _two_episodes()
+    method.on_train_start()
+    loss = method.training_step(batch, 0)
+    parts = [episode.terms["loss"] for episode in method.episodes]
+    assert torch.allclose(loss.detach(), parts[0] + parts[1], rtol=1e-6)
+
+
+def test_a_steps_draws_come_from_the_episode_streams_not_the_global_generator():
+    """Views, SVL prototypes and dropout follow each episode's seed: the global torch seed
+    changes no term."""
+    terms = []
+    for global_seed in (0, 1):
+        method, batch = _two_episodes(Mind)
+        torch.manual_seed(global_seed)
+        trainer(2).fit(method, DataLoader(TensorDataset(*batch), batch_size=len(batch[0])))
+        terms.append([dict(e.terms) for e in method.episodes])
+    for first, second in zip(*terms, strict=True):
+        assert first.keys() == second.keys()
+        for key in first:
+            assert torch.equal(first[key], second[key]), key
+
+
+def test_mind_aligns_relations_with_the_divergence_asked_for(monkeypatch):
+    import cdfsl.fewshot.methods.mind as mind_module
+
+    asked = []
+    real = mind_module.relation_alignment
+
+    def spy(relation, target, divergence="log_target_kl"):
+        asked.append(divergence)
+        return real(relation, target, divergence)
+
+    monkeypatch.setattr(mind_module, "relation_alignment", spy)
+    from cdfsl.fewshot.losses import DIVERGENCES
+
+    other = next(name for name in DIVERGENCES if name != "log_target_kl")
+    images, labels = support()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
+    method = Mind(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA,
+                  divergence=other)  # fmt: skip
+    trainer(10).fit(method, loader)  # RA acts at steps 1-5 of 10
+    assert len(asked) == 5 and set(asked) == {other}
+
+
+def test_every_logged_step_carries_the_alignment_metrics(tmp_path):
+    """With a logger, each step's metrics (the loss terms and the analysis quantities) are
+    logged at that step; without one, only the loss terms are."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    images, labels = support()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
+    method = LoRAFineTune(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    logged = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    logged.fit(method, loader)
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    steps = [r for r in rows if r.get("train/modality_gap")]
+    assert len(steps) == 2 and all(r["train/loss"] for r in steps)
+
+
+def test_forward_scores_each_group_with_its_own_episodes_classes():
+    method, (images, _) = _two_episodes()
+    with torch.no_grad():
+        out = method.eval()(images)
+        feats = method.image_features(images)
+        for e, names in enumerate((NAMES, OTHER)):
+            text = method.episodes[e].text_feats
+            expected = method.scale * feats[6 * e : 6 * (e + 1)] @ text.t()
+            torch.testing.assert_close(out[6 * e : 6 * (e + 1)], expected)
+            assert method.episodes[e].class_names == names
+
+
+def test_siglip_logits_add_the_backbones_bias():
+    method = ZeroShot(backbone="tiny-siglip", pretrained=None, class_names=NAMES)
+    feats = torch.nn.functional.normalize(
+        torch.randn(4, method.text_feats.shape[1], generator=torch.Generator().manual_seed(2)),
+        dim=-1,
+    )
+    bias = method.backbone.logit_bias
+    assert bias is not None and float(bias) != 0
+    expected = method.scale * feats @ method.text_feats.t() + bias
+    torch.testing.assert_close(method.logits(feats), expected)
+
+
+def test_stream_seeds_are_the_first_seed_sequence_word_halved():
+    """An episode stream's seed: numpy's SeedSequence([seed, stream]), first uint64 word,
+    shifted right once (63 bits, a valid torch seed); rows depend on it staying so."""
+    import numpy as np
+
+    from cdfsl.fewshot.methods.base import stream_seed
+
+    for seed, stream in ((0, 0), (5, 2), (2**40, 7)):
+        word = int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0])
+        assert stream_seed(seed, stream) == word // 2 < 2**63
+
+
+def test_start_episodes_and_a_single_episode_refusals_in_full():
+    method = LoRAFineTune(backbone="tiny-clip", pretrained=None, lora=LORA)
+    for seeds, names, text in (
+        ([1, 2], [NAMES], "start_episodes with 2 seeds and 1 class lists: expected one class "
+         "list per seed, at least one"),
+        ([], [], "start_episodes with 0 seeds and 0 class lists: expected one class list per "
+         "seed, at least one"),
+        ([1, 2], [NAMES, NAMES[:2]], "start_episodes with class lists of sizes [2, 3]: expected "
+         "one size (episodes trained together share the way of their protocol)"),
+    ):  # fmt: skip
+        with pytest.raises(CdfslError) as err:
+            method.start_episodes(seeds, names)
+        assert str(err.value) == text
+    method.start_episodes([7, 8], [NAMES, OTHER])
+    assert method.seed == 7 and [e.seed for e in method.episodes] == [7, 8]
+    with pytest.raises(CdfslError) as err:
+        method.logits(torch.zeros(1, method.episodes[0].text_feats.shape[1]))
+    assert str(err.value) == (
+        "2 episodes are training together: expected one; use method.episodes[e] for episode e"
+    )
