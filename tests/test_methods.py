@@ -506,3 +506,65 @@ def test_start_episodes_and_a_single_episode_refusals_in_full():
     assert str(err.value) == (
         "2 episodes are training together: expected one; use method.episodes[e] for episode e"
     )
+
+
+def test_predict_step_reads_a_tensor_a_tuple_or_a_dict():
+    method, (images, labels) = _two_episodes()
+    method.eval()
+    with torch.no_grad():
+        expected = method(images)
+        for batch in (images, (images, labels), [images], {"images": images, "labels": labels}):
+            assert torch.equal(method.predict_step(batch, 0), expected)
+
+
+def test_the_cosine_period_counts_the_steps_however_the_trainer_bounds_them():
+    """T_max = 8·T with T the Trainer's max_steps (even 1), or its estimated steps when it
+    bounds epochs instead (2 epochs of 3 batches: T = 6)."""
+    images, labels = support()
+    for kwargs, loader_batch, total in (
+        ({"max_steps": 1}, 6, 1),
+        ({"max_steps": -1, "max_epochs": 2}, 2, 6),
+    ):
+        loader = DataLoader(TensorDataset(images, labels), batch_size=loader_batch)
+        method = LoRAFineTune(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+        fit = L.Trainer(
+            accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, **kwargs,
+        )  # fmt: skip
+        fit.fit(method, loader)
+        assert fit.lr_scheduler_configs[0].scheduler.T_max == 8 * total, kwargs
+
+
+def test_training_refusals_in_full():
+    images, labels = support()
+    with pytest.raises(CdfslError) as err:
+        trainer(1).fit(
+            ZeroShot(backbone="tiny-clip", pretrained=None, class_names=NAMES),
+            DataLoader(TensorDataset(images, labels), batch_size=6),
+        )
+    assert str(err.value) == "ZeroShot has no trainable parameters (lora is None)"
+    # A relation of another shape than this step's (as from a batch that changed) is refused.
+
+    class Shrink(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                pl_module.episodes[0].memory["relation"] = torch.zeros(2, 2)
+
+    mind = Mind(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    fit = L.Trainer(
+        max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[Shrink()],
+    )  # fmt: skip
+    with pytest.raises(CdfslError) as err:
+        fit.fit(mind, DataLoader(TensorDataset(images, labels), batch_size=6))
+    assert str(err.value) == (
+        "Mind needs every training batch to hold the same images in the same order (the whole "
+        "support set); the batch shape changed between steps"
+    )
+    method, (batch_images, batch_labels) = _two_episodes()
+    with pytest.raises(CdfslError) as err:
+        method.training_step((batch_images[:11], batch_labels[:11]), 0)
+    assert str(err.value) == (
+        "training batch of 11 images for 2 episodes: expected equal contiguous groups, one per "
+        "episode"
+    )
