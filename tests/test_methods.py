@@ -568,3 +568,48 @@ def test_training_refusals_in_full():
         "training batch of 11 images for 2 episodes: expected equal contiguous groups, one per "
         "episode"
     )
+
+
+def test_a_dict_batch_trains_as_a_tuple_does():
+    method, (images, labels) = _two_episodes()
+    method.on_train_start()
+    as_tuple = method.training_step((images, labels), 0).detach()
+    method.on_train_start()
+    as_dict = method.training_step({"images": images, "labels": labels}, 0).detach()
+    assert torch.equal(as_tuple, as_dict)
+
+
+def test_set_classes_and_reset_keep_or_restart_the_episode_seed():
+    method = LoRAFineTune(backbone="tiny-clip", pretrained=None, lora=LORA, seed=5)
+    method.set_classes(NAMES[:2])  # two classes are enough
+    assert [(e.seed, e.class_names) for e in method.episodes] == [(5, NAMES[:2])]
+    method.reset(9)
+    assert method.seed == 9 and [(e.seed, e.class_names) for e in method.episodes] == [
+        (9, NAMES[:2])
+    ]
+    method.start_episodes([3, 4], [NAMES, OTHER])
+    method.set_classes(OTHER)  # from several episodes back to one, seeded as the method
+    assert method.seed == 3 and [(e.seed, e.class_names) for e in method.episodes] == [(3, OTHER)]
+    fresh = LoRAFineTune(backbone="tiny-clip", pretrained=None, lora=LORA)
+    fresh.reset(2)
+    assert fresh.seed == 2 and fresh.episodes == []
+    with pytest.raises(CdfslError) as err:
+        fresh.set_classes(["only"])
+    assert str(err.value) == "need at least 2 class names, got ['only']"
+    with pytest.raises(CdfslError) as err:
+        fresh(torch.zeros(1, 3, 32, 32))
+    assert str(err.value) == "no classes set: pass class_names=... or call set_classes() first"
+
+
+def test_the_optimiser_and_schedule_follow_the_hyper_parameters():
+    images, labels = support()
+    method = LoRAFineTune(
+        backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA,
+        lr=3e-4, weight_decay=0.05, t_max_factor=0.1,
+    )  # fmt: skip
+    fit = trainer(1)
+    fit.fit(method, DataLoader(TensorDataset(images, labels), batch_size=6))
+    group = fit.optimizers[0].param_groups[0]
+    assert group["initial_lr"] == 3e-4 and group["weight_decay"] == 0.05
+    config = fit.lr_scheduler_configs[0]
+    assert config.interval == "step" and config.scheduler.T_max == 1  # max(1, int(0.1 * 1))
