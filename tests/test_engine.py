@@ -548,3 +548,31 @@ def test_a_failed_episode_stays_failed_when_its_loss_turns_finite_again():
     assert zeroed == [[False, False], [True, False], [True, False], [True, False]]
     assert list(guard.failures) == [0] and guard.failures[0]["step"] == 1
     assert guard.failures[0]["term"] == "ce" and not guard.all_failed and not trainer.should_stop
+
+
+def test_episodes_per_step_bounds_and_what_forces_one(monkeypatch):
+    from cdfsl.data.views import ViewSpec
+    from cdfsl.engine import capacity, episodes_per_step
+
+    method = build(LoRAFineTune)
+    one = FitConfig(precision="32-true", accelerator="cpu", episodes_per_step=1)
+    assert episodes_per_step(method, 3, one) == 1
+    with pytest.raises(CdfslError) as err:
+        episodes_per_step(method, 3, FitConfig(accelerator="cpu", episodes_per_step=0))
+    assert str(err.value) == (
+        "episodes_per_step=0: expected an integer >= 1, or null to choose from memory"
+    )
+    monkeypatch.setattr(capacity, "_free_bytes", lambda device: 1 << 50)  # memory is no limit
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    auto = FitConfig(precision="32-true", accelerator="cpu", episodes_per_step=None)
+    assert episodes_per_step(method, 3, auto) == 8  # the CPU cap
+    batched = FitConfig(precision="32-true", accelerator="cpu", batch_size=2)
+    assert episodes_per_step(method, 3, batched) == 1  # mini-batched support: one at a time
+    # One view (the clean one) is one forward of the support set an episode: free memory for
+    # exactly 3 such episodes gives 3.
+    single = LoRAFineTune(
+        backbone="tiny-clip", pretrained=None, views=(ViewSpec("clean"),), lora=LoRAConfig(rank=4)
+    )
+    elements = capacity._projected_elements(single, torch.device("cpu"))
+    monkeypatch.setattr(capacity, "_free_bytes", lambda device: 2 * 3 * (3 * 16 * 4 * elements))
+    assert episodes_per_step(single, 3, auto) == 3
