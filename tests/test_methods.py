@@ -587,9 +587,21 @@ def test_set_classes_and_reset_keep_or_restart_the_episode_seed():
     assert method.seed == 9 and [(e.seed, e.class_names) for e in method.episodes] == [
         (9, NAMES[:2])
     ]
+    from cdfsl.lora import adapter_sets, lora_parameters
+
+    root = method.backbone.lora_root()
+    with torch.no_grad():
+        for p in lora_parameters(root):
+            p.add_(0.5)
+    trained = [p.detach().clone() for p in lora_parameters(root)]
+    method.set_classes(OTHER)  # one episode: new classes, the adapters left as they are
+    assert [(e.seed, e.class_names) for e in method.episodes] == [(9, OTHER)]
+    assert all(torch.equal(a, b) for a, b in zip(trained, lora_parameters(root), strict=True))
     method.start_episodes([3, 4], [NAMES, OTHER])
+    assert adapter_sets(root) == 2
     method.set_classes(OTHER)  # from several episodes back to one, seeded as the method
     assert method.seed == 3 and [(e.seed, e.class_names) for e in method.episodes] == [(3, OTHER)]
+    assert adapter_sets(root) == 1
     fresh = LoRAFineTune(backbone="tiny-clip", pretrained=None, lora=LORA)
     fresh.reset(2)
     assert fresh.seed == 2 and fresh.episodes == []
