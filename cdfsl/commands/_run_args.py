@@ -24,6 +24,16 @@ def add_run_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--query", type=int, default=15)
     parser.add_argument("--episodes", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
+    add_fit_arguments(
+        parser, "episodes trained side by side; null: as many as memory allows (rows do not change)"
+    )
+    parser.add_argument("--output", type=str, default="runs/cdfsl", help="results directory")
+    parser.add_argument("--progress", type=bool, default=True)
+
+
+def add_fit_arguments(parser: ArgumentParser, episodes_per_step_help: str) -> None:
+    """The keys of a :class:`FitConfig` (read back by :func:`fit_config`): training length,
+    support batches, episodes per step, precision, device and numerics."""
     parser.add_argument("--steps_per_shot", type=int, default=250, help="T = steps_per_shot·K")
     parser.add_argument("--steps", type=int | None, default=None, help="fixed T, overrides K")
     parser.add_argument(
@@ -31,9 +41,8 @@ def add_run_arguments(parser: ArgumentParser) -> None:
         help="support images per step; null: all of them (episodes, Mind)",
     )  # fmt: skip
     parser.add_argument(
-        "--episodes_per_step", type=int | None, default=None,
-        help="episodes trained side by side; null: as many as memory allows (rows do not change)",
-    )  # fmt: skip
+        "--episodes_per_step", type=int | None, default=None, help=episodes_per_step_help
+    )
     parser.add_argument("--precision", type=str, default="bf16-mixed")
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument(
@@ -42,8 +51,6 @@ def add_run_arguments(parser: ArgumentParser) -> None:
     parser.add_argument(
         "--deterministic", type=bool, default=False, help="deterministic kernels only (CUDA)"
     )
-    parser.add_argument("--output", type=str, default="runs/cdfsl", help="results directory")
-    parser.add_argument("--progress", type=bool, default=True)
 
 
 def fit_config(cfg: Namespace) -> FitConfig:

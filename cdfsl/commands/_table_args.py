@@ -7,8 +7,8 @@ from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
+from cdfsl.commands import _run_args
 from cdfsl.commands._recipe_file import RecipeFile
-from cdfsl.engine import FitConfig
 from cdfsl.errors import CdfslError
 from cdfsl.fewshot.grid import Grid, Target
 
@@ -55,23 +55,8 @@ def add_table_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--way", type=int, default=5)
     parser.add_argument("--query", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps_per_shot", type=int, default=250, help="T = steps_per_shot·K")
-    parser.add_argument("--steps", type=int | None, default=None, help="fixed T, overrides K")
-    parser.add_argument(
-        "--batch_size", type=int | None, default=None,
-        help="support images per step; null: all of them (episodes, Mind)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--episodes_per_step", type=int | None, default=None,
-        help="episodes trained side by side per rank; null: as many as memory allows",
-    )  # fmt: skip
-    parser.add_argument("--precision", type=str, default="bf16-mixed")
-    parser.add_argument("--accelerator", type=str, default="auto")
-    parser.add_argument(
-        "--tf32", type=bool, default=False, help="CUDA matmuls and convolutions in TF32"
-    )
-    parser.add_argument(
-        "--deterministic", type=bool, default=False, help="deterministic kernels only (CUDA)"
+    _run_args.add_fit_arguments(
+        parser, "episodes trained side by side per rank; null: as many as memory allows"
     )
     parser.add_argument(
         "--reference", type=str | None, default=None,
@@ -98,10 +83,7 @@ def grid(cfg: Namespace) -> Grid:
     episodes = cfg.episodes
     if isinstance(episodes, int):
         episodes = {shot: episodes for shot in cfg.shots}
-    fit = FitConfig(
-        cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator, cfg.batch_size,
-        cfg.episodes_per_step, cfg.tf32, cfg.deterministic,
-    )  # fmt: skip
+    fit = _run_args.fit_config(cfg)
     if cfg.workers < 1:
         raise CdfslError(f"--workers {cfg.workers}; expected 1 or more; fix --workers")
     return Grid(
