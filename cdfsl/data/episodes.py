@@ -246,19 +246,25 @@ def _load_images(
 def load_episode(
     dataset: LabelledImages,
     indices: EpisodeIndices,
-    to_tensor: Callable[[Image.Image], Tensor],
+    to_tensor: Callable[[Image.Image], Tensor] | None,
     class_names: Sequence[str] | None = None,
 ) -> Episode:
     """Load an episode's images with ``to_tensor`` (PIL RGB -> (3, H, W)) and stack them.
 
+    ``to_tensor`` None: no image is read and both image tensors are empty (a frozen-feature
+    method reads cached features instead); labels, names and ids are as always.
     ``class_names``: the episode's names in label order (a manifest's); by default the
     dataset's names of ``indices.class_ids``.
     """
     names = dataset.class_names
+
+    def images(ids: Sequence[int]) -> Tensor:
+        return torch.empty(0) if to_tensor is None else _load_images(dataset, ids, to_tensor)
+
     return Episode(
-        support_images=_load_images(dataset, indices.support, to_tensor),
+        support_images=images(indices.support),
         support_labels=torch.tensor(indices.support_labels, dtype=torch.long),
-        query_images=_load_images(dataset, indices.query, to_tensor),
+        query_images=images(indices.query),
         query_labels=torch.tensor(indices.query_labels, dtype=torch.long),
         class_names=(
             list(class_names) if class_names is not None else [names[c] for c in indices.class_ids]

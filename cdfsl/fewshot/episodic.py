@@ -23,7 +23,6 @@ import torch
 from cdfsl.data.base import LabelledImages
 from cdfsl.data.episodes import (
     Episode,
-    EpisodeIndices,
     EpisodeManifest,
     EpisodeSampler,
     load_episode,
@@ -290,7 +289,7 @@ class EpisodicEvaluator:
                 framing, self.progress,
             )  # fmt: skip
         parts = [self.sampler.episode(i) for i in indices]
-        episodes = [_imageless_episode(self.dataset, e, self._class_names(e.index)) for e in parts]
+        episodes = [load_episode(self.dataset, e, None, self._class_names(e.index)) for e in parts]
         method.to(self.fit.device())
         method.start_episodes(seeds, [episode.class_names for episode in episodes])
         supports = [
@@ -409,27 +408,6 @@ class EpisodicEvaluator:
         summary = summarize_rows(self.store.rows(), self.config)
         write_json_atomic(self.output_dir / "summary.json", summary)
         return summary
-
-
-def _imageless_episode(
-    dataset: LabelledImages, indices: EpisodeIndices, class_names: Sequence[str] | None
-) -> Episode:
-    """An episode's labels, class names and sample ids as :func:`load_episode` gives them, its
-    image tensors empty: a frozen-feature method reads cached features instead."""
-    empty = torch.empty(0)
-    names = dataset.class_names
-    return Episode(
-        support_images=empty,
-        support_labels=torch.tensor(indices.support_labels, dtype=torch.long),
-        query_images=empty,
-        query_labels=torch.tensor(indices.query_labels, dtype=torch.long),
-        class_names=(
-            list(class_names) if class_names is not None else [names[c] for c in indices.class_ids]
-        ),
-        support_ids=tuple(dataset.sample_id(i) for i in indices.support),
-        query_ids=tuple(dataset.sample_id(i) for i in indices.query),
-        index=indices.index,
-    )
 
 
 def check_manifest(manifest: EpisodeManifest, protocol: EpisodeProtocol) -> None:
