@@ -23,7 +23,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,30 @@ def _by_key(cells: Sequence[Entry]) -> dict[tuple[str, int, str, str], Entry]:
     return {(e.backbone, e.shot, e.method, e.target): e for e in cells}
 
 
+def _lines(
+    rows: Sequence[tuple[str, int, str]],
+    columns: Sequence[str],
+    by_key: Mapping[tuple[str, int, str, str], Entry],
+    several: bool,
+    reference: str | None,
+    accuracy: Callable[[Entry | None], str],
+    delta: Callable[[Entry | None], str],
+    escape: Callable[[str], str] = str,
+) -> tuple[list[tuple[tuple[str, int], list[str]]], list[tuple[tuple[str, int], list[str]]]]:
+    """The accuracy lines and (with a reference) the difference lines of a table, each keyed by
+    its (backbone, shot) block: the lead cells, the row name and one cell per column, made by
+    ``accuracy`` / ``delta``; names pass through ``escape``."""
+    accs, diffs = [], []
+    for backbone, shot, method in rows:
+        lead = [escape(backbone)] * several + [str(shot)]
+        found = [by_key.get((backbone, shot, method, c)) for c in columns]
+        accs.append(((backbone, shot), [*lead, escape(method), *map(accuracy, found)]))
+        if reference is not None and method != reference:
+            name = escape(f"{method} - {reference}")
+            diffs.append(((backbone, shot), [*lead, name, *map(delta, found)]))
+    return accs, diffs
+
+
 def markdown(cells: Sequence[Entry], reference: str | None) -> str:
     """The accuracy table, then (with a reference) the paired differences, as markdown."""
     columns, rows = _layout(cells)
@@ -200,18 +224,12 @@ def markdown(cells: Sequence[Entry], reference: str | None) -> str:
         text = f"{100 * e.delta:+.2f} ± {100 * e.delta_ci95:.2f}"
         return text + (DAGGER if e.significant else "")
 
-    accs, diffs = [], []
-    for backbone, shot, method in rows:
-        lead_cells = [backbone] * several + [str(shot)]
-        found = [by_key.get((backbone, shot, method, c)) for c in columns]
-        accs.append([*lead_cells, method, *map(accuracy, found)])
-        if reference is not None and method != reference:
-            diffs.append([*lead_cells, f"{method} - {reference}", *map(delta, found)])
-    text = table(accs)
+    accs, diffs = _lines(rows, columns, by_key, several, reference, accuracy, delta)
+    text = table([line for _, line in accs])
     if diffs:
         text += (
             f"\n\nPaired over the same episodes: accuracy points minus {reference} (mean ± CI95)"
-            f"; {DAGGER} where the CI95 excludes zero:\n\n{table(diffs)}"
+            f"; {DAGGER} where the CI95 excludes zero:\n\n{table([line for _, line in diffs])}"
         )
     return text
 
@@ -283,14 +301,7 @@ def latex(cells: Sequence[Entry], reference: str | None) -> str:
         text = f"${100 * e.delta:+.2f}$ $\\pm$ {100 * e.delta_ci95:.2f}"
         return text + (dagger if e.significant else "")
 
-    accs, diffs = [], []
-    for backbone, shot, method in rows:
-        lead_cells = [tex_escape(backbone)] * several + [str(shot)]
-        found = [by_key.get((backbone, shot, method, c)) for c in columns]
-        accs.append(((backbone, shot), [*lead_cells, tex_escape(method), *map(accuracy, found)]))
-        if reference is not None and method != reference:
-            name = tex_escape(f"{method} - {reference}")
-            diffs.append(((backbone, shot), [*lead_cells, name, *map(delta, found)]))
+    accs, diffs = _lines(rows, columns, by_key, several, reference, accuracy, delta, tex_escape)
     text = tabular(accs)
     if diffs:
         text += (
