@@ -598,3 +598,294 @@ def test_the_slow_bf16_warning_names_the_precision_and_the_fix(monkeypatch):
         engine_fit.warn_if_slow_bf16("bf16-mixed", "cuda")
         monkeypatch.setattr(engine_fit, "cpu_has_bf16", lambda: True)
         engine_fit.warn_if_slow_bf16("bf16-mixed", "cpu")
+
+
+# -- mutation follow-up (issue 23), second round: the engine's device and Trainer wiring ---------
+
+
+def test_a_gpu_fingerprint_names_its_model(monkeypatch):
+    from cdfsl.engine.fit import device_fingerprint
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: asked.append(d) or "Fake H100")
+    cuda = torch.device("cuda", 1)
+    assert device_fingerprint(cuda) == {"type": "cuda", "name": "Fake H100"} and asked == [cuda]
+    assert device_fingerprint(torch.device("cpu")) == {"type": "cpu"}
+
+
+def test_a_launcher_rank_trains_on_its_own_gpu(monkeypatch):
+    """Under a launcher (LOCAL_RANK set) the device is cuda:cuda_index(); without, the name's."""
+    from cdfsl.engine import fit as engine_fit
+
+    monkeypatch.setattr(engine_fit, "cuda_index", lambda: 3)
+    monkeypatch.setattr(engine_fit, "resolve_device", lambda name, index: (name, index))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert FitConfig(accelerator="gpu").device() == ("gpu", None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert FitConfig(accelerator="gpu").device() == ("gpu", 3)
+
+
+def test_gpu_finite_flags_travel_without_blocking_and_are_read_after_their_event(monkeypatch):
+    from cdfsl.engine.fit import _StepCheck
+
+    calls: list[tuple] = []
+
+    class FakeEvent:
+        def record(self):
+            calls.append(("record",))
+
+        def synchronize(self):
+            calls.append(("synchronize",))
+
+    class OnGpu:
+        device = torch.device("cuda", 0)
+
+        def to(self, *args, **kwargs):
+            calls.append(("to", args, kwargs))
+            return torch.tensor([True, False])
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    check = _StepCheck.taken(4.0, OnGpu(), ["snapshot"])
+    assert check.step == 4 and isinstance(check.step, int) and check.snapshot == ["snapshot"]
+    assert calls == [("to", ("cpu",), {"non_blocking": True}), ("record",)]
+    assert check.finite() == [True, False] and calls[-1] == ("synchronize",)
+
+
+def test_16_mixed_on_a_cpu_is_bf16_autocast():
+    from cdfsl.engine.fit import autocast_dtype
+
+    assert autocast_dtype("16-mixed", "cpu") is torch.bfloat16  # as Lightning does, warning
+    assert autocast_dtype("16-mixed", "cuda") is torch.float16
+    assert autocast_dtype("bf16-mixed", "cuda") is torch.bfloat16
+    assert autocast_dtype("32-true", "cpu") is None
+
+
+def test_16_mixed_refuses_several_episodes_per_step_in_full():
+    from cdfsl.engine import episodes_per_step
+
+    fit = FitConfig(precision="16-mixed", accelerator="cpu", episodes_per_step=2)
+    with pytest.raises(CdfslError) as err:
+        episodes_per_step(build(LoRAFineTune), 3, fit)
+    assert str(err.value) == (
+        "precision '16-mixed' with 2 episodes per step: one GradScaler would cover every episode "
+        "(an overflow in one skips the step of all); expected one episode per step under "
+        "16-mixed; set --episodes_per_step 1 (or null), or use --precision bf16-mixed"
+    )
+
+
+def test_episode_seeds_follow_their_documented_derivation():
+    """Stored rows record their seeds and resume by them: the derivation stays the docstring's
+    (word 0 of SeedSequence([seed, index, 1]), low 31 bits)."""
+    import numpy as np
+
+    from cdfsl.engine import episode_seed
+
+    for seed, index in ((0, 0), (0, 1), (7, 3), (2**40, 12345)):
+        words = np.random.SeedSequence([seed, index, 1]).generate_state(4)
+        assert episode_seed(seed, index) == int(words[0]) & 0x7FFFFFFF
+
+
+def test_support_batches_of_one_and_of_the_whole_set():
+    from cdfsl.engine.fit import _SupportBatches, support_loader
+
+    images, labels = torch.arange(6).float().view(6, 1, 1, 1), torch.arange(6)
+    ones = [lab.tolist() for _, lab in support_loader(images, labels, 12, 1, seed=0)]
+    assert all(len(b) == 1 for b in ones) and sorted(b[0] for b in ones[:6]) == list(range(6))
+    # A batch as large as the set is the whole set in its order, as batch_size None.
+    whole = _SupportBatches(images, labels, 3, 6, seed=0)
+    assert whole.index is None and all(torch.equal(lab, labels) for _, lab in whole)
+    with pytest.raises(IndexError, match=r"^step 3 of 3$"):
+        whole[3]
+    with pytest.raises(CdfslError) as err:
+        support_loader(images, labels, 3, 0, seed=0)
+    assert str(err.value) == "batch_size must be >= 1 or null, got 0"
+
+
+def _spy_fit(monkeypatch):
+    """Replace the Trainer part of fit_episode with a record of what it was handed."""
+    from cdfsl.engine import fit as engine_fit
+
+    seen: dict = {}
+
+    def fake_fit(method, loader, steps, fit, device, callbacks):
+        seen.update(loader=loader, device=device, sampling=method.view_sampling, steps=steps)
+
+    monkeypatch.setattr(engine_fit, "_fit", fake_fit)
+    return seen
+
+
+def test_fit_episode_hands_the_trainer_the_support_on_its_device_in_the_methods_order(monkeypatch):
+    from cdfsl.engine import fit_episode
+    from cdfsl.engine.fit import _SupportBatches
+
+    seen = _spy_fit(monkeypatch)
+    method = build(LoRAFineTune, seed=7)
+    images, labels = torch.rand(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2])
+    monkeypatch.setattr(FitConfig, "device", lambda self: torch.device("meta"))
+    fit = FitConfig(steps=5, precision="32-true", batch_size=2)
+    with pytest.warns(UserWarning):
+        fit_episode(method, images, labels, 5, fit)
+    batches = seen["loader"].dataset
+    assert seen["device"] == torch.device("meta") and seen["steps"] == 5
+    assert batches.images.device.type == "meta" and batches.labels.device.type == "meta"
+    # The batches are drawn from the method's seed (7), not from a constant.
+    ids = torch.arange(6)
+    expected = _SupportBatches(ids, ids, 5, 2, seed=7).index
+    assert [i.tolist() for i in batches.index] == [i.tolist() for i in expected]
+    assert expected != _SupportBatches(ids, ids, 5, 2, seed=0).index
+
+
+def test_per_episode_views_turn_per_step_only_while_a_mini_batched_fit_runs(monkeypatch):
+    import warnings
+
+    from cdfsl.engine import fit as engine_fit
+    from cdfsl.engine import fit_episode
+
+    seen = _spy_fit(monkeypatch)
+    method = build(LoRAFineTune, view_sampling="per_episode")
+    images, labels = torch.rand(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.warns(UserWarning) as caught:
+        fit_episode(method, images, labels, 3, FitConfig(steps=3, accelerator="cpu", batch_size=2))
+    ours = [w for w in caught if "view_sampling" in str(w.message)]
+    assert [str(w.message) for w in ours] == [
+        "view_sampling per_episode with batch_size=2 of 6 support images: every step holds "
+        "other images, so their views are drawn per_step for this fit (as CLIP-LoRA's loop "
+        "does); set view_sampling: per_step to say so"
+    ]
+    assert ours[0].filename == __file__  # points at the caller, not at the engine
+    assert seen["sampling"] == "per_step" and method.view_sampling == "per_episode"
+    # A batch of the whole support set is the paper's full-batch step: nothing to say.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_episode(
+            method,
+            images,
+            labels,
+            3,
+            FitConfig(steps=3, precision="32-true", accelerator="cpu", batch_size=6),
+        )
+    assert seen["sampling"] == "per_episode"
+    # The slow-bf16 warning too points at whoever called fit_episode.
+    monkeypatch.setattr(engine_fit, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without bf16 matrix units") as caught:
+        fit_episode(method, images, labels, 3, FitConfig(steps=3, accelerator="cpu"))
+    assert [w.filename for w in caught if "bf16" in str(w.message)] == [__file__]
+
+
+def test_mini_batched_support_refuses_two_episodes_in_full(monkeypatch):
+    from cdfsl.engine import fit_episode
+
+    _spy_fit(monkeypatch)
+    method = build(LoRAFineTune)
+    method.start_episodes([0, 1], [["a", "b"]] * 2)
+    fit = FitConfig(steps=3, precision="32-true", accelerator="cpu", batch_size=2)
+    with pytest.raises(CdfslError) as err:
+        fit_episode(method, torch.rand(4, 3, 32, 32), torch.tensor([0, 0, 1, 1]), 3, fit)
+    assert str(err.value) == (
+        "batch_size=2 with 2 episodes per step: expected one episode per step for mini-batched "
+        "support sets; set episodes_per_step to 1 (or null)"
+    )
+
+
+def test_a_fit_writes_and_prints_nothing_and_passes_its_numerics_on(
+    tmp_path, monkeypatch, capfd
+):  # fmt: skip
+    """No checkpoint, log, progress bar or model summary; TF32/determinism and the autocast
+    dtype (16-mixed on a CPU: bf16) reach the Trainer's surroundings."""
+    from cdfsl.engine import fit as engine_fit
+    from cdfsl.engine import fit_episode
+
+    asked: list = []
+    real_numerics, real_frozen = engine_fit.cuda_numerics, engine_fit.frozen_weights_in
+    monkeypatch.setattr(
+        engine_fit, "cuda_numerics", lambda *a: asked.append(("numerics", *a)) or real_numerics(*a)
+    )
+    monkeypatch.setattr(
+        engine_fit,
+        "frozen_weights_in",
+        lambda r, d: asked.append(("dtype", d)) or real_frozen(r, d),
+    )
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    method = build(LoRAFineTune, class_names=["a", "b", "c"])
+    images, labels = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    fit = FitConfig(steps=2, precision="32-true", accelerator="cpu", tf32=True, deterministic=True)
+    fit_episode(method, images, labels, 2, fit)
+    assert ("numerics", True, True, "cpu") in asked and ("dtype", None) in asked
+    half = FitConfig(steps=1, precision="16-mixed", accelerator="cpu")
+    fit_episode(method, images, labels, 1, half)
+    assert ("dtype", torch.bfloat16) in asked
+    assert list(tmp_path.iterdir()) == []
+    out, err = capfd.readouterr()
+    assert out == "" and "it/s" not in err and "Trainable params" not in out + err
+
+
+def test_a_fit_whose_episodes_all_fail_ends_early_without_an_interruption(monkeypatch):
+    from cdfsl.engine import fit_episode
+    from cdfsl.engine.fit import NonFiniteGuard
+
+    method = build(LoRAFineTune, class_names=["a", "b", "c"])
+    monkeypatch.setattr(
+        method, "loss_terms",
+        lambda *a: {"loss": torch.tensor(float("nan"), requires_grad=True) * 1.0},
+    )  # fmt: skip
+    guard, stops = NonFiniteGuard(), []
+    assert guard.failures == {} and guard.all_failed is False  # before any fit
+    monkeypatch.setattr(guard, "on_train_end", lambda t, m: stops.append(t.global_step))
+    images, labels = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    fit_episode(method, images, labels, 6, FIT, [guard])
+    assert guard.all_failed and stops and stops[0] < 6
+
+
+def test_check_finished_needs_every_step_and_no_interruption():
+    from types import SimpleNamespace
+
+    from cdfsl.engine.fit import check_finished
+
+    check_finished(SimpleNamespace(interrupted=False, global_step=5), 5)
+    for interrupted, step in ((True, 5), (False, 4), (True, 4)):
+        with pytest.raises(KeyboardInterrupt):
+            check_finished(SimpleNamespace(interrupted=interrupted, global_step=step), 5)
+
+
+def test_the_guard_stops_the_trainer_once_every_episode_failed():
+    from types import SimpleNamespace
+
+    from cdfsl.engine.fit import NonFiniteGuard
+
+    nan = float("nan")
+    module = _GuardedEpisodes([[1.0, 1.0], [nan, nan], [nan, nan], [nan, nan]])
+    guard, trainer = NonFiniteGuard(), SimpleNamespace(global_step=0, should_stop=False)
+    guard.on_train_start(trainer, module)
+    for step in range(3):
+        trainer.global_step = step
+        module.begin_step()
+        guard.on_before_optimizer_step(trainer, module, None)
+        # Step 1's flags are read at step 2: then every episode has failed.
+        assert trainer.should_stop is (step == 2) and guard.all_failed is (step == 2)
+
+
+def test_an_unknown_device_type_trains_one_episode_at_a_time(monkeypatch):
+    from cdfsl.engine import episodes_per_step
+
+    monkeypatch.setattr(FitConfig, "device", lambda self: torch.device("mps"))
+    assert episodes_per_step(build(ZeroShot), 3, FitConfig(precision="32-true")) == 1
+
+
+def test_projected_elements_are_counted_on_the_device_asked_for(monkeypatch):
+    """The backbone goes to the device and the probe image is made there (meta stands in for a
+    GPU: the forward itself runs on the CPU)."""
+    from cdfsl.engine import capacity
+
+    method = build(LoRAFineTune)
+    backbone, seen = method.backbone, []
+    real_encode = backbone.encode_image
+    monkeypatch.setattr(backbone, "to", lambda device: seen.append(("to", device)) or backbone)
+    monkeypatch.setattr(
+        backbone, "encode_image", lambda x: seen.append(("image", x.device)) or real_encode(
+            torch.zeros(x.shape))
+    )  # fmt: skip
+    meta = torch.device("meta")
+    count = capacity._projected_elements(method, meta)
+    assert seen == [("to", meta), ("image", meta)]
+    assert count == 2 * (16 + 1) * 64 and isinstance(count, int)

@@ -328,11 +328,11 @@ def fit_episode(
     warn_if_slow_bf16(fit.precision, device.type)
     # On the device once: Lightning's per-step transfer of each batch is then a no-op.
     images, labels = images.to(device), labels.to(device)
-    loader = support_loader(images, labels, steps, fit.batch_size, getattr(method, "seed", 0))
+    loader = support_loader(images, labels, steps, fit.batch_size, method.seed)
     # Lightning keeps the mode it finds; a model left in eval() by scoring would train without
     # LoRA dropout.
     method.train()
-    sampling = getattr(method, "view_sampling", None)
+    sampling = method.view_sampling
     if _mini_batched(fit, len(images)) and sampling == "per_episode" and method.views:
         warnings.warn(
             f"view_sampling per_episode with batch_size={fit.batch_size} of {len(images)} support "
@@ -344,8 +344,7 @@ def fit_episode(
     try:
         _fit(method, loader, steps, fit, device, callbacks)
     finally:
-        if sampling is not None:
-            method.view_sampling = sampling
+        method.view_sampling = sampling
 
 
 def _mini_batched(fit: FitConfig, support_size: int) -> bool:
