@@ -625,3 +625,124 @@ def test_the_optimiser_and_schedule_follow_the_hyper_parameters():
     assert group["initial_lr"] == 3e-4 and group["weight_decay"] == 0.05
     config = fit.lr_scheduler_configs[0]
     assert config.interval == "step" and config.scheduler.T_max == 1  # max(1, int(0.1 * 1))
+
+
+# -- mutation follow-up (issue 23), second round ---------------------------------------------------
+
+
+def test_forward_refuses_a_batch_that_does_not_split_into_its_episodes():
+    """4 images for 3 episodes would chunk into two groups and score episode 3 on nothing."""
+    method = LoRAFineTune(backbone="tiny-clip", pretrained=None, lora=LORA)
+    method.start_episodes([1, 2, 3], [NAMES, OTHER, NAMES])
+    with pytest.raises(CdfslError) as err:
+        method(torch.rand(4, 3, 32, 32))
+    assert str(err.value) == (
+        "batch of 4 images for 3 episodes: expected equal contiguous groups, one per episode"
+    )
+
+
+def test_resize_interpolation_backbone_takes_the_models_own():
+    from PIL import Image
+
+    image = Image.fromarray(
+        (torch.rand(50, 70, 3, generator=torch.Generator().manual_seed(0)) * 255)
+        .to(torch.uint8)
+        .numpy()
+    )
+    method = ZeroShot(backbone="tiny-clip", pretrained=None, resize_interpolation="backbone")
+    preprocess = method.backbone.preprocess
+    expected = preprocess.to_tensor(method.geometry, preprocess.interpolation)(image)
+    assert torch.equal(method.to_tensor()(image), expected)
+
+
+def test_a_method_without_views_trains_on_the_plain_support_set(monkeypatch):
+    """views=(): every step is the support set as given, and the clean support S is all of it."""
+    images, labels = support()
+    method = Mind(
+        backbone="tiny-clip",
+        pretrained=None,
+        class_names=NAMES,
+        lora=LORA,
+        views=(),
+        support="shared",
+    )
+    seen = []
+    real = method.loss_terms
+
+    def spy(feats, labels_, view_ids, episode):
+        seen.append(
+            (
+                feats.shape[0],
+                view_ids,
+                method.support_features(feats, labels_, view_ids, episode)[0].shape,
+            )
+        )
+        return real(feats, labels_, view_ids, episode)
+
+    monkeypatch.setattr(method, "loss_terms", spy)
+    trainer(2).fit(method, DataLoader(TensorDataset(images, labels), batch_size=len(images)))
+    assert seen and all(rows == 6 and ids is None for rows, ids, _ in seen)
+    assert all(tuple(shape) == (6, method.text_feats.shape[1]) for _, _, shape in seen)
+
+
+def test_without_a_clean_view_every_row_is_clean_support():
+    from cdfsl.data.views import ViewSpec
+
+    flip, rotate = ViewSpec("flip", hflip=True), ViewSpec("rotate", rotation=30.0)
+    method = LoRAFineTune(backbone="tiny-clip", pretrained=None, lora=LORA, views=(flip, rotate))
+    assert method.clean_rows(torch.tensor([0, 0, 1, 1])) is None
+    assert method.clean_rows(None) is None
+    with_clean = LoRAFineTune(
+        backbone="tiny-clip", pretrained=None, lora=LORA, views=(flip, ViewSpec("clean"))
+    )
+    assert with_clean.clean_rows(torch.tensor([0, 1, 1, 0])).tolist() == [False, True, True, False]
+
+
+def test_the_split_of_l_vlm_takes_its_prototypes_from_the_clean_view_rows():
+    """Rebuilt from the recorded step: prototypes from the clean rows only (all rows would move
+    them toward the augmented views)."""
+    from cdfsl.fewshot import losses
+
+    images, labels = support()
+    method = LoRAFineTune(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    assert len(method.views) > 1
+    trainer(1).fit(method, DataLoader(TensorDataset(images, labels), batch_size=len(images)))
+    episode = method.episodes[0]
+    feats, y, ids, separate, _ = episode.analysis
+    assert separate is None
+    clean = ids == method._clean_view
+    text = episode.text_feats
+    prototypes = losses.class_prototypes(feats[clean], y[clean], len(text))
+    expected = losses.vlm_decomposition(feats, text, y, prototypes, method.scale)
+    terms = method.episode_terms(0)
+    for key, value in expected.items():
+        assert terms[key] == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
+    everything = losses.class_prototypes(feats, y, len(text))
+    wrong = losses.vlm_decomposition(feats, text, y, everything, method.scale)
+    assert any(abs(float(wrong[k]) - terms[k]) > 1e-4 for k in expected)
+
+
+def test_separately_forwarded_support_is_what_the_analysis_keeps(monkeypatch):
+    images, labels = support()
+    method = Mind(
+        backbone="tiny-clip", pretrained=None, class_names=NAMES, support="separate",
+        lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.5),
+    )  # fmt: skip
+    assert method.forwards_support
+    used = []
+    real = method.loss_terms
+    monkeypatch.setattr(
+        method, "loss_terms",
+        lambda f, y, ids, ep: used.append(ep.support[0].detach().clone()) or real(f, y, ids, ep),
+    )  # fmt: skip
+    trainer(1).fit(method, DataLoader(TensorDataset(images, labels), batch_size=len(images)))
+    separate = method.episodes[0].analysis[3]
+    assert separate is not None and torch.equal(separate, used[-1])
+
+
+def test_the_classifier_lives_on_the_backbones_device(monkeypatch):
+    method = ZeroShot(backbone="tiny-clip", pretrained=None)
+    monkeypatch.setattr(
+        type(method.backbone), "device", property(lambda self: torch.device("meta"))
+    )
+    assert method._classifier(NAMES).device.type == "meta"

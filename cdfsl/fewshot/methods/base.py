@@ -349,8 +349,18 @@ class FewShotMethod(L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         """``images: (E·B, 3, H, W)`` in [0, 1], E contiguous episode groups -> ``(E·B, N)``."""
         self._require_classes()
+        self._check_groups(images.shape[0], "batch")
         groups = self.image_features(images).chunk(len(self.episodes))
         return torch.cat([self.logits(f, ep) for f, ep in zip(groups, self.episodes, strict=True)])
+
+    def _check_groups(self, images: int, what: str) -> None:
+        """Refuse a batch that does not split into one equal group per episode."""
+        count = len(self.episodes)
+        if images % count:
+            raise CdfslError(
+                f"{what} of {images} images for {count} episodes: expected equal contiguous "
+                "groups, one per episode"
+            )
 
     def to_tensor(self) -> Any:
         """PIL RGB image -> ``(3, H, W)`` in [0, 1] at the input size, framed by ``geometry``."""
@@ -391,11 +401,7 @@ class FewShotMethod(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = _unpack(batch)
         count = len(self.episodes)
-        if images.shape[0] % count:
-            raise CdfslError(
-                f"training batch of {images.shape[0]} images for {count} episodes: expected "
-                "equal contiguous groups, one per episode"
-            )
+        self._check_groups(images.shape[0], "training batch")
         clean = list(zip(images.chunk(count), labels.chunk(count), strict=True))
         groups: list[tuple[Tensor, Tensor]] = clean
         view_ids: list[Tensor | None] = [None] * count
