@@ -691,6 +691,11 @@ def test_support_batches_of_one_and_of_the_whole_set():
     images, labels = torch.arange(6).float().view(6, 1, 1, 1), torch.arange(6)
     ones = [lab.tolist() for _, lab in support_loader(images, labels, 12, 1, seed=0)]
     assert all(len(b) == 1 for b in ones) and sorted(b[0] for b in ones[:6]) == list(range(6))
+    # Batch 5 of 10: every pass, the first and each reshuffled one, is two batches of all ten.
+    ten = torch.arange(10)
+    fives = [lab.tolist() for _, lab in support_loader(ten.float(), ten, 6, 5, seed=3)]
+    for k in range(0, 6, 2):
+        assert sorted(fives[k] + fives[k + 1]) == list(range(10)), fives
     # A batch as large as the set is the whole set in its order, as batch_size None.
     whole = _SupportBatches(images, labels, 3, 6, seed=0)
     assert whole.index is None and all(torch.equal(lab, labels) for _, lab in whole)
