@@ -168,6 +168,20 @@ def _mix64_(z: Tensor) -> Tensor:
     return z
 
 
+def _memory_order(t: Tensor, start: int, stop: int) -> tuple[int, ...]:
+    """Dimensions ``start..stop-1`` of ``t`` from the largest stride to the smallest (size-1
+    dimensions first, ties in place): permuted so, a dense tensor reshapes without a copy."""
+    dims = range(start, stop)
+    return tuple(sorted(dims, key=lambda d: -t.stride(d) if t.shape[d] > 1 else -math.inf))
+
+
+def _inverse(order: Sequence[int]) -> tuple[int, ...]:
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return tuple(inverse)
+
+
 class DropoutStreams:
     """Counter-based dropout draws for ``E`` adapter sets, one stream per set.
 
@@ -256,8 +270,10 @@ class LoRADropout(nn.Module):
             )
         numel = x[0].numel()
         words = dropout_words(streams, (numel + 3) // 4, x.device)
-        drop = words.view(torch.int16)[:, :numel] < self._threshold
-        return x.masked_fill(drop.view(x.shape), 0)
+        keep = words.view(torch.int16)[:, :numel] >= self._threshold
+        # A product rather than masked_fill: it keeps x's layout (masked_fill's output is
+        # contiguous, so a transposed x would be copied twice more) and gives the same values.
+        return x * keep.view(x.shape)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}"
@@ -331,10 +347,14 @@ class LoRAAdapter(nn.Module):
         scale = self.scale
         if self.dropout.training and self.dropout.p > 0:
             scale *= self.dropout.keep_scale
-        shape = h.shape
-        h = h.reshape(shape[0], -1, self.in_features)  # (E, M, in); a copy only for strided x
-        d = torch.bmm(torch.bmm(h, self.lora_A.mT) * scale, self.lora_B.mT)
-        return d.view(*shape[:-1], -1)
+        # The products run over the rows in memory order (E first), so that no copy is made
+        # for a transposed input (a batch-first attention's (L, N, D) view); the dropout mask
+        # above is keyed by the logical order, whatever the layout.
+        order = (0, *_memory_order(h, 1, h.dim() - 1), h.dim() - 1)
+        rows = h.permute(order)
+        flat = rows.reshape(rows.shape[0], -1, self.in_features)  # (E, M, in)
+        d = torch.bmm(torch.bmm(flat, self.lora_A.mT) * scale, self.lora_B.mT)
+        return d.view(*rows.shape[:-1], -1).permute(_inverse(order))
 
     def delta_weight(self, index: int = 0) -> Tensor:
         """``scale * B[index] @ A[index]``, shape ``(stop - start, in_features)``, fp32."""
@@ -441,16 +461,30 @@ class LoRAProjection(nn.Module):
             # autocast would cast it for.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         # Always a 2-D matmul: with a 3-D input in a low-precision dtype, CPU matmul expands
-        # and copies the weight once per leading index (measured: 7x slower in bf16).
-        y = F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
+        # and copies the weight once per leading index (measured: 7x slower in bf16). Rows in
+        # memory order: a transposed input (a batch-first attention's (L, N, D) view)
+        # is not copied. The adapters' updates join the base output out of place: an in-place
+        # add into a view of it would make autograd copy the whole gradient per adapter.
+        order = (*_memory_order(x, 0, x.dim() - 1), x.dim() - 1)
+        rows = x.permute(order)
+        y = F.linear(rows.reshape(-1, x.shape[-1]), weight, bias)
+        parts: list[Tensor] = []
+        at = start
         for adapter in self.adapters():
             if adapter.merged or not (start <= adapter.start and adapter.stop <= stop):
                 continue
-            # In place, through the grouped view: linear's backward does not need its output,
-            # and the update never has to be copied back to the sample layout.
-            rows = y.narrow(-1, adapter.start - start, adapter.stop - adapter.start)
-            adapter.grouped(rows, batch_dim).add_(adapter.grouped_update(x, batch_dim))
-        return y
+            if adapter.start > at:
+                parts.append(y.new_zeros(()).expand(len(y), adapter.start - at))
+            update = adapter.grouped_update(x, batch_dim)
+            update = update.movedim(0, batch_dim).flatten(batch_dim, batch_dim + 1)
+            parts.append(update.permute(order).reshape(len(y), -1))
+            at = adapter.stop
+        if parts:
+            if at < stop:
+                parts.append(y.new_zeros(()).expand(len(y), stop - at))
+            # Summed at the higher precision, rounded to the base's (fp32 adapters on a bf16 base).
+            y = (y + torch.cat(parts, dim=-1)).to(y.dtype)
+        return y.view(*rows.shape[:-1], -1).permute(_inverse(order))
 
     def merge(self) -> None:
         """Fold every adapter into the base weight; requires ``num_adapters == 1``."""
@@ -517,6 +551,11 @@ def _heads(proj: Tensor, n: int, heads: int) -> tuple[Tensor, ...]:
     instead of zero-filling and copying each slice.
     """
     length, batch = proj.shape[:2]
+    if length > 1 and batch > 1 and proj.stride(1) > proj.stride(0):
+        # Batch-major memory (a batch-first attention): split the heads there, so that their
+        # gradients assemble in that order and reach the projection without another copy.
+        split = proj.transpose(0, 1).view(batch, length, n, heads, -1)
+        return split.permute(2, 0, 3, 1, 4).unbind(0)
     return proj.view(length, batch, n, heads, -1).permute(2, 1, 3, 0, 4).unbind(0)
 
 
@@ -618,13 +657,13 @@ class LoRAMultiheadAttention(LoRAProjection):
 
         dropout_p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+        if batched and self.batch_first:  # rows in the caller's (N, L) order: no transposes
+            out = out.transpose(1, 2).reshape(bsz * tgt_len, embed_dim)
+            out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+            return out.view(bsz, tgt_len, -1), None
         out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(tgt_len, bsz, -1)
-        if not batched:
-            return out.squeeze(1), None
-        if self.batch_first:
-            out = out.transpose(1, 0)
-        return out, None
+        return (out if batched else out.squeeze(1)), None
 
 
 def _retied(

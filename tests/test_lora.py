@@ -1133,3 +1133,32 @@ def test_dropout_refuses_a_stream_count_other_than_the_groups() -> None:
         "LoRA dropout with 2 streams for 3 adapter groups: expected one per group; call "
         "set_lora_dropout_seeds with num_adapters seeds"
     )
+
+
+def test_a_batch_first_attention_step_copies_only_the_update_and_one_gradient():
+    """Forward and backward of a batch-first LoRA attention (two adapter sets, dropout on) copy
+    at most the q/k/v update once (joining the base output) and the q/k/v gradient once
+    (assembling the heads), plus the adapters' own gradients: no copy for the transposed
+    layout, the dropout or the in-place update that autograd would copy per adapter."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in ("copy_", "clone", "cat", "_to_copy", "contiguous"):
+                self.elements += out.numel()
+            return out
+
+    torch.manual_seed(0)
+    n, length, dim = 6, 5, 16
+    mha = nn.MultiheadAttention(dim, 2, batch_first=True)
+    attn = LoRAMultiheadAttention(mha, LoRAConfig(rank=2, num_adapters=2, dropout=0.25)).train()
+    set_lora_dropout_seeds(attn, [1, 2])
+    x = torch.randn(n, length, dim, requires_grad=True)
+    with Copies() as copies:
+        out, _ = attn(x, x, x, need_weights=False)
+        out.square().sum().backward()
+    adapters = sum(p.numel() for p in lora_parameters(attn))
+    assert copies.elements <= 2 * n * length * 3 * dim + adapters, copies.elements
