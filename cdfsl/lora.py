@@ -169,17 +169,14 @@ def _mix64_(z: Tensor) -> Tensor:
 
 
 def _memory_order(t: Tensor, start: int, stop: int) -> tuple[int, ...]:
-    """Dimensions ``start..stop-1`` of ``t`` from the largest stride to the smallest (size-1
-    dimensions first, ties in place): permuted so, a dense tensor reshapes without a copy."""
-    dims = range(start, stop)
-    return tuple(sorted(dims, key=lambda d: -t.stride(d) if t.shape[d] > 1 else -math.inf))
+    """Dimensions ``start..stop-1`` of ``t`` from the largest stride to the smallest: permuted
+    so, a dense tensor reshapes without a copy (a size-1 dimension's stride does not matter)."""
+    return tuple(sorted(range(start, stop), key=lambda d: -t.stride(d)))
 
 
 def _inverse(order: Sequence[int]) -> tuple[int, ...]:
-    inverse = [0] * len(order)
-    for position, dim in enumerate(order):
-        inverse[dim] = position
-    return tuple(inverse)
+    """The permutation that undoes ``order``."""
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
 
 
 class DropoutStreams:
@@ -551,7 +548,7 @@ def _heads(proj: Tensor, n: int, heads: int) -> tuple[Tensor, ...]:
     instead of zero-filling and copying each slice.
     """
     length, batch = proj.shape[:2]
-    if length > 1 and batch > 1 and proj.stride(1) > proj.stride(0):
+    if proj.stride(1) > proj.stride(0):
         # Batch-major memory (a batch-first attention): split the heads there, so that their
         # gradients assemble in that order and reach the projection without another copy.
         split = proj.transpose(0, 1).view(batch, length, n, heads, -1)

@@ -629,6 +629,13 @@ def test_unbatched_attention_with_a_padding_mask_equals_torch(batch_first: bool)
         out, _ = ours(x, key, key, key_padding_mask=mask)
         assert out.shape == (4, d)
         torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)  # adapters are fp32
+    # A batch of one keeps its batch dimension, in either layout (L = N = 1 too).
+    for length in (4, 1):
+        one = x[:length].unsqueeze(0 if batch_first else 1)
+        expected = reference(one, one, one, need_weights=False)[0]
+        out, _ = ours(one, one, one)
+        assert out.shape == one.shape
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_self_attention_projects_once_through_the_fused_weight(monkeypatch) -> None:
