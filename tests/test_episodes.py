@@ -228,6 +228,27 @@ def test_load_episode_from_an_image_folder(tmp_path: Path) -> None:
         assert torch.equal(image, _to_tensor(dataset.load(index)))
 
 
+def test_load_episode_without_to_tensor_reads_no_image(tmp_path: Path, monkeypatch) -> None:
+    """to_tensor None (frozen-feature methods): empty image tensors, no image opened, and the
+    labels, names and ids of the episode loaded with images."""
+    make_image_folder(tmp_path, {"AnnualCrop": 4, "Forest": 5, "SeaLake": 6}, size=12)
+    dataset = ImageFolder(tmp_path)
+    indices = EpisodeSampler(dataset.targets, 2, 1, 2, 5, seed=3).episode(1)
+    loaded = load_episode(dataset, indices, _to_tensor)
+
+    def refuse(index: int) -> None:
+        raise AssertionError(f"image {index} was read")
+
+    monkeypatch.setattr(dataset, "load", refuse)
+    bare = load_episode(dataset, indices, None)
+    for images in (bare.support_images, bare.query_images):
+        assert images.shape == (0,) and images.dtype == torch.float32
+    for field in ("support_labels", "query_labels"):
+        assert torch.equal(getattr(bare, field), getattr(loaded, field))
+    for field in ("class_names", "support_ids", "query_ids", "index"):
+        assert getattr(bare, field) == getattr(loaded, field)
+
+
 def test_load_episode_refuses_mixed_sizes(tmp_path: Path) -> None:
     make_image_folder(tmp_path, {"a": 3, "b": 3}, size=12)
     Image.new("RGB", (20, 10)).save(tmp_path / "a" / "a_0.png")  # a different size
