@@ -135,6 +135,11 @@ def _report(group: str, statuses: dict[str, str], equivalent: dict[str, str], sh
             f"{counts['survived']:8} {counts['equivalent']:10} {100 * rate:7.1f}%"
             + (f"  {dict(other)}" if other else "")
         )
+    # mutmut renumbers a function's mutants when the function changes: an entry that no longer
+    # names a survivor names another mutant, or none, and must be checked by hand.
+    for name, reason in sorted(equivalent.items()):
+        if _module(name) in by_module and statuses.get(name) != "survived":
+            print(f"    stale entry ({statuses.get(name, 'no such mutant')}): {name}  ({reason})")
     if show:
         for name, status in sorted(statuses.items()):
             if status == "survived":
