@@ -905,3 +905,19 @@ def test_projected_elements_are_counted_on_the_device_asked_for(monkeypatch):
     count = capacity._projected_elements(method, meta)
     assert seen == [("to", meta), ("image", meta)]
     assert count == 2 * (16 + 1) * 64 and isinstance(count, int)
+
+
+def test_automatic_episodes_on_a_cpu_keep_a_steps_images_under_the_cap(monkeypatch):
+    """Memory no limit: E = 256 // (support images x (views + Mind's clean forward)), in [1, 8]."""
+    from cdfsl.engine import capacity, episodes_per_step
+
+    monkeypatch.setattr(capacity, "_free_bytes", lambda device: 1 << 50)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    auto = FitConfig(precision="32-true", accelerator="cpu", episodes_per_step=None)
+    mind = build(Mind)  # two views and the separate clean support: 3 forwards of the support
+    assert episodes_per_step(mind, 5, auto) == 8  # 15 images an episode: the cap of 8
+    assert episodes_per_step(mind, 25, auto) == 256 // 75 == 3
+    assert episodes_per_step(mind, 100, auto) == 1  # 300 images: one episode all the same
+    monkeypatch.setattr(FitConfig, "device", lambda self: torch.device("cuda"))
+    monkeypatch.setattr(capacity, "_projected_elements", lambda method, device: 1)
+    assert episodes_per_step(mind, 100, auto) == 32  # the cap is the CPU's

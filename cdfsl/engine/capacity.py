@@ -19,6 +19,12 @@ _SAVED_PER_PROJECTED_ELEMENT = 16
 #: Bytes of a saved activation by precision: autocast keeps most of them in 16 bits.
 _ACTIVATION_BYTES = {"32-true": 4, "bf16-mixed": 2, "16-mixed": 2}
 _MAX_EPISODES_PER_STEP = {"cpu": 8, "cuda": 32}
+#: On a CPU, side-by-side episodes stop paying once a step's batch outgrows the caches: Mind
+#: micro-clip 5-way (benchmarks/engine_speed.py, one thread, Intel Xeon, 2026-12-07) ran 1-shot
+#: (30 images an episode-step) at 75.5 ms per episode-step for E = 1 and 77.7 for E = 8, 5-shot
+#: (150 images) at 354.5 for E = 1 and 420.2 for E = 8. Automatic E keeps a CPU step's images
+#: at or under this count (at least one episode).
+_CPU_IMAGES_PER_STEP = 256
 #: Frozen-feature heads fit side by side on cached features: a few kB an episode.
 _MAX_FROZEN_EPISODES = 64
 
@@ -32,7 +38,8 @@ def episodes_per_step(method: FewShotMethod, support_images: int, fit: FitConfig
     memory holds for the images an episode forwards a step (``support_images`` per view, once
     more when the method forwards its clean support separately, as Mind does), between 1 and
     8 (CPU) or 32 (CUDA). The free memory is the device's (CUDA) or MemAvailable (CPU), shared
-    by the launcher's local ranks on the same device (``LOCAL_WORLD_SIZE``). Mini-batched
+    by the launcher's local ranks on the same device (``LOCAL_WORLD_SIZE``). On a CPU, E also
+    keeps a step's images at or under ``_CPU_IMAGES_PER_STEP`` (256). Mini-batched
     support sets (``fit.batch_size``) train one episode at a time; frozen-feature heads, fitted
     on cached features, 64 at a time.
     """
@@ -55,6 +62,8 @@ def episodes_per_step(method: FewShotMethod, support_images: int, fit: FitConfig
     if fit.batch_size is not None:
         return 1
     images = support_images * (max(1, len(method.views or ())) + int(method.forwards_support))
+    if device.type == "cpu":
+        cap = min(cap, max(1, _CPU_IMAGES_PER_STEP // images))
     per_element = _SAVED_PER_PROJECTED_ELEMENT * _ACTIVATION_BYTES.get(str(fit.precision), 4)
     need = images * per_element * _projected_elements(method, device)
     share = _free_bytes(device) // _ranks_sharing(device)
