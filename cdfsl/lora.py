@@ -472,9 +472,7 @@ class LoRAProjection(nn.Module):
                 continue
             if adapter.start > at:
                 parts.append(y.new_zeros(()).expand(len(y), adapter.start - at))
-            update = adapter.grouped_update(x, batch_dim)
-            update = update.movedim(0, batch_dim).flatten(batch_dim, batch_dim + 1)
-            parts.append(update.permute(order).reshape(len(y), -1))
+            parts.append(adapter(x, batch_dim).permute(order).reshape(len(y), -1))
             at = adapter.stop
         if parts:
             if at < stop:
