@@ -90,13 +90,14 @@ def test_changed_configuration_refuses_to_mix_results(four_class_folder, tmp_pat
 
 
 def test_rows_of_an_older_engine_are_refused(four_class_folder, tmp_path):
-    """Engine 3 drew dropout from the device's generator (engine 2's mask never dropped one
-    element in four): their rows must not be mixed with engine 4's counter-based masks."""
+    """Engine 4 forwarded Mind's separate support at every step, so its Mind rows drew other
+    dropout masks after the RA phase (engine 3 drew them from the device's generator): rows
+    of an older engine must not be mixed with engine 5's."""
     out = tmp_path / "run"
     evaluate(four_class_folder, out, episodes=1).run()
     config = json.loads((out / "run.json").read_text())
-    assert config["engine"] == 4
-    config["engine"] = 3
+    assert config["engine"] == 5
+    config["engine"] = 4
     (out / "run.json").write_text(json.dumps(config))
     with pytest.raises(CdfslError, match=r"different configuration.*engine"):
         evaluate(four_class_folder, out, episodes=1).run()

@@ -323,7 +323,7 @@ def test_mind_terms_rebuilt_from_recorded_features_over_the_schedule(monkeypatch
 
     def spy(feats, labels, view_ids, episode):
         terms = original(feats, labels, view_ids, episode)
-        support_feats, support_labels = episode.support
+        support_feats, support_labels = episode.support or (feats[:0], labels[:0])
         records.append((
             feats.detach().clone(), labels.clone(), support_feats.detach().clone(),
             support_labels.clone(), {k: v.detach().clone() for k, v in terms.items()},
@@ -333,6 +333,10 @@ def test_mind_terms_rebuilt_from_recorded_features_over_the_schedule(monkeypatch
     monkeypatch.setattr(method, "loss_terms", spy)
     trainer(steps).fit(method, loader)
     assert len(records) == steps
+    # S is forwarded where the loss reads it (SVL and RA, steps 0-5) and on the last step,
+    # whose analysis row uses it; steps 6-8 skip its forward.
+    forwarded = [len(record[2]) > 0 for record in records]
+    assert forwarded == [k < 6 or k == steps - 1 for k in range(steps)]
     text, scale = method.episodes[0].text_feats, method.scale
     for k, (feats, y, sup, y_sup, terms) in enumerate(records):
         vlm = torch.nn.functional.cross_entropy(scale * feats @ text.T, y)
@@ -348,6 +352,39 @@ def test_mind_terms_rebuilt_from_recorded_features_over_the_schedule(monkeypatch
         else:
             assert "ra" not in terms
             assert ("svl" in terms) == (k == 0)
+
+
+def test_a_logged_mind_forwards_the_separate_support_at_every_step(tmp_path):
+    """Under a logger every step's analysis is read, so S rides along after the RA phase too."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    images, labels = support()
+    method = Mind(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    sizes: list[int] = []
+    original = method.image_features
+    method.image_features = lambda x: sizes.append(len(x)) or original(x)
+    logged = L.Trainer(
+        max_steps=5, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    logged.fit(method, DataLoader(TensorDataset(images, labels), batch_size=len(images)))
+    # R = 3: steps 3 and 4 would skip S without a logger.
+    assert sizes == [(len(method.views) + 1) * len(images)] * 5
+
+
+def test_a_loss_that_reads_a_skipped_support_is_refused():
+    """A method whose support_needed says no on a step whose loss reads S gets an error, not
+    the clean-view rows in S's place."""
+
+    class Forgetful(Mind):
+        def support_needed(self, step: int) -> bool:
+            return False
+
+    images, labels = support()
+    method = Forgetful(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
+    with pytest.raises(CdfslError, match="support_needed"):
+        trainer(5).fit(method, loader)
 
 
 def test_views_dropout_and_draws_use_independent_streams_of_the_episode_seed():

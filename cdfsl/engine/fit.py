@@ -86,7 +86,7 @@ PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 
 
 #: Version of the training engine in every run fingerprint: rows of another version are refused.
-ENGINE_VERSION = 4
+ENGINE_VERSION = 5
 
 
 def device_fingerprint(device: torch.device) -> dict[str, str]:

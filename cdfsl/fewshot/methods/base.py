@@ -414,22 +414,27 @@ class FewShotMethod(L.LightningModule):
                 (v, y.repeat(len(self.views))) for (v, _), (_, y) in zip(viewed, clean, strict=True)
             ]
             view_ids = [ids for _, ids in viewed]
+        # A logger reads every step's metrics; without one only the last step's row does.
+        eager = self._trainer is not None and bool(self._trainer.loggers)
         # The separate clean support rows ride in the same forward: every row draws its own
         # LoRA-dropout mask, so this is a second forward of the support set in all but cost.
+        # Steps whose loss and analysis do not read them skip them (a sixth of a 1-shot Mind
+        # step's images on 40% of its steps); the other rows then draw other dropout masks.
+        with_support = self.forwards_support and (
+            eager or self._analysis_step() or self.support_needed(int(self.global_step))
+        )
         inputs = [
-            [im, sup] if self.forwards_support else [im]
+            [im, sup] if with_support else [im]
             for (im, _), (sup, _) in zip(groups, clean, strict=True)
         ]
         flat = [part for parts in inputs for part in parts]
         feats = iter(self.image_features(torch.cat(flat)).split([len(t) for t in flat]))
-        # A logger reads every step's metrics; without one only the last step's row does.
-        eager = self._trainer is not None and bool(self._trainer.loggers)
         total = 0.0
         for index, (episode, (_, y), (_, support_y), ids) in enumerate(
             zip(self.episodes, groups, clean, view_ids, strict=True)
         ):
             f = next(feats)
-            if self.forwards_support:
+            if with_support:
                 episode.support = (next(feats), support_y)
             terms = self.loss_terms(f, y, ids, episode)
             separate = None if episode.support is None else episode.support[0].detach()
@@ -454,7 +459,21 @@ class FewShotMethod(L.LightningModule):
         """
         if episode.support is not None:
             return episode.support
+        if self.forwards_support:
+            raise CdfslError(
+                f"{type(self).__name__} read the separate clean support at step "
+                f"{int(self.global_step)}, where support_needed said it would not: make "
+                "support_needed return True for every step whose loss reads it"
+            )
         return self._clean_support(feats, labels, view_ids)
+
+    def support_needed(self, step: int) -> bool:
+        """Whether step ``step``'s loss reads the separately forwarded support (all, here)."""
+        return True
+
+    def _analysis_step(self) -> bool:
+        # The last step's analysis row is kept, and it uses the separate support.
+        return int(self.global_step) == self.total_steps() - 1
 
     def _clean_support(
         self, feats: Tensor, labels: Tensor, view_ids: Tensor | None

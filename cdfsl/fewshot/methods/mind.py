@@ -68,6 +68,11 @@ class Mind(FewShotMethod):
         self.ra_weight = ra_weight
         self.divergence = divergence
 
+    def support_needed(self, step: int) -> bool:
+        """S enters the loss on the SVL and RA steps only (none from ``3·floor(T/5)`` on)."""
+        plan = mind_schedule(step, self.total_steps())
+        return plan.svl or plan.ra
+
     def loss_terms(
         self, feats: Tensor, labels: Tensor, view_ids: Tensor | None, episode: EpisodeState
     ) -> dict[str, Tensor]:
