@@ -10,23 +10,32 @@
    5 images) and micro-clip (25 images = 5-way 1-shot, five views): FLOPs per image-step
    counted by ``torch.utils.flop_counter``, seconds per step, GFLOP/s and the fraction of each
    GEMM peak, for fp32 and bf16 autocast.
-3. Mind on micro-clip, 5-way 1-shot and 5-shot, five views: a faithful reference loop (one
-   episode at a time, a deep copy of the model per episode, views drawn once per episode, the
-   clean support forwarded a second time for S, a plain PyTorch loop, as the public Mind code
-   does it; written here) against cdfsl's engine (``EpisodicEvaluator.run_episodes``, E episodes
-   side by side). Both run ``--reference-steps`` steps; episodes per hour at the paper's
-   T = 250·K are extrapolated from each loop's measured fixed cost and cost per step.
+3. Mind on micro-clip, 5-way 1-shot and 5-shot, five views: the reference loop as the public
+   Mind code's entry point (``main.py`` -> ``lora_mind.run_lora_mind``) runs it, written here:
+   one episode at a time, a deep copy of the model per episode, views drawn once per episode,
+   the clean support forwarded a second time at every step (S, used or not), four interim query
+   evaluations at T/5 .. 4T/5 besides the final one, a plain PyTorch loop, and the reference's
+   LoRA layers (``loralib.PlainMultiheadAttentionLoRA``: separate q/k/v linears, a dropout per
+   projection, the update as ``dropout(x) (B A)^T`` through the merged D x D product; merged
+   into the weights for evaluation). The same loop on cdfsl's LoRA layers separates what the
+   layers gain from what the engine's loop gains. Against both: cdfsl's engine
+   (``EpisodicEvaluator.run_episodes``, E episodes side by side). Every loop runs
+   ``--reference-steps`` steps; episodes per hour at the paper's T = 250·K are extrapolated
+   from each loop's measured fixed cost and cost per step.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cdfsl.data.episodes import EpisodeSampler, load_episode
@@ -43,7 +52,7 @@ from cdfsl.fewshot.losses import (
     visual_relation,
     vlm_cross_entropy,
 )
-from cdfsl.lora import LoRAConfig, reset_lora
+from cdfsl.lora import LoRAConfig
 from cdfsl.methods import LoRAFineTune, Mind
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,14 +106,63 @@ def step_figures(backbone: str, images: int, precision: str, repeats: int) -> di
     }
 
 
+class ReferenceLoRAAttention(nn.Module):
+    """The Mind reference's LoRA attention, re-implemented here to time it, not used by cdfsl.
+
+    As ``loralib.layers.PlainMultiheadAttentionLoRA`` with ``enable_lora=['q', 'k', 'v']`` over
+    a batch-first ``nn.MultiheadAttention``: the input transposed to ``(L, N, D)``, three separate
+    frozen linears cut from ``in_proj_weight``, each adding ``dropout_i(x) @ (scale · B_i A_i)^T``
+    (its own ``nn.Dropout``, the D x D product formed at every call); heads split by ``view``,
+    ``F.scaled_dot_product_attention``, the frozen output projection. In eval mode the update is
+    merged into the weight (the reference's ``add_lora_data``) and dropout is off.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, lora: LoRAConfig) -> None:
+        super().__init__()
+        dim, self.heads = mha.embed_dim, mha.num_heads
+        self.register_buffer("weight", mha.in_proj_weight.detach().clone().view(3, dim, dim))
+        self.register_buffer("bias", mha.in_proj_bias.detach().clone().view(3, dim))
+        self.out_proj = copy.deepcopy(mha.out_proj).requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(3, lora.rank, dim))
+        self.lora_B = nn.Parameter(torch.zeros(3, dim, lora.rank))
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.dropouts = nn.ModuleList(nn.Dropout(lora.dropout) for _ in range(3))
+        self.scale = lora.scale
+
+    def forward(self, query: Tensor, *_: object, attn_mask: Tensor | None = None, **__: object):
+        x = query.transpose(1, 0)
+        length, batch, dim = x.shape
+        heads = []
+        for i in range(3):
+            delta = self.lora_B[i] @ self.lora_A[i] * self.scale
+            if self.training:
+                y = F.linear(x, self.weight[i], self.bias[i])
+                y = y + torch.matmul(self.dropouts[i](x), delta.transpose(0, 1))
+            else:
+                y = F.linear(x, self.weight[i] + delta, self.bias[i])
+            y = y.view(length, batch * self.heads, -1).transpose(0, 1)
+            heads.append(y.view(batch, self.heads, length, -1))
+        out = F.scaled_dot_product_attention(*heads, attn_mask)
+        out = out.permute(2, 0, 1, 3).contiguous().view(batch * length, dim)
+        return self.out_proj(out).view(length, batch, dim).transpose(1, 0), None
+
+
+def with_reference_layers(model: Mind, lora: LoRAConfig) -> Mind:
+    """``model`` (built without LoRA) with every vision attention a ReferenceLoRAAttention."""
+    for module in list(model.backbone.lora_root().modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.MultiheadAttention):
+                setattr(module, name, ReferenceLoRAAttention(child, lora))
+    return model
+
+
 def reference_episode(
     model: Mind, dataset: MicroWorld, sampler: EpisodeSampler, index: int, steps: int
 ) -> float:
-    """One episode as the public Mind code runs it; returns query accuracy."""
+    """One episode as the public Mind code runs it; returns the final query accuracy."""
     model = copy.deepcopy(model)  # the reference copies the whole model per episode
-    seed = episode_seed(0, index)
-    torch.manual_seed(seed)
-    reset_lora(model.backbone.lora_root(), seed)
+    torch.manual_seed(episode_seed(0, index))
     episode = load_episode(dataset, sampler.episode(index), model.to_tensor())
     model.set_classes(episode.class_names)
     text = model.text_feats
@@ -114,30 +172,37 @@ def reference_episode(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 8 * steps, 1e-6)
+
+    def accuracy() -> float:  # the reference's fsl_test: prompts encoded again, merged LoRA
+        model.eval()
+        with torch.no_grad():
+            model.set_classes(episode.class_names)
+            logits = model(episode.query_images)
+        model.train()
+        return float((logits.argmax(1) == episode.query_labels).float().mean())
+
     previous = None
     model.train()
     for k in range(steps):
         plan = mind_schedule(k, steps)
         feats = model.image_features(views)
+        support = model.image_features(episode.support_images)  # S: every step, used or not
         loss = vlm_cross_entropy(feats, text, labels, model.scale)
         if plan.svl:
             loss = loss + 0.1 * suppressed_visual_cross_entropy(feats, labels, len(text), 100.0)
-        if plan.svl or plan.ra:
-            support = model.image_features(episode.support_images)  # S: a second forward
-            relation = visual_relation(feats, support)
-            if plan.ra:
-                a_t = text_relation(text, labels, episode.support_labels)
-                target = fusion_target(previous, a_t, plan.fusion_weight)
-                loss = loss + 3.0 * relation_alignment(relation, target)
-            previous = relation.detach()
+        relation = visual_relation(feats, support)
+        if plan.ra:
+            a_t = text_relation(text, labels, episode.support_labels)
+            target = fusion_target(previous, a_t, plan.fusion_weight)
+            loss = loss + 3.0 * relation_alignment(relation, target)
+        previous = relation.detach()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-    model.eval()
-    with torch.no_grad():
-        logits = model(episode.query_images)
-    return float((logits.argmax(1) == episode.query_labels).float().mean())
+        if steps >= 5 and (k + 1) % (steps // 5) == 0 and k + 1 < steps:
+            accuracy()  # the reference's interim evaluations at T/5 .. 4T/5
+    return accuracy()
 
 
 def loop_costs(run: Callable[[int], None], short: int, long: int) -> tuple[float, float]:
@@ -148,6 +213,11 @@ def loop_costs(run: Callable[[int], None], short: int, long: int) -> tuple[float
     return max(0.0, t_short - per_step * short), per_step
 
 
+#: The loops compared: the reference as its entry point runs it, the same loop on cdfsl's LoRA
+#: layers, cdfsl's engine.
+LOOPS = ("reference", "cdfsl_layers", "engine")
+
+
 def compare_loops(shot: int, steps: int, episodes: int) -> dict[str, float]:
     dataset = MicroWorld("chestx-like", images_per_class=40, seed=0)
     protocol = EpisodeProtocol(5, shot, 15, episodes, seed=0)
@@ -155,11 +225,16 @@ def compare_loops(shot: int, steps: int, episodes: int) -> dict[str, float]:
     lora = LoRAConfig(rank=16, alpha=8.0, dropout=0.25)
     torch.manual_seed(0)
     model = Mind(backbone="micro-clip", lora=lora, views=DEFAULT_VIEWS)
-    reference = Mind(backbone="micro-clip", lora=lora, views=DEFAULT_VIEWS)
+    layers = Mind(backbone="micro-clip", lora=lora, views=DEFAULT_VIEWS)
+    plain = Mind(backbone="micro-clip", lora=None, views=DEFAULT_VIEWS).requires_grad_(False)
+    reference = with_reference_layers(plain, lora)
 
-    def run_reference(t: int) -> None:
-        for index in range(episodes):
-            reference_episode(reference, dataset, sampler, index, t)
+    def loop(template: Mind) -> Callable[[int], None]:
+        def run(t: int) -> None:
+            for index in range(episodes):
+                reference_episode(template, dataset, sampler, index, t)
+
+        return run
 
     def run_engine(t: int) -> None:
         fit = FitConfig(steps=t, precision="32-true", accelerator="cpu", episodes_per_step=episodes)
@@ -169,9 +244,11 @@ def compare_loops(shot: int, steps: int, episodes: int) -> dict[str, float]:
         evaluator.run_episodes(list(range(episodes)))
 
     run_engine(2)  # warm-up: first-call allocations
+    runs = dict(zip(LOOPS, (loop(reference), loop(layers), run_engine), strict=True))
     out = {}
-    for name, run in (("reference", run_reference), ("engine", run_engine)):
-        fixed, per_step = loop_costs(run, max(2, steps // 5), steps)
+    for name, run in runs.items():
+        # Both counts >= 5, so the reference's four interim evaluations fall in the fixed cost.
+        fixed, per_step = loop_costs(run, 5, steps)
         out[f"{name}_fixed"] = fixed / episodes
         out[f"{name}_step"] = per_step / episodes
         out[f"{name}_eph"] = 3600 / ((fixed + per_step * 250 * shot) / episodes)
@@ -185,11 +262,17 @@ def main() -> None:
     parser.add_argument("--skip-loops", action="store_true", help="no reference-vs-engine part")
     parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--vit-repeats", type=int, default=1)
-    parser.add_argument("--reference-steps", type=int, default=20)
+    parser.add_argument(
+        "--reference-steps", type=int, default=20, help="the longer step count (>= 10)"
+    )
     parser.add_argument(
         "--episodes", type=int, nargs="+", default=[1, 4, 8], help="E values of the engine"
     )
     args = parser.parse_args()
+    if args.reference_steps < 10:
+        parser.error(
+            f"--reference-steps {args.reference_steps}: expected >= 10 (loops time 5 and N)"
+        )
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), CPU capability "
@@ -218,16 +301,19 @@ def main() -> None:
         flops = 6 * 5 * shot * gflop_per_image.get("micro-clip", float("nan"))
         for episodes in args.episodes:
             c = compare_loops(shot, args.reference_steps, episodes)
+            floor = 1e3 * flops / peaks["fp32"]
+            parts = [
+                f"{name} {c[f'{name}_fixed']:.2f} s/episode fixed + "
+                f"{1e3 * c[f'{name}_step']:.1f} ms/step "
+                f"({100 * flops / c[f'{name}_step'] / peaks['fp32']:.0f}% of fp32 peak), "
+                f"{c[f'{name}_eph']:.0f} episodes/hour at T={250 * shot}"
+                for name in LOOPS
+            ]
             print(
-                f"Mind micro-clip 5-way {shot}-shot, 5 views, fp32, E={episodes}: reference "
-                f"loop {c['reference_fixed']:.2f} s/episode fixed + "
-                f"{1e3 * c['reference_step']:.1f} ms/step "
-                f"({100 * flops / c['reference_step'] / peaks['fp32']:.0f}% of fp32 peak); "
-                f"engine {c['engine_fixed']:.2f} s + {1e3 * c['engine_step']:.1f} ms/step per "
-                f"episode ({100 * flops / c['engine_step'] / peaks['fp32']:.0f}% of fp32 peak, "
-                f"floor {1e3 * flops / peaks['fp32']:.1f} ms); at T={250 * shot}: "
-                f"{c['reference_eph']:.0f} vs {c['engine_eph']:.0f} episodes/hour "
-                f"({c['engine_eph'] / c['reference_eph']:.2f}x)"
+                f"Mind micro-clip 5-way {shot}-shot, 5 views, fp32, E={episodes} (floor "
+                f"{floor:.1f} ms/step): " + "; ".join(parts) + "; engine vs reference "
+                f"{c['engine_eph'] / c['reference_eph']:.2f}x, vs the loop on cdfsl layers "
+                f"{c['engine_eph'] / c['cdfsl_layers_eph']:.2f}x"
             )
 
 
