@@ -7,9 +7,9 @@
 
 1. GEMM peak: a 1024² matmul per dtype, one thread.
 2. A LoRA q/k/v training step (forward + backward to the adapters) for ViT-B/16 (random init,
-   5 images) and micro-clip (25 images = 5-way 1-shot, five views): FLOPs per image-step
-   counted by ``torch.utils.flop_counter``, seconds per step, GFLOP/s and the fraction of each
-   GEMM peak, for fp32 and bf16 autocast.
+   ``--vit-images`` images, 30 by default) and micro-clip (25 images = 5-way 1-shot, five
+   views): FLOPs per image-step counted by ``torch.utils.flop_counter``, seconds per step,
+   GFLOP/s and the fraction of each GEMM peak, for fp32 and bf16 autocast.
 3. Mind on micro-clip, 5-way 1-shot and 5-shot, five views: the reference loop as the public
    Mind code's entry point (``main.py`` -> ``lora_mind.run_lora_mind``) runs it, written here:
    one episode at a time, a deep copy of the model per episode, views drawn once per episode,
@@ -263,6 +263,9 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--vit-repeats", type=int, default=1)
     parser.add_argument(
+        "--vit-images", type=int, default=30, help="images per ViT-B/16 step (1-shot, 5 views: 25)"
+    )
+    parser.add_argument(
         "--reference-steps", type=int, default=20, help="the longer step count (>= 10)"
     )
     parser.add_argument(
@@ -281,7 +284,7 @@ def main() -> None:
     peaks = gemm_peaks(repeats=10)
     print("GEMM 1024² peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     models = [("micro-clip", 25, 5)] + (
-        [] if args.skip_vit else [("clip-vit-b16", 5, args.vit_repeats)]
+        [] if args.skip_vit else [("clip-vit-b16", args.vit_images, args.vit_repeats)]
     )
     gflop_per_image = {}
     for backbone, images, repeats in models:
