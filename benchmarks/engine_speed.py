@@ -302,6 +302,10 @@ def main() -> None:
         # An episode-step forwards and back-propagates the five views and the separate clean
         # support: 6·5·K images; the fp32 floor is their FLOPs at the GEMM peak.
         flops = 6 * 5 * shot * gflop_per_image.get("micro-clip", float("nan"))
+        # The engine forwards S only on the 3·floor(T/5) SVL/RA steps and the last one.
+        t = 250 * shot
+        engine_images = 5 * 5 * shot + 5 * shot * (3 * (t // 5) + 1) / t
+        engine_flops = engine_images * gflop_per_image.get("micro-clip", float("nan"))
         for episodes in args.episodes:
             c = compare_loops(shot, args.reference_steps, episodes)
             floor = 1e3 * flops / peaks["fp32"]
@@ -312,11 +316,14 @@ def main() -> None:
                 f"{c[f'{name}_eph']:.0f} episodes/hour at T={250 * shot}"
                 for name in LOOPS
             ]
+            own = 100 * engine_flops / c["engine_step"] / peaks["fp32"]
             print(
                 f"Mind micro-clip 5-way {shot}-shot, 5 views, fp32, E={episodes} (floor "
                 f"{floor:.1f} ms/step): " + "; ".join(parts) + "; engine vs reference "
                 f"{c['engine_eph'] / c['reference_eph']:.2f}x, vs the loop on cdfsl layers "
-                f"{c['engine_eph'] / c['cdfsl_layers_eph']:.2f}x"
+                f"{c['engine_eph'] / c['cdfsl_layers_eph']:.2f}x; the engine's own "
+                f"{engine_images:.1f} images a step (S skipped after the RA phase) at {own:.0f}% "
+                "of fp32 peak"
             )
 
 
