@@ -5,7 +5,9 @@
     python benchmarks/engine_speed.py --skip-vit        # micro-clip only
     python benchmarks/engine_speed.py --reference-steps 25 --episodes 1 4 8
 
-1. GEMM peak: a 1024² matmul per dtype, one thread.
+1. GEMM peak: a 1024² matmul per dtype, one thread; then attention forward + backward at
+   micro-clip's and ViT-B/16's shapes through SDPA's flash and math backends and as three
+   explicit ops (softmax(q kᵀ/√d) v).
 2. A LoRA q/k/v training step (forward + backward to the adapters) for ViT-B/16 (random init,
    ``--vit-images`` images, 30 by default) and micro-clip (25 images = 5-way 1-shot, five
    views): FLOPs per image-step counted by ``torch.utils.flop_counter``, seconds per step,
@@ -36,6 +38,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from cdfsl.data.episodes import EpisodeSampler, load_episode
@@ -75,6 +78,39 @@ def gemm_peaks(repeats: int) -> dict[str, float]:
         best = min(seconds(lambda a=a, b=b: a @ b, 1) for _ in range(repeats))
         peaks[name] = 2 * 1024**3 / best / 1e9
     return peaks
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / √d) v as three plain ops, for comparison with SDPA's kernels."""
+    return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), -1) @ v
+
+
+#: Attention paths compared: SDPA's flash and math backends and the explicit three ops.
+ATTENTION = {
+    "flash": lambda q, k, v: _sdpa(SDPBackend.FLASH_ATTENTION, q, k, v),
+    "math": lambda q, k, v: _sdpa(SDPBackend.MATH, q, k, v),
+    "explicit": explicit_attention,
+}
+
+
+def _sdpa(backend: SDPBackend, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def attention_ms(path: str, shape: tuple[int, int, int, int], dtype: torch.dtype) -> float:
+    """Forward + backward ms of one attention over (N, heads, L, d) q, k, v strided as the LoRA
+    projection leaves them (one (N, L, 3, heads, d) block); the best of five."""
+    n, heads, length, d = shape
+    block = torch.randn(n, length, 3, heads, d, dtype=dtype).permute(2, 0, 3, 1, 4)
+    q, k, v = (t.detach().requires_grad_() for t in block.unbind(0))
+    grad = torch.randn(shape, dtype=dtype)
+
+    def step() -> None:
+        ATTENTION[path](q, k, v).backward(grad)
+        q.grad = k.grad = v.grad = None
+
+    return 1e3 * min(seconds(step, 1) for _ in range(5))
 
 
 def step_figures(backbone: str, images: int, precision: str, repeats: int) -> dict[str, float]:
@@ -283,6 +319,14 @@ def main() -> None:
     )
     peaks = gemm_peaks(repeats=10)
     print("GEMM 1024² peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+    # micro-clip at E = 8, 1-shot (240 images, 26 tokens) and ViT-B/16 at 30 images (197).
+    for shape in ((240, 4, 26, 32), (30, 12, 197, 64)):
+        for precision in args.precisions:
+            ms = {p: attention_ms(p, shape, DTYPES[precision]) for p in ATTENTION}
+            print(
+                f"attention fwd+bwd {shape} {precision}: "
+                + ", ".join(f"{p} {t:.1f} ms" for p, t in ms.items())
+            )
     models = [("micro-clip", 25, 5)] + (
         [] if args.skip_vit else [("clip-vit-b16", args.vit_images, args.vit_repeats)]
     )
