@@ -1,3 +1,5 @@
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -383,7 +385,11 @@ def test_a_loss_that_reads_a_skipped_support_is_refused():
     images, labels = support()
     method = Forgetful(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
     loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
-    with pytest.raises(CdfslError, match="support_needed"):
+    message = (
+        "Forgetful read the separate clean support at step 0, where support_needed said it "
+        "would not: make support_needed return True for every step whose loss reads it"
+    )
+    with pytest.raises(CdfslError, match=re.escape(message)):
         trainer(5).fit(method, loader)
 
 
