@@ -374,6 +374,22 @@ def test_a_logged_mind_forwards_the_separate_support_at_every_step(tmp_path):
     assert sizes == [(len(method.views) + 1) * len(images)] * 5
 
 
+def test_a_method_without_its_own_schedule_forwards_the_separate_support_at_every_step():
+    """FewShotMethod.support_needed's default: every step reads S, so every step forwards it."""
+    from cdfsl.fewshot.methods.base import FewShotMethod
+
+    class Unscheduled(Mind):
+        support_needed = FewShotMethod.support_needed
+
+    images, labels = support()
+    method = Unscheduled(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    sizes: list[int] = []
+    original = method.image_features
+    method.image_features = lambda x: sizes.append(len(x)) or original(x)
+    trainer(5).fit(method, DataLoader(TensorDataset(images, labels), batch_size=len(images)))
+    assert sizes == [(len(method.views) + 1) * len(images)] * 5
+
+
 def test_a_loss_that_reads_a_skipped_support_is_refused():
     """A method whose support_needed says no on a step whose loss reads S gets an error, not
     the clean-view rows in S's place."""
