@@ -21,10 +21,10 @@ def support(n_per_class: int = 2, size: int = 32) -> tuple[torch.Tensor, torch.T
     return images, labels
 
 
-def trainer(steps: int) -> L.Trainer:
+def trainer(steps: int, logger=False) -> L.Trainer:
     return L.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_steps=steps, accelerator="cpu", logger=logger, log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
 
 
@@ -356,22 +356,25 @@ def test_mind_terms_rebuilt_from_recorded_features_over_the_schedule(monkeypatch
             assert ("svl" in terms) == (k == 0)
 
 
+def _forwarded_per_step(cls, fit: L.Trainer) -> tuple[list[int], int]:
+    """Images each training step forwards for ``cls`` on the 3-class support, and the count
+    with the separate support: (views + 1) · support images."""
+    images, labels = support()
+    method = cls(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
+    sizes: list[int] = []
+    original = method.image_features
+    method.image_features = lambda x: sizes.append(len(x)) or original(x)
+    fit.fit(method, DataLoader(TensorDataset(images, labels), batch_size=len(images)))
+    return sizes, (len(method.views) + 1) * len(images)
+
+
 def test_a_logged_mind_forwards_the_separate_support_at_every_step(tmp_path):
     """Under a logger every step's analysis is read, so S rides along after the RA phase too."""
     from lightning.pytorch.loggers import CSVLogger
 
-    images, labels = support()
-    method = Mind(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
-    sizes: list[int] = []
-    original = method.image_features
-    method.image_features = lambda x: sizes.append(len(x)) or original(x)
-    logged = L.Trainer(
-        max_steps=5, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    logged.fit(method, DataLoader(TensorDataset(images, labels), batch_size=len(images)))
+    sizes, with_support = _forwarded_per_step(Mind, trainer(5, CSVLogger(tmp_path)))
     # R = 3: steps 3 and 4 would skip S without a logger.
-    assert sizes == [(len(method.views) + 1) * len(images)] * 5
+    assert sizes == [with_support] * 5
 
 
 def test_a_method_without_its_own_schedule_forwards_the_separate_support_at_every_step():
@@ -381,13 +384,8 @@ def test_a_method_without_its_own_schedule_forwards_the_separate_support_at_ever
     class Unscheduled(Mind):
         support_needed = FewShotMethod.support_needed
 
-    images, labels = support()
-    method = Unscheduled(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
-    sizes: list[int] = []
-    original = method.image_features
-    method.image_features = lambda x: sizes.append(len(x)) or original(x)
-    trainer(5).fit(method, DataLoader(TensorDataset(images, labels), batch_size=len(images)))
-    assert sizes == [(len(method.views) + 1) * len(images)] * 5
+    sizes, with_support = _forwarded_per_step(Unscheduled, trainer(5))
+    assert sizes == [with_support] * 5
 
 
 def test_a_loss_that_reads_a_skipped_support_is_refused():
@@ -499,11 +497,7 @@ def test_every_logged_step_carries_the_alignment_metrics(tmp_path):
     images, labels = support()
     loader = DataLoader(TensorDataset(images, labels), batch_size=len(images))
     method = LoRAFineTune(backbone="tiny-clip", pretrained=None, class_names=NAMES, lora=LORA)
-    logged = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    logged.fit(method, loader)
+    trainer(2, CSVLogger(tmp_path)).fit(method, loader)
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     steps = [r for r in rows if r.get("train/modality_gap")]
     assert len(steps) == 2 and all(r["train/loss"] for r in steps)
