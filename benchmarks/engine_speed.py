@@ -237,8 +237,9 @@ def reference_episode(
         loss.backward()
         optimizer.step()
         schedule.step()
-        if steps >= 5 and (k + 1) % (steps // 5) == 0 and k + 1 < steps:
-            accuracy()  # the reference's interim evaluations at T/5 .. 4T/5
+        every = steps // 5  # the reference's save_freq = int(T / 5)
+        if every and (k + 1) % every == 0 and (k + 1) // every <= 4:
+            accuracy()  # the reference's interim evaluations at 1 .. 4 save_freq
     return accuracy()
 
 
@@ -359,9 +360,10 @@ def main() -> None:
         # An episode-step forwards and back-propagates the five views and the separate clean
         # support: 6·5·K images; the fp32 floor is their FLOPs at the GEMM peak.
         flops = 6 * 5 * shot * gflop_per_image.get("micro-clip", float("nan"))
-        # The engine forwards S only on the 3·floor(T/5) SVL/RA steps and the last one.
+        # The engine forwards S only on the steps whose terms read it and on the last one.
         t = 250 * shot
-        engine_images = 5 * 5 * shot + 5 * shot * (3 * (t // 5) + 1) / t
+        with_s = sum(1 for k in range(t) if (p := mind_schedule(k, t)).svl or p.ra or k == t - 1)
+        engine_images = 5 * 5 * shot + 5 * shot * with_s / t
         engine_flops = engine_images * gflop_per_image.get("micro-clip", float("nan"))
         for episodes in args.episodes:
             c = compare_loops(shot, args.reference_steps, episodes, args.loop_repeats)
