@@ -42,10 +42,17 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from cdfsl.attention import (
+    ATTENTION_KERNELS,
+    AUTO,
+    attention_kernel_in,
+    resolve_attention_kernel,
+)
 from cdfsl.data.episodes import EpisodeSampler, load_episode
 from cdfsl.data.micro_world import MicroWorld
 from cdfsl.data.views import DEFAULT_VIEWS, ViewAugmenter
 from cdfsl.engine import FitConfig, episode_seed
+from cdfsl.engine.fit import frozen_weights_in
 from cdfsl.fewshot.episodic import EpisodeProtocol, EpisodicEvaluator
 from cdfsl.fewshot.losses import (
     fusion_target,
@@ -114,8 +121,12 @@ def attention_ms(path: str, shape: tuple[int, int, int, int], dtype: torch.dtype
     return 1e3 * min(seconds(step, 1) for _ in range(5))
 
 
-def step_figures(backbone: str, images: int, precision: str, repeats: int) -> dict[str, float]:
-    """FLOPs per image-step and seconds per LoRA training step."""
+def step_figures(
+    backbone: str, images: int, precision: str, kernel: str, repeats: int
+) -> dict[str, float]:
+    """FLOPs per image-step and seconds per LoRA training step, as the engine's fit runs it:
+    under autocast the frozen weights held in the compute dtype, the LoRA attention on
+    ``kernel``."""
     torch.manual_seed(0)
     method = LoRAFineTune(
         backbone=backbone, pretrained=None, class_names=[f"c{i}" for i in range(5)], views=None
@@ -125,22 +136,25 @@ def step_figures(backbone: str, images: int, precision: str, repeats: int) -> di
     x = torch.rand(images, 3, *method.backbone.preprocess.size)
     y = torch.arange(images) % 5
     dtype = DTYPES[precision]
-    cast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+    low = dtype != torch.float32
+    cast = torch.autocast("cpu", dtype=dtype) if low else nullcontext()
+    root = method.backbone.lora_root()
 
     def step() -> None:
         with cast:
             feats = method.image_features(x)
         vlm_cross_entropy(feats, method.text_feats, y, method.scale).backward()
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    flops = counter.get_total_flops()
-    return {
-        "gflop_per_image": flops / images / 1e9,
-        "s_per_step": seconds(step, repeats),
-        "flops": flops,
-    }
+    with frozen_weights_in(root, dtype if low else None), attention_kernel_in(root, kernel):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops = counter.get_total_flops()
+        return {
+            "gflop_per_image": flops / images / 1e9,
+            "s_per_step": seconds(step, repeats),
+            "flops": flops,
+        }
 
 
 class ReferenceLoRAAttention(nn.Module):
@@ -308,6 +322,13 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--vit-repeats", type=int, default=1)
     parser.add_argument(
+        "--kernels",
+        nargs="+",
+        default=[AUTO, *ATTENTION_KERNELS],
+        choices=[AUTO, *ATTENTION_KERNELS],
+        help="LoRA attention kernel settings each step is timed with",
+    )
+    parser.add_argument(
         "--vit-images", type=int, default=30, help="images per ViT-B/16 step (1-shot, 5 views: 25)"
     )
     parser.add_argument(
@@ -346,15 +367,24 @@ def main() -> None:
     )
     gflop_per_image = {}
     for backbone, images, repeats in models:
+        step_s = {}
         for precision in args.precisions:
-            fig = step_figures(backbone, images, precision, repeats)
-            gflop_per_image[backbone] = fig["gflop_per_image"]
-            rate = fig["flops"] / fig["s_per_step"] / 1e9
+            for kernel in args.kernels:
+                fig = step_figures(backbone, images, precision, kernel, repeats)
+                gflop_per_image[backbone] = fig["gflop_per_image"]
+                step_s[precision, kernel] = fig["s_per_step"]
+                rate = fig["flops"] / fig["s_per_step"] / 1e9
+                ran = resolve_attention_kernel(kernel, "cpu", DTYPES[precision])
+                print(
+                    f"{backbone:<13} {images:>3} images {precision} attention {kernel} ({ran}): "
+                    f"{fig['gflop_per_image']:.3f} GFLOP/image-step, {fig['s_per_step']:.3f} "
+                    f"s/step, {rate:.1f} GFLOP/s = {100 * rate / peaks['bf16']:.1f}% of bf16 "
+                    f"peak, {100 * rate / peaks['fp32']:.1f}% of fp32 peak"
+                )
+        if {("fp32", AUTO), ("bf16", AUTO)} <= step_s.keys():
             print(
-                f"{backbone:<13} {images:>3} images {precision}: {fig['gflop_per_image']:.3f} "
-                f"GFLOP/image-step, {fig['s_per_step']:.3f} s/step, {rate:.1f} GFLOP/s = "
-                f"{100 * rate / peaks['bf16']:.1f}% of bf16 peak, "
-                f"{100 * rate / peaks['fp32']:.1f}% of fp32 peak"
+                f"{backbone} bf16 step (attention auto) vs fp32: "
+                f"{step_s['fp32', AUTO] / step_s['bf16', AUTO]:.2f}x"
             )
     for shot in () if args.skip_loops else (1, 5):
         # An episode-step forwards and back-propagates the five views and the separate clean

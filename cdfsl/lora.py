@@ -37,6 +37,13 @@ from timm.layers import AttentionRope as TimmAttentionRope
 from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
+from cdfsl.attention import (
+    ATTENTION_KERNELS,
+    AUTO,
+    choose_timm_kernel,
+    compute_dtype,
+    resolve_attention_kernel,
+)
 from cdfsl.errors import CdfslError
 from cdfsl.plumbing import write_bytes_atomic
 from cdfsl.registry import Registry
@@ -586,6 +593,7 @@ class LoRAMultiheadAttention(LoRAProjection):
         self.in_proj_weight = mha.in_proj_weight
         self.in_proj_bias = mha.in_proj_bias
         self.out_proj = mha.out_proj
+        self.attention_kernel = AUTO  # see cdfsl.attention
 
     def base_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
         return self.in_proj_weight, self.in_proj_bias
@@ -651,7 +659,8 @@ class LoRAMultiheadAttention(LoRAProjection):
                 attn_mask = attn_mask.view(bsz, heads, -1, src_len)
 
         dropout_p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+        kernel = resolve_attention_kernel(self.attention_kernel, q.device.type, compute_dtype(q))
+        out = ATTENTION_KERNELS[kernel].fn(q, k, v, attn_mask, dropout_p, is_causal)
         if batched and self.batch_first:  # rows in the caller's (N, L) order: no transposes
             out = out.transpose(1, 2).reshape(bsz * tgt_len, embed_dim)
             out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
@@ -717,7 +726,9 @@ def _timm_qkv(module: nn.Module, config: LoRAConfig) -> nn.Module:
                 "model with one of them or register a layout handler for it"
             )
         rows = qkv.out_features // 3
-        return _with_children(module, {"qkv": LoRALinear(qkv, qkv_slices(rows), config)})
+        return _with_kernel_choice(
+            _with_children(module, {"qkv": LoRALinear(qkv, qkv_slices(rows), config)})
+        )
     projections = {part: getattr(module, f"{part}_proj", None) for part in config.targets}
     missing = [f"{part}_proj" for part, proj in projections.items() if type(proj) is not nn.Linear]
     if missing:
@@ -725,13 +736,23 @@ def _timm_qkv(module: nn.Module, config: LoRAConfig) -> nn.Module:
             f"{type(module).__name__} has no nn.Linear {', '.join(missing)} and no fused qkv: "
             "expected timm's fused or separate q/k/v projections; register a layout handler"
         )
-    return _with_children(
-        module,
-        {
-            f"{part}_proj": LoRALinear(proj, {part: (0, proj.out_features)}, config)
-            for part, proj in projections.items()
-        },
+    return _with_kernel_choice(
+        _with_children(
+            module,
+            {
+                f"{part}_proj": LoRALinear(proj, {part: (0, proj.out_features)}, config)
+                for part, proj in projections.items()
+            },
+        )
     )
+
+
+def _with_kernel_choice(attention: nn.Module) -> nn.Module:
+    """``attention`` (a timm attention) choosing its kernel at every call, as
+    ``LoRAMultiheadAttention`` does (``attention_kernel``, see :mod:`cdfsl.attention`)."""
+    attention.attention_kernel = AUTO
+    attention.register_forward_pre_hook(choose_timm_kernel, with_kwargs=True)
+    return attention
 
 
 for _timm_type in (TimmAttention, TimmAttentionRope, EvaAttention):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from cdfsl.attention import ATTENTION_KERNELS
 from cdfsl.data.folder import ImageFolder
 from cdfsl.data.views import ViewSpec
 from cdfsl.engine import FitConfig
@@ -28,9 +31,11 @@ def build(cls, **kwargs):
     )
 
 
-def rows_by_groups(method, folder, tmp_path, groups: list[list[int]]) -> dict[int, dict]:
+def rows_by_groups(
+    method, folder, tmp_path, groups: list[list[int]], fit: FitConfig = FIT
+) -> dict[int, dict]:
     protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=EPISODES, seed=0)
-    evaluator = EpisodicEvaluator(method, ImageFolder(folder), protocol, tmp_path, FIT)
+    evaluator = EpisodicEvaluator(method, ImageFolder(folder), protocol, tmp_path, fit)
     return {row["episode"]: row for group in groups for row in evaluator.run_episodes(group)}
 
 
@@ -62,6 +67,45 @@ def test_rows_do_not_depend_on_how_episodes_are_grouped(cls, four_class_folder, 
         assert any(zero[i]["accuracy"] != alone[i]["accuracy"] for i in alone) or any(
             alone[i]["terms"]["loss"] != alone[0]["terms"]["loss"] for i in alone
         )
+
+
+def test_the_explicit_attention_kernel_trains_and_scores_rows_independent_of_grouping(
+    four_class_folder, tmp_path, monkeypatch
+):
+    # The kernel a CPU runs under bf16 ("auto"), asked for in fp32 so that rows compare exactly.
+    fit = replace(FIT, attention="explicit")
+    called: list[str] = []
+    for name in ATTENTION_KERNELS:
+        entry = ATTENTION_KERNELS[name]
+
+        def spy(*args, name=name, fn=entry.fn):
+            called.append(name)
+            return fn(*args)
+
+        monkeypatch.setitem(ATTENTION_KERNELS._entries, name, replace(entry, fn=spy))
+    method = build(Mind)
+    alone = rows_by_groups(method, four_class_folder, tmp_path / "a", [[i] for i in range(3)], fit)
+    assert set(called) == {"explicit"}  # training and scoring
+    backwards = rows_by_groups(method, four_class_folder, tmp_path / "b", [[2, 1, 0]], fit)
+    assert_same_rows(alone, backwards)
+    assert {m.attention_kernel for m in method.modules() if hasattr(m, "attention_kernel")} == {
+        "auto"
+    }  # the fit's setting lasts the fit
+    called.clear()
+    sdpa = rows_by_groups(method, four_class_folder, tmp_path / "c", [[0, 1, 2]])
+    assert set(called) == {"sdpa"}
+    # The run records the kernel, and only where it is not SDPA, as runs before the setting.
+    protocol = EpisodeProtocol(n_way=3, k_shot=1, n_query=5, episodes=EPISODES, seed=0)
+    recorded = {
+        name: EpisodicEvaluator(method, ImageFolder(four_class_folder), protocol, tmp_path, f)
+        ._fingerprint()["fit"]
+        for name, f in (("explicit", fit), ("sdpa", FIT))
+    }  # fmt: skip
+    assert recorded["explicit"]["attention"] == "explicit" and "attention" not in recorded["sdpa"]
+    # Same rows to rounding: the terms agree, whatever an argmax tie does to an accuracy.
+    for index, row in alone.items():
+        for term, value in row["terms"].items():
+            assert sdpa[index]["terms"][term] == pytest.approx(value, rel=1e-4, abs=1e-5)
 
 
 def test_per_episode_views_hold_for_every_grouping(four_class_folder, tmp_path):

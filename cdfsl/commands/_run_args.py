@@ -51,12 +51,16 @@ def add_fit_arguments(parser: ArgumentParser, episodes_per_step_help: str) -> No
     parser.add_argument(
         "--deterministic", type=bool, default=False, help="deterministic kernels only (CUDA)"
     )
+    parser.add_argument(
+        "--attention", type=str, default="auto",
+        help="LoRA attention kernel: auto (per device and precision), sdpa or explicit",
+    )  # fmt: skip
 
 
 def fit_config(cfg: Namespace) -> FitConfig:
     return FitConfig(
         cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator, cfg.batch_size,
-        cfg.episodes_per_step, cfg.tf32, cfg.deterministic,
+        cfg.episodes_per_step, cfg.tf32, cfg.deterministic, cfg.attention,
     )  # fmt: skip
 
 

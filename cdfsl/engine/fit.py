@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
@@ -22,6 +22,12 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from cdfsl.attention import (
+    AUTO,
+    attention_kernel_in,
+    check_attention_setting,
+    resolve_attention_kernel,
+)
 from cdfsl.errors import CdfslError
 from cdfsl.fewshot.methods.base import FewShotMethod
 from cdfsl.lora import zero_set_gradients
@@ -108,8 +114,10 @@ class FitConfig:
     ``episodes_per_step`` episodes train side by side in one pass over the frozen backbone
     (None: as many as memory allows, see :func:`episodes_per_step`); rows do not depend on it.
     ``tf32``: let CUDA matmuls and convolutions run in TF32 under ``32-true`` (off: fp32 is
-    fp32); ``deterministic``: Lightning's ``deterministic`` (deterministic kernels only, e.g.
-    CUDA attention backward and ``index_add``; CUDA needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``).
+    fp32); ``attention``: the LoRA attention's kernel, ``auto`` (per device and precision),
+    ``sdpa`` or ``explicit`` (see :mod:`cdfsl.attention`); ``deterministic``: Lightning's
+    ``deterministic`` (deterministic kernels only, e.g. CUDA attention backward and
+    ``index_add``; CUDA needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``).
     """
 
     steps_per_shot: int = 250
@@ -120,6 +128,7 @@ class FitConfig:
     episodes_per_step: int | None = None
     tf32: bool = False
     deterministic: bool = False
+    attention: str = AUTO
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -127,6 +136,24 @@ class FitConfig:
                 f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)} (the LoRA "
                 "weights stay fp32; a '*-true' low precision would cast them); fix --precision"
             )
+        check_attention_setting(self.attention)
+
+    def attention_kernel(self) -> str:
+        """The attention kernel this fit's LoRA attention runs on its device and precision."""
+        device = self.device()
+        dtype = autocast_dtype(self.precision, device.type) or torch.float32
+        return resolve_attention_kernel(self.attention, device.type, dtype)
+
+    def record(self) -> dict[str, Any]:
+        """The fields as a run records them, ``attention`` as the kernel it resolves to; left
+        out where that is SDPA, the kernel of every row made before the setting existed (their
+        runs stay resumable)."""
+        record = asdict(self)
+        del record["attention"]
+        kernel = self.attention_kernel()
+        if kernel != "sdpa":
+            record["attention"] = kernel
+        return record
 
     def total_steps(self, k_shot: int) -> int:
         steps = self.steps if self.steps is not None else self.steps_per_shot * k_shot
@@ -362,6 +389,7 @@ def _fit(
         quiet_lightning(),
         cuda_numerics(fit.tf32, fit.deterministic, device.type),
         frozen_weights_in(root, dtype),
+        attention_kernel_in(root, fit.attention),
     ):
         trainer = L.Trainer(
             accelerator=device.type,

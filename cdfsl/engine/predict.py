@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
+from cdfsl.attention import attention_kernel_in
 from cdfsl.engine.fit import FitConfig, autocast_dtype, frozen_weights_in, tf32_allowed
 from cdfsl.fewshot.methods.base import FewShotMethod
 
@@ -29,7 +30,13 @@ def predict_logits(
     grouped = images.unflatten(0, (count, -1))  # (E, Q, 3, H, W)
     step = max(1, batch_size // count)
     out = []
-    with autocast, tf32_allowed(fit.tf32), frozen_weights_in(method.backbone.lora_root(), dtype):
+    root = method.backbone.lora_root()
+    with (
+        autocast,
+        tf32_allowed(fit.tf32),
+        frozen_weights_in(root, dtype),
+        attention_kernel_in(root, fit.attention),
+    ):
         for start in range(0, grouped.shape[1], step):
             chunk = grouped[:, start : start + step].flatten(0, 1).to(device)
             out.append(method(chunk).float().cpu().unflatten(0, (count, -1)))

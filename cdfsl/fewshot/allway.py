@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +151,7 @@ class AllWayEvaluator:
         self.config = {
             "method": type(method).__name__,
             "protocol": {"name": "all-way", "max_val_shots": protocol.max_val_shots},
-            "fit": asdict(self.fit),
+            "fit": self.fit.record(),
             "classes": len(names),
             **(config or {}),
         }

@@ -155,7 +155,7 @@ class EpisodicEvaluator:
             # A resumed run must not mix episodes trained with other hyper-parameters.
             "method_args": plain_json(dict(method.hparams)),
             "protocol": asdict(protocol),
-            "fit": asdict(self.fit),
+            "fit": self.fit.record(),
             **(config or {}),
         }
         self.progress = progress
