@@ -5,6 +5,7 @@
     python benchmarks/engine_speed.py --skip-vit        # micro-clip only
     python benchmarks/engine_speed.py --reference-steps 25 --episodes 1 4 8
     python benchmarks/engine_speed.py --skip-vit --loop-repeats 3   # steadier loop figures
+    python benchmarks/engine_speed.py --skip-vit --shots 1 --loop-precisions fp32 bf16
 
 1. GEMM peak: a 1024² matmul per dtype, one thread; then attention forward + backward at
    micro-clip's and ViT-B/16's shapes through SDPA's flash and math backends and as three
@@ -12,7 +13,8 @@
 2. A LoRA q/k/v training step (forward + backward to the adapters) for ViT-B/16 (random init,
    ``--vit-images`` images, 30 by default) and micro-clip (25 images = 5-way 1-shot, five
    views): FLOPs per image-step counted by ``torch.utils.flop_counter``, seconds per step,
-   GFLOP/s and the fraction of each GEMM peak, for fp32 and bf16 autocast.
+   GFLOP/s and the fraction of each GEMM peak, for fp32 and bf16 autocast (frozen weights held
+   in bf16, as the engine's fit holds them) and each ``--kernels`` attention setting.
 3. Mind on micro-clip, 5-way 1-shot and 5-shot, five views: the reference loop as the public
    Mind code's entry point (``main.py`` -> ``lora_mind.run_lora_mind``) runs it, written here:
    one episode at a time, a deep copy of the model per episode, views drawn once per episode,
@@ -24,13 +26,17 @@
    layers gain from what the engine's loop gains. Against both: cdfsl's engine
    (``EpisodicEvaluator.run_episodes``, E episodes side by side). Every loop runs
    ``--reference-steps`` steps; episodes per hour at the paper's T = 250·K are extrapolated
-   from each loop's measured fixed cost and cost per step.
+   from each loop's measured fixed cost and cost per step. ``--loop-precisions bf16`` runs
+   every loop under bf16 autocast (the reference's fp16 autocast, on a CPU) with the frozen
+   weights held in bf16 (its ``clip_model.half()``): the reference's layers on SDPA, cdfsl's
+   on the kernel ``auto`` picks.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -126,7 +132,8 @@ def step_figures(
 ) -> dict[str, float]:
     """FLOPs per image-step and seconds per LoRA training step, as the engine's fit runs it:
     under autocast the frozen weights held in the compute dtype, the LoRA attention on
-    ``kernel``."""
+    ``kernel``. The FLOPs are counted through SDPA whatever ``kernel``, so that every kernel is
+    measured against the same work (the counter tallies an explicit attention's ops otherwise)."""
     torch.manual_seed(0)
     method = LoRAFineTune(
         backbone=backbone, pretrained=None, class_names=[f"c{i}" for i in range(5)], views=None
@@ -145,14 +152,16 @@ def step_figures(
             feats = method.image_features(x)
         vlm_cross_entropy(feats, method.text_feats, y, method.scale).backward()
 
-    with frozen_weights_in(root, dtype if low else None), attention_kernel_in(root, kernel):
+    with frozen_weights_in(root, dtype if low else None):
         counter = FlopCounterMode(display=False)
-        with counter:
+        with counter, attention_kernel_in(root, "sdpa"):
             step()
         flops = counter.get_total_flops()
+        with attention_kernel_in(root, kernel):
+            s_per_step = seconds(step, repeats)
         return {
             "gflop_per_image": flops / images / 1e9,
-            "s_per_step": seconds(step, repeats),
+            "s_per_step": s_per_step,
             "flops": flops,
         }
 
@@ -208,11 +217,42 @@ def with_reference_layers(model: Mind, lora: LoRAConfig) -> Mind:
     return model
 
 
+def held_in(model: Mind, dtype: torch.dtype) -> Mind:
+    """``model`` with its frozen vision weights held in ``dtype``, as the reference holds its
+    model in fp16: the linear and convolution weights (cdfsl's cast) and the replica's q/k/v
+    buffers; layer norms stay fp32 (the reference's are fp16 too)."""
+    if dtype == torch.float32:
+        return model
+    root = model.backbone.lora_root()
+    for module in root.modules():
+        if isinstance(module, ReferenceLoRAAttention):
+            module.weight, module.bias = module.weight.to(dtype), module.bias.to(dtype)
+    frozen = frozen_weights_in(root, dtype)
+    frozen.__enter__()
+    _HELD.append(frozen)  # kept open for the process: a collected one would cast back
+    return model
+
+
+_HELD: list[object] = []
+
+
 def reference_episode(
-    model: Mind, dataset: MicroWorld, sampler: EpisodeSampler, index: int, steps: int
+    model: Mind,
+    dataset: MicroWorld,
+    sampler: EpisodeSampler,
+    index: int,
+    steps: int,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """One episode as the public Mind code runs it; returns the final query accuracy."""
+    """One episode as the public Mind code runs it; returns the final query accuracy.
+
+    Under ``dtype`` bf16 the forwards run under bf16 autocast, as the reference's under fp16
+    autocast (its GradScaler has nothing to do in bf16); ``model``'s frozen weights are then
+    expected in bf16 already (the reference's ``clip_model.half()``, see :func:`held_in`).
+    """
     model = copy.deepcopy(model)  # the reference copies the whole model per episode
+    low = dtype != torch.float32
+    cast = (lambda: torch.autocast("cpu", dtype=dtype)) if low else nullcontext
     torch.manual_seed(episode_seed(0, index))
     episode = load_episode(dataset, sampler.episode(index), model.to_tensor())
     model.set_classes(episode.class_names)
@@ -226,7 +266,7 @@ def reference_episode(
 
     def accuracy() -> float:  # the reference's fsl_test: prompts encoded again, merged LoRA
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), cast():
             model.set_classes(episode.class_names)
             logits = model(episode.query_images)
         model.train()
@@ -236,8 +276,9 @@ def reference_episode(
     model.train()
     for k in range(steps):
         plan = mind_schedule(k, steps)
-        feats = model.image_features(views)
-        support = model.image_features(episode.support_images)  # S: every step, used or not
+        with cast():
+            feats = model.image_features(views)
+            support = model.image_features(episode.support_images)  # S: every step, used or not
         loss = vlm_cross_entropy(feats, text, labels, model.scale)
         if plan.svl:
             loss = loss + 0.1 * suppressed_visual_cross_entropy(feats, labels, len(text), 100.0)
@@ -277,7 +318,13 @@ def loop_costs(
 LOOPS = ("reference", "cdfsl_layers", "engine")
 
 
-def compare_loops(shot: int, steps: int, episodes: int, repeats: int = 1) -> dict[str, float]:
+#: Lightning precision of the engine per loop precision.
+LOOP_PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
+
+
+def compare_loops(
+    shot: int, steps: int, episodes: int, repeats: int = 1, precision: str = "fp32"
+) -> dict[str, float]:
     dataset = MicroWorld("chestx-like", images_per_class=40, seed=0)
     protocol = EpisodeProtocol(5, shot, 15, episodes, seed=0)
     sampler = EpisodeSampler(dataset.targets, 5, shot, 15, episodes, 0)
@@ -286,17 +333,24 @@ def compare_loops(shot: int, steps: int, episodes: int, repeats: int = 1) -> dic
     model = Mind(backbone="micro-clip", lora=lora, views=DEFAULT_VIEWS)
     layers = Mind(backbone="micro-clip", lora=lora, views=DEFAULT_VIEWS)
     plain = Mind(backbone="micro-clip", lora=None, views=DEFAULT_VIEWS).requires_grad_(False)
-    reference = with_reference_layers(plain, lora)
+    dtype = DTYPES[precision]
+    reference = held_in(with_reference_layers(plain, lora), dtype)
+    layers = held_in(layers, dtype)
 
     def loop(template: Mind) -> Callable[[int], None]:
         def run(t: int) -> None:
             for index in range(episodes):
-                reference_episode(template, dataset, sampler, index, t)
+                reference_episode(template, dataset, sampler, index, t, dtype)
 
         return run
 
     def run_engine(t: int) -> None:
-        fit = FitConfig(steps=t, precision="32-true", accelerator="cpu", episodes_per_step=episodes)
+        fit = FitConfig(
+            steps=t,
+            precision=LOOP_PRECISIONS[precision],
+            accelerator="cpu",
+            episodes_per_step=episodes,
+        )
         evaluator = EpisodicEvaluator(
             model, dataset, protocol, "/tmp/cdfsl-bench", fit, progress=False
         )
@@ -339,6 +393,17 @@ def main() -> None:
     )
     parser.add_argument(
         "--loop-repeats", type=int, default=1, help="times each loop is timed (the fastest kept)"
+    )
+    parser.add_argument(
+        "--shots", type=int, nargs="+", default=[1, 5], help="K of the Mind loops compared"
+    )
+    parser.add_argument(
+        "--loop-precisions",
+        nargs="+",
+        default=["fp32"],
+        choices=list(LOOP_PRECISIONS),
+        help="precisions of the Mind loops (bf16: every loop under bf16 autocast, frozen "
+        "weights held in bf16; for CPUs with bf16 units)",
     )
     args = parser.parse_args()
     if args.loop_repeats < 1:
@@ -386,9 +451,12 @@ def main() -> None:
                 f"{backbone} bf16 step (attention auto) vs fp32: "
                 f"{step_s['fp32', AUTO] / step_s['bf16', AUTO]:.2f}x"
             )
-    for shot in () if args.skip_loops else (1, 5):
+    for precision, shot in itertools.product(args.loop_precisions, args.shots):
+        if args.skip_loops:
+            break
         # An episode-step forwards and back-propagates the five views and the separate clean
-        # support: 6·5·K images; the fp32 floor is their FLOPs at the GEMM peak.
+        # support: 6·5·K images; the floor is their FLOPs at the precision's GEMM peak.
+        peak = peaks[precision]
         flops = 6 * 5 * shot * gflop_per_image.get("micro-clip", float("nan"))
         # The engine forwards S only on the steps whose terms read it and on the last one.
         t = 250 * shot
@@ -396,23 +464,24 @@ def main() -> None:
         engine_images = 5 * 5 * shot + 5 * shot * with_s / t
         engine_flops = engine_images * gflop_per_image.get("micro-clip", float("nan"))
         for episodes in args.episodes:
-            c = compare_loops(shot, args.reference_steps, episodes, args.loop_repeats)
-            floor = 1e3 * flops / peaks["fp32"]
+            c = compare_loops(shot, args.reference_steps, episodes, args.loop_repeats, precision)
+            floor = 1e3 * flops / peak
             parts = [
                 f"{name} {c[f'{name}_fixed']:.2f} s/episode fixed + "
                 f"{1e3 * c[f'{name}_step']:.1f} ms/step "
-                f"({100 * flops / c[f'{name}_step'] / peaks['fp32']:.0f}% of fp32 peak), "
+                f"({100 * flops / c[f'{name}_step'] / peak:.0f}% of {precision} peak), "
                 f"{c[f'{name}_eph']:.0f} episodes/hour at T={250 * shot}"
                 for name in LOOPS
             ]
-            own = 100 * engine_flops / c["engine_step"] / peaks["fp32"]
+            own = 100 * engine_flops / c["engine_step"] / peak
             print(
-                f"Mind micro-clip 5-way {shot}-shot, 5 views, fp32, E={episodes} (floor "
+                f"Mind micro-clip 5-way {shot}-shot, 5 views, {precision}, E={episodes} (floor "
                 f"{floor:.1f} ms/step): " + "; ".join(parts) + "; engine vs reference "
                 f"{c['engine_eph'] / c['reference_eph']:.2f}x, vs the loop on cdfsl layers "
                 f"{c['engine_eph'] / c['cdfsl_layers_eph']:.2f}x; the engine's own "
                 f"{engine_images:.1f} images a step (S skipped after the RA phase) at {own:.0f}% "
-                "of fp32 peak"
+                f"of {precision} peak",
+                flush=True,
             )
 
 

@@ -8,9 +8,10 @@ Two kernels compute ``softmax(q kᵀ / √d + mask) v``; they differ in rounding
 
 ``auto`` (the default) picks per device type and compute dtype from :data:`AUTO_KERNELS`: on a
 CPU under bf16 the explicit ops, since torch's CPU flash kernel is the slow part of a bf16 step
-there (forward + backward, AMD EPYC with avx512_bf16, one thread: 213-245 ms against 75-78 ms at
-ViT-B/16's 30 x 12 heads x 197 tokens, 67-85 against 11-15 ms at micro-clip's 240 x 4 x 26);
-SDPA everywhere else (fp32, and CUDA, where its fused kernels win).
+there (forward + backward on an AMD EPYC with avx512_bf16, one thread, 2026-12-07: 2.7-3.3x
+the explicit ops' time at ViT-B/16's 30 x 12 heads x 197 tokens, 5.3-6.3x at micro-clip's
+240 x 4 x 26; a whole LoRA step 1.1x faster for ViT-B/16 and 2x for micro-clip); SDPA
+everywhere else (in fp32 flash wins at 197 tokens, and CUDA has its fused kernels).
 
 The LoRA attention modules carry the choice as ``attention_kernel`` (``auto`` unless set);
 :func:`set_attention_kernel` sets it on every module of a tree.

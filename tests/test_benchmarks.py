@@ -1,5 +1,6 @@
 """The benchmarks time what they claim to: the reference replica is the reference's function."""
 
+import gc
 import importlib.util
 from pathlib import Path
 
@@ -50,3 +51,25 @@ def test_reference_lora_attention_computes_cdfsls_lora_attention():
     ours.eval(), theirs.eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs.image_features(images), ours.image_features(images))
+
+
+def test_bf16_loops_hold_the_frozen_weights_in_bf16_for_good():
+    """The bf16 loops time models whose frozen vision weights stay bf16 (the reference's
+    ``clip_model.half()``) after the casting context is out of reach, and whose adapters
+    stay fp32; fp32 loops keep every weight fp32."""
+    bench = _engine_speed()
+    lora = LoRAConfig(rank=4)
+    ours = bench.held_in(Mind(backbone="tiny-clip", pretrained=None, lora=lora), torch.bfloat16)
+    plain = Mind(backbone="tiny-clip", pretrained=None, lora=None).requires_grad_(False)
+    theirs = bench.held_in(bench.with_reference_layers(plain, lora), torch.bfloat16)
+    kept = bench.held_in(Mind(backbone="tiny-clip", pretrained=None, lora=lora), torch.float32)
+    gc.collect()
+    for model in (ours, theirs):
+        root = model.backbone.lora_root()
+        linears = [m for m in root.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert trained and all(p.dtype == torch.float32 for p in trained)
+    replicas = [m for m in theirs.modules() if isinstance(m, bench.ReferenceLoRAAttention)]
+    assert replicas and all(m.weight.dtype == torch.bfloat16 for m in replicas)
+    assert all(p.dtype == torch.float32 for p in kept.parameters())

@@ -40,7 +40,11 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["cdfsl/fewshot/losses.py", "cdfsl/fewshot/alignment.py"],
         ["tests/test_losses.py", "tests/test_alignment.py"],
     ),
-    "lora": (["cdfsl/lora.py"], ["tests/test_lora.py", "tests/test_lora_layouts.py"]),
+    "lora": (
+        ["cdfsl/lora.py"],
+        ["tests/test_lora.py", "tests/test_lora_layouts.py", "tests/test_attention.py"],
+    ),
+    "attention": (["cdfsl/attention.py"], ["tests/test_attention.py"]),
     "views": (["cdfsl/data/views.py"], ["tests/test_views.py"]),
     "episodes": (["cdfsl/data/episodes.py"], ["tests/test_episodes.py", "tests/test_manifests.py"]),
     "methods": (
