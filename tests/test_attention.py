@@ -64,6 +64,19 @@ def test_each_kernel_computes_softmax_attention(kernel, mask):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_explicit_attention_takes_sdpas_defaults_shapes_and_devices():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    by_hand = attention_by_hand(*(t.unsqueeze(1) for t in (q, k, v))).squeeze(1)
+    torch.testing.assert_close(explicit_attention(q, k, v), by_hand)  # no mask, no dropout
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    by_hand = attention_by_hand(*(t.unsqueeze(1) for t in (q, k, v)), keep=causal).squeeze(1)
+    torch.testing.assert_close(explicit_attention(q, k, v, is_causal=True), by_hand)  # (N, L, d)
+    # The causal mask is made on the inputs' device (meta here: only shapes, no CPU tensor).
+    meta = [t.to("meta") for t in (q, k, v)]
+    assert explicit_attention(*meta, is_causal=True).device.type == "meta"
+
+
 def test_explicit_dropout_drops_single_weights_and_rescales_the_rest():
     # v = I: the output rows are the attention weights themselves, each kept / (1 - p) or 0.
     torch.manual_seed(0)
@@ -177,6 +190,10 @@ def test_timm_attention_with_lora_runs_the_kernel_its_setting_picks(layout, call
             setting, "cpu", torch.bfloat16 if autocast else torch.float32
         )
         assert attention.fused_attn is ATTENTION_KERNELS[expected].timm_fused, (setting, autocast)
+    set_attention_kernel(root, "auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention(x=x)  # the input passed by keyword
+    assert attention.fused_attn is False
     # timm's own fused and explicit paths: the same attention to fp32 rounding.
     torch.testing.assert_close(out["explicit", False], out["auto", False], rtol=1e-5, atol=1e-6)
     assert calls == []  # timm calls SDPA itself, never cdfsl's entries
