@@ -212,10 +212,13 @@ def test_a_view_is_the_same_whichever_other_views_are_drawn():
     images = [Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)) for _ in range(3)]
     both = method.view_features(episode, images, [0, 1], (0.5, 1.0))
     alone = method.view_features(episode, images, [1], (0.5, 1.0))
-    assert torch.equal(both[1], alone[0])
-    assert not torch.equal(both[0], both[1])
+    # Equal to rounding: a batch of two may round the backbone's GEMMs otherwise than one image
+    # (seen on an AMD EPYC); the draws themselves are the same, other views' far from it.
+    torch.testing.assert_close(both[1], alone[0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(both[0], both[1], rtol=1e-2, atol=1e-3)
     other = EpisodeState(8, ["a", "b"], method.text_feats)
-    assert not torch.equal(method.view_features(other, images, [1], (0.5, 1.0))[0], alone[0])
+    drawn = method.view_features(other, images, [1], (0.5, 1.0))[0]
+    assert not torch.allclose(drawn, alone[0], rtol=1e-2, atol=1e-3)
 
 
 # -- end to end ----------------------------------------------------------------------------------
