@@ -57,7 +57,12 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "engine": (
         ["cdfsl/engine/fit.py", "cdfsl/engine/capacity.py", "cdfsl/engine/predict.py"],
-        ["tests/test_engine.py", "tests/test_failed_episodes.py", "tests/test_evaluation.py"],
+        [
+            "tests/test_engine.py",
+            "tests/test_failed_episodes.py",
+            "tests/test_evaluation.py",
+            "tests/test_attention.py",
+        ],
     ),
     "xtail": (
         ["cdfsl/continual/xtail/framing.py", "cdfsl/continual/xtail/metrics.py"],
