@@ -202,6 +202,8 @@ def test_timm_attention_with_lora_runs_the_kernel_its_setting_picks(layout, call
 def test_a_fit_records_the_kernel_it_runs_unless_it_is_sdpa(monkeypatch):
     bf16 = FitConfig(precision="bf16-mixed", accelerator="cpu")
     assert bf16.record()["attention"] == "explicit"
+    # 16-mixed computes in bf16 on a CPU (as Lightning runs it), so it runs the same kernel.
+    assert FitConfig(precision="16-mixed", accelerator="cpu").attention_kernel() == "explicit"
     for fit in (
         FitConfig(precision="32-true", accelerator="cpu"),
         FitConfig(precision="bf16-mixed", accelerator="cpu", attention="sdpa"),
