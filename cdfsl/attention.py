@@ -119,21 +119,26 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _choosers(root: nn.Module) -> list[nn.Module]:
+    """The modules under ``root`` that carry an ``attention_kernel`` setting."""
+    return [module for module in root.modules() if hasattr(module, "attention_kernel")]
+
+
 def set_attention_kernel(root: nn.Module, name: str) -> None:
     """Set every LoRA attention module under ``root`` to run kernel setting ``name``."""
     check_attention_setting(name)
-    for module in root.modules():
-        if hasattr(module, "attention_kernel"):
-            module.attention_kernel = name
+    for module in _choosers(root):
+        module.attention_kernel = name
 
 
 @contextmanager
 def attention_kernel_in(root: nn.Module, name: str) -> Iterator[None]:
     """Inside, ``root``'s LoRA attention modules run kernel setting ``name``; then their own."""
     check_attention_setting(name)
-    saved = [(m, m.attention_kernel) for m in root.modules() if hasattr(m, "attention_kernel")]
+    saved = [(module, module.attention_kernel) for module in _choosers(root)]
     try:
-        set_attention_kernel(root, name)
+        for module, _ in saved:
+            module.attention_kernel = name
         yield
     finally:
         for module, previous in saved:

@@ -9,6 +9,25 @@ from imagegen import make_image_folder
 logging.root.addHandler(logging.NullHandler())
 
 
+@pytest.fixture
+def attention_calls(monkeypatch) -> list[str]:
+    """The names of the attention kernels called, in order (each still computes its attention)."""
+    from dataclasses import replace
+
+    from cdfsl.attention import ATTENTION_KERNELS
+
+    called: list[str] = []
+    for name in ATTENTION_KERNELS:
+        entry = ATTENTION_KERNELS[name]
+
+        def spy(*args, name=name, fn=entry.fn):
+            called.append(name)
+            return fn(*args)
+
+        monkeypatch.setitem(ATTENTION_KERNELS._entries, name, replace(entry, fn=spy))
+    return called
+
+
 @pytest.fixture(scope="session")
 def four_class_folder(tmp_path_factory) -> Path:
     """Four classes of 12 small images each: enough for 3-way 1-shot 5-query episodes."""

@@ -12,7 +12,6 @@ from torch import nn
 
 from cdfsl.attention import (
     ATTENTION_KERNELS,
-    AttentionKernel,
     attention_kernel_in,
     explicit_attention,
     resolve_attention_kernel,
@@ -106,23 +105,6 @@ def test_auto_picks_explicit_only_for_bf16_on_a_cpu():
     )
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """The kernels called, by name, in order (each still computes its attention)."""
-    called: list[str] = []
-    for name in KERNELS:
-        entry = ATTENTION_KERNELS[name]
-
-        def spy(*args, name=name, fn=entry.fn):
-            called.append(name)
-            return fn(*args)
-
-        monkeypatch.setitem(
-            ATTENTION_KERNELS._entries, name, AttentionKernel(spy, entry.timm_fused)
-        )
-    return called
-
-
 def lora_mha(batch_first: bool = True) -> LoRAMultiheadAttention:
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 2, batch_first=batch_first)
@@ -132,7 +114,8 @@ def lora_mha(batch_first: bool = True) -> LoRAMultiheadAttention:
     return layer
 
 
-def test_lora_attention_runs_the_kernel_its_setting_picks(calls):
+def test_lora_attention_runs_the_kernel_its_setting_picks(attention_calls):
+    calls = attention_calls
     layer = lora_mha()
     x = torch.randn(3, 5, 16)
     layer(x, x, x)
@@ -175,7 +158,7 @@ TIMM = {
 
 
 @pytest.mark.parametrize("layout", sorted(TIMM))
-def test_timm_attention_with_lora_runs_the_kernel_its_setting_picks(layout, calls):
+def test_timm_attention_with_lora_runs_the_kernel_its_setting_picks(layout, attention_calls):
     torch.manual_seed(0)
     root = nn.Sequential(TIMM[layout]())
     inject_lora(root, LoRAConfig(rank=2, dropout=0.0))
@@ -196,7 +179,7 @@ def test_timm_attention_with_lora_runs_the_kernel_its_setting_picks(layout, call
     assert attention.fused_attn is False
     # timm's own fused and explicit paths: the same attention to fp32 rounding.
     torch.testing.assert_close(out["explicit", False], out["auto", False], rtol=1e-5, atol=1e-6)
-    assert calls == []  # timm calls SDPA itself, never cdfsl's entries
+    assert attention_calls == []  # timm calls SDPA itself, never cdfsl's entries
 
 
 def test_a_fit_records_the_kernel_it_runs_unless_it_is_sdpa(monkeypatch):

@@ -7,7 +7,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cdfsl.attention import ATTENTION_KERNELS
 from cdfsl.data.folder import ImageFolder
 from cdfsl.data.views import ViewSpec
 from cdfsl.engine import FitConfig
@@ -70,19 +69,11 @@ def test_rows_do_not_depend_on_how_episodes_are_grouped(cls, four_class_folder, 
 
 
 def test_the_explicit_attention_kernel_trains_and_scores_rows_independent_of_grouping(
-    four_class_folder, tmp_path, monkeypatch
+    four_class_folder, tmp_path, attention_calls
 ):
     # The kernel a CPU runs under bf16 ("auto"), asked for in fp32 so that rows compare exactly.
     fit = replace(FIT, attention="explicit")
-    called: list[str] = []
-    for name in ATTENTION_KERNELS:
-        entry = ATTENTION_KERNELS[name]
-
-        def spy(*args, name=name, fn=entry.fn):
-            called.append(name)
-            return fn(*args)
-
-        monkeypatch.setitem(ATTENTION_KERNELS._entries, name, replace(entry, fn=spy))
+    called = attention_calls
     method = build(Mind)
     alone = rows_by_groups(method, four_class_folder, tmp_path / "a", [[i] for i in range(3)], fit)
     assert set(called) == {"explicit"}  # training and scoring
