@@ -194,15 +194,22 @@ class DropoutStreams:
     ``key_e = splitmix64(seeds[e])``: a SplitMix64 sequence read at positions that depend on the
     set's seed, the call and the element alone. Draws are integer arithmetic, identical on every
     device and for any number of sets side by side; a set's masks do not depend on the others.
+    The call count is a tensor on the draws' device, so a compiled forward reads and advances it
+    in its graph (a Python int would be a constant there, recompiled at every call).
     """
 
     def __init__(self, seeds: Sequence[int]) -> None:
         self.seeds = [int(seed) for seed in seeds]
-        self.calls = 0
+        self._calls = torch.zeros((), dtype=torch.int64)
         self._keys: dict[torch.device, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.seeds)
+
+    @property
+    def calls(self) -> int:
+        """Dropout calls drawn so far (reads the count back: a device sync)."""
+        return int(self._calls)
 
     def keys(self, device: torch.device) -> Tensor:
         """``(E, 1)`` int64 stream keys on ``device`` (moved there once)."""
@@ -211,10 +218,13 @@ class DropoutStreams:
             self._keys[device] = torch.tensor(keys, dtype=torch.int64).view(-1, 1).to(device)
         return self._keys[device]
 
-    def next_offset(self) -> int:
-        """The Weyl offset ``(c << 40) * gamma`` of the next call ``c``, as an int64."""
-        offset = _int64((self.calls << 40) * _GAMMA)
-        self.calls += 1
+    def next_offset(self, device: torch.device) -> Tensor:
+        """The Weyl offset ``(c << 40) * gamma`` of the next call ``c``: an int64 scalar on
+        ``device``, where the count then moves."""
+        if self._calls.device != device:
+            self._calls = self._calls.to(device)
+        offset = torch.bitwise_left_shift(self._calls, 40).mul_(_int64(_GAMMA))
+        self._calls.add_(1)
         return offset
 
 
@@ -233,7 +243,7 @@ def _weyl(words: int, device: torch.device) -> Tensor:
 
 def dropout_words(streams: DropoutStreams, words: int, device: torch.device) -> Tensor:
     """The next call's ``(E, words)`` int64 random words of every stream in ``streams``."""
-    offset = streams.next_offset()
+    offset = streams.next_offset(device)
     z = torch.add(streams.keys(device), _weyl(words, device))
     return _mix64_(z.add_(offset))
 
@@ -275,9 +285,10 @@ class LoRADropout(nn.Module):
         numel = x[0].numel()
         words = dropout_words(streams, (numel + 3) // 4, x.device)
         keep = words.view(torch.int16)[:, :numel] >= self._threshold
-        # A product rather than masked_fill: it keeps x's layout (masked_fill's output is
-        # contiguous, so a transposed x would be copied twice more) and gives the same values.
-        return x * keep.view(x.shape)
+        # A product rather than masked_fill or where: it keeps x's layout (their outputs follow
+        # the mask's, so a transposed x would be copied twice more) and gives the same values.
+        # The mask is cast to x's dtype once: a bool factor is cast in forward and in backward.
+        return x * keep.view(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}"
