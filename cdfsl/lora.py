@@ -200,8 +200,15 @@ class DropoutStreams:
 
     def __init__(self, seeds: Sequence[int]) -> None:
         self.seeds = [int(seed) for seed in seeds]
+        # The keys and the count live on the draws' device (moved at the first call there):
+        # attributes, not a dict per device, which a compiled graph would guard on.
+        self._keys = torch.tensor(
+            [_int64(splitmix64(seed)) for seed in self.seeds], dtype=torch.int64
+        ).view(-1, 1)
         self._calls = torch.zeros((), dtype=torch.int64)
-        self._keys: dict[torch.device, Tensor] = {}
+        # gamma as a tensor, for compiled graphs: inductor folds arange(W) * constant into
+        # index arithmetic, which does not wrap mod 2**64 and overflows.
+        self._gamma = torch.tensor(_int64(_GAMMA), dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -211,18 +218,25 @@ class DropoutStreams:
         """Dropout calls drawn so far (reads the count back: a device sync)."""
         return int(self._calls)
 
+    def _to(self, device: torch.device) -> None:
+        if self._calls.device != device:
+            self._keys, self._calls = self._keys.to(device), self._calls.to(device)
+            self._gamma = self._gamma.to(device)
+
     def keys(self, device: torch.device) -> Tensor:
-        """``(E, 1)`` int64 stream keys on ``device`` (moved there once)."""
-        if device not in self._keys:
-            keys = [_int64(splitmix64(seed)) for seed in self.seeds]
-            self._keys[device] = torch.tensor(keys, dtype=torch.int64).view(-1, 1).to(device)
-        return self._keys[device]
+        """``(E, 1)`` int64 stream keys on ``device``."""
+        self._to(device)
+        return self._keys
+
+    def gamma(self, device: torch.device) -> Tensor:
+        """SplitMix64's increment as an int64 scalar on ``device``."""
+        self._to(device)
+        return self._gamma
 
     def next_offset(self, device: torch.device) -> Tensor:
         """The Weyl offset ``(c << 40) * gamma`` of the next call ``c``: an int64 scalar on
         ``device``, where the count then moves."""
-        if self._calls.device != device:
-            self._calls = self._calls.to(device)
+        self._to(device)
         offset = torch.bitwise_left_shift(self._calls, 40).mul_(_int64(_GAMMA))
         self._calls.add_(1)
         return offset
@@ -231,8 +245,10 @@ class DropoutStreams:
 _WEYL: dict[tuple[int, torch.device], Tensor] = {}
 
 
-def _weyl(words: int, device: torch.device) -> Tensor:
+def _weyl(streams: DropoutStreams, words: int, device: torch.device) -> Tensor:
     """``i * gamma`` mod 2**64 for ``i < words``, cached per size and device."""
+    if torch.compiler.is_compiling():  # a graph computes it inline (a dict would be guarded)
+        return torch.arange(words, dtype=torch.int64, device=device) * streams.gamma(device)
     key = (words, device)
     if key not in _WEYL:
         if len(_WEYL) > 64:
@@ -244,8 +260,20 @@ def _weyl(words: int, device: torch.device) -> Tensor:
 def dropout_words(streams: DropoutStreams, words: int, device: torch.device) -> Tensor:
     """The next call's ``(E, words)`` int64 random words of every stream in ``streams``."""
     offset = streams.next_offset(device)
-    z = torch.add(streams.keys(device), _weyl(words, device))
+    z = torch.add(streams.keys(device), _weyl(streams, words, device))
     return _mix64_(z.add_(offset))
+
+
+def int16_draws(words: Tensor) -> Tensor:
+    """``words: (E, W)`` int64 as ``(E, 4W)`` int16 draws: each word's four 16-bit fields, low
+    bits first (the word's memory order on a little-endian machine, as ``view(torch.int16)``)."""
+    if not torch.compiler.is_compiling():
+        return words.view(torch.int16)
+    # Inductor (torch 2.14) writes out of bounds for a dtype view of a computed buffer whose
+    # element size changes: a compiled graph shifts the fields out instead (the same values).
+    shifts = torch.arange(0, 64, 16, dtype=torch.int64, device=words.device)
+    fields = torch.bitwise_right_shift(words.unsqueeze(-1), shifts).bitwise_and_(0xFFFF)
+    return (fields.bitwise_xor_(0x8000) - 0x8000).to(torch.int16).flatten(-2)
 
 
 class LoRADropout(nn.Module):
@@ -284,7 +312,7 @@ class LoRADropout(nn.Module):
             )
         numel = x[0].numel()
         words = dropout_words(streams, (numel + 3) // 4, x.device)
-        keep = words.view(torch.int16)[:, :numel] >= self._threshold
+        keep = int16_draws(words)[:, :numel] >= self._threshold
         # A product rather than masked_fill or where: it keeps x's layout (their outputs follow
         # the mask's, so a transposed x would be copied twice more) and gives the same values.
         # The mask is cast to x's dtype once: a bool factor is cast in forward and in backward.

@@ -956,3 +956,22 @@ def test_automatic_episodes_on_a_cpu_keep_a_steps_images_under_the_cap(monkeypat
     monkeypatch.setattr(FitConfig, "device", lambda self: torch.device("cuda"))
     monkeypatch.setattr(capacity, "_projected_elements", lambda method, device: 1)
     assert episodes_per_step(mind, 100, auto) == 32  # the cap is the CPU's
+
+
+def test_compiled_steps_give_the_eager_rows_for_every_grouping(four_class_folder, tmp_path):
+    """Training through torch.compile (inductor, LoRA dropout on): every grouping and position
+    gives the rows of eager training, accuracies equal and terms to rounding."""
+    from torch._dynamo.utils import counters
+
+    method = build(Mind)
+    eager = rows_by_groups(method, four_class_folder, tmp_path / "e", [list(range(EPISODES))])
+    fit = replace(FIT, compile="inductor")
+    graphs = counters["stats"]["unique_graphs"]
+    # E = 1, 3 (reversed: every position moves) and 8 (reversed).
+    groups = [[0], [1], [4, 3, 2], list(reversed(range(EPISODES)))]
+    compiled = {}
+    for i, group in enumerate(groups):
+        compiled |= rows_by_groups(method, four_class_folder, tmp_path / f"c{i}", [group], fit)
+        assert_same_rows({j: eager[j] for j in group}, {j: compiled[j] for j in group})
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile
+    assert method.step_features is None  # the compiled forward lasts the fit

@@ -1083,11 +1083,35 @@ def test_weyl_offsets_are_multiples_of_gamma_when_fresh_and_cached(monkeypatch) 
             ((i * gamma) % 2**64) - (2**64 if (i * gamma) % 2**64 >> 63 else 0)
             for i in range(words)
         ]
-        got = lora._weyl(words, torch.device("cpu"))
+        got = lora._weyl(DropoutStreams([0]), words, torch.device("cpu"))
         assert got.dtype == torch.int64 and got.tolist() == expected
+        # A compiled graph's (product with the streams' gamma tensor, uncached): the same.
+        with monkeypatch.context() as compiling:
+            compiling.setattr(torch.compiler, "is_compiling", lambda: True)
+            inline = lora._weyl(DropoutStreams([0]), words, torch.device("cpu"))
+        assert inline.tolist() == expected
     for words in range(100):
-        lora._weyl(words + 10, torch.device("cpu"))
+        lora._weyl(DropoutStreams([0]), words + 10, torch.device("cpu"))
     assert len(lora._WEYL) <= 65  # bounded
+
+
+def test_int16_draws_are_each_words_fields_low_bits_first(monkeypatch) -> None:
+    """Eager (a dtype view) and compiled (shifted fields) draws: each equals the word's 16-bit
+    field j, read as a signed int16, at position 4 i + j; extremes included."""
+    import cdfsl.lora as lora
+
+    words = torch.tensor(
+        [[0, -1, 2**63 - 1, -(2**63)], [0x7FFF_8000_0001_FFFF, 0x0123_4567_89AB_CDEF, 5, -6]]
+    )
+    want = [
+        [((w >> (16 * j)) & 0xFFFF) - (0x10000 if (w >> (16 * j)) & 0x8000 else 0) for w in row
+         for j in range(4)]
+        for row in words.tolist()
+    ]  # fmt: skip
+    assert lora.int16_draws(words).tolist() == want
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    fields = lora.int16_draws(words)
+    assert fields.dtype == torch.int16 and fields.tolist() == want
 
 
 def test_merging_adds_no_state_dict_key_and_save_writes_pt_metadata(tmp_path) -> None:

@@ -55,12 +55,16 @@ def add_fit_arguments(parser: ArgumentParser, episodes_per_step_help: str) -> No
         "--attention", type=str, default="auto",
         help="LoRA attention kernel: auto (per device and precision), sdpa or explicit",
     )  # fmt: skip
+    parser.add_argument(
+        "--compile", type=str, default="eager",
+        help="training forward: eager, or inductor (torch.compile; for long runs)",
+    )  # fmt: skip
 
 
 def fit_config(cfg: Namespace) -> FitConfig:
     return FitConfig(
         cfg.steps_per_shot, cfg.steps, cfg.precision, cfg.accelerator, cfg.batch_size,
-        cfg.episodes_per_step, cfg.tf32, cfg.deterministic, cfg.attention,
+        cfg.episodes_per_step, cfg.tf32, cfg.deterministic, cfg.attention, cfg.compile,
     )  # fmt: skip
 
 

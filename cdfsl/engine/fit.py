@@ -28,6 +28,7 @@ from cdfsl.attention import (
     check_attention_setting,
     resolve_attention_kernel,
 )
+from cdfsl.compiling import EAGER, STEP_COMPILERS, compiled_features_in, resolve_step_compiler
 from cdfsl.errors import CdfslError
 from cdfsl.fewshot.methods.base import FewShotMethod
 from cdfsl.lora import zero_set_gradients
@@ -115,9 +116,10 @@ class FitConfig:
     (None: as many as memory allows, see :func:`episodes_per_step`); rows do not depend on it.
     ``tf32``: let CUDA matmuls and convolutions run in TF32 under ``32-true`` (off: fp32 is
     fp32); ``attention``: the LoRA attention's kernel, ``auto`` (per device and precision),
-    ``sdpa`` or ``explicit`` (see :mod:`cdfsl.attention`); ``deterministic``: Lightning's
-    ``deterministic`` (deterministic kernels only, e.g. CUDA attention backward and
-    ``index_add``; CUDA needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``).
+    ``sdpa`` or ``explicit`` (see :mod:`cdfsl.attention`); ``compile``: how the training
+    forward runs, ``eager`` or ``inductor`` (see :mod:`cdfsl.compiling`); ``deterministic``:
+    Lightning's ``deterministic`` (deterministic kernels only, e.g. CUDA attention backward
+    and ``index_add``; CUDA needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``).
     """
 
     steps_per_shot: int = 250
@@ -129,6 +131,7 @@ class FitConfig:
     tf32: bool = False
     deterministic: bool = False
     attention: str = AUTO
+    compile: str = EAGER
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -137,6 +140,7 @@ class FitConfig:
                 "weights stay fp32; a '*-true' low precision would cast them); fix --precision"
             )
         check_attention_setting(self.attention)
+        STEP_COMPILERS.lookup(self.compile, "compile")
 
     def attention_kernel(self) -> str:
         """The attention kernel this fit's LoRA attention runs on its device and precision."""
@@ -145,14 +149,17 @@ class FitConfig:
         return resolve_attention_kernel(self.attention, device.type, dtype)
 
     def record(self) -> dict[str, Any]:
-        """The fields as a run records them, ``attention`` as the kernel it resolves to; left
-        out where that is SDPA, the kernel of every row made before the setting existed (their
-        runs stay resumable)."""
+        """The fields as a run records them, ``attention`` as the kernel it resolves to and
+        ``compile`` as the compiler that runs here; each left out where it is what every row
+        made before the setting existed ran (SDPA, eager), so their runs stay resumable."""
         record = asdict(self)
-        del record["attention"]
+        del record["attention"], record["compile"]
         kernel = self.attention_kernel()
         if kernel != "sdpa":
             record["attention"] = kernel
+        compiler = resolve_step_compiler(self.compile, self.device().type)
+        if compiler != EAGER:
+            record["compile"] = compiler
         return record
 
     def total_steps(self, k_shot: int) -> int:
@@ -390,6 +397,7 @@ def _fit(
         cuda_numerics(fit.tf32, fit.deterministic, device.type),
         frozen_weights_in(root, dtype),
         attention_kernel_in(root, fit.attention),
+        compiled_features_in(method, fit.compile, device.type),
     ):
         trainer = L.Trainer(
             accelerator=device.type,

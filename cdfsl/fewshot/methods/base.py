@@ -15,7 +15,7 @@ drop-in module.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +130,10 @@ class FewShotMethod(L.LightningModule):
     """
 
     trainable: bool = True
+
+    #: What a training step takes its image features through instead of
+    #: :meth:`image_features` (a compiled twin, set for a fit's duration); None: that method.
+    step_features: Callable[[Tensor], Tensor] | None = None
 
     #: True when :meth:`loss_terms` needs the clean support set forwarded a second time in each
     #: step (``episode.support``), beside its views.
@@ -428,7 +432,8 @@ class FewShotMethod(L.LightningModule):
             for (im, _), (sup, _) in zip(groups, clean, strict=True)
         ]
         flat = [part for parts in inputs for part in parts]
-        feats = iter(self.image_features(torch.cat(flat)).split([len(t) for t in flat]))
+        encode = self.step_features or self.image_features
+        feats = iter(encode(torch.cat(flat)).split([len(t) for t in flat]))
         total = 0.0
         for index, (episode, (_, y), (_, support_y), ids) in enumerate(
             zip(self.episodes, groups, clean, view_ids, strict=True)
