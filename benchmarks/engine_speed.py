@@ -6,6 +6,7 @@
     python benchmarks/engine_speed.py --reference-steps 25 --episodes 1 4 8
     python benchmarks/engine_speed.py --skip-vit --loop-repeats 3   # steadier loop figures
     python benchmarks/engine_speed.py --skip-vit --shots 1 --loop-precisions fp32 bf16
+    python benchmarks/engine_speed.py --skip-vit --compile inductor   # the compiled engine too
 
 1. GEMM peak: a 1024² matmul per dtype, one thread; then attention forward + backward at
    micro-clip's and ViT-B/16's shapes through SDPA's flash and math backends and as three
@@ -29,7 +30,9 @@
    from each loop's measured fixed cost and cost per step. ``--loop-precisions bf16`` runs
    every loop under bf16 autocast (the reference's fp16 autocast, on a CPU) with the frozen
    weights held in bf16 (its ``clip_model.half()``): the reference's layers on SDPA, cdfsl's
-   on the kernel ``auto`` picks.
+   on the kernel ``auto`` picks. ``--compile inductor`` adds the engine with its training
+   forward compiled (``FitConfig.compile``); each engine's first fit (6 steps) is timed apart,
+   the compile included (cold only with an empty ``TORCHINDUCTOR_CACHE_DIR``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from cdfsl.attention import (
     attention_kernel_in,
     resolve_attention_kernel,
 )
+from cdfsl.compiling import EAGER, STEP_COMPILERS
 from cdfsl.data.episodes import EpisodeSampler, load_episode
 from cdfsl.data.micro_world import MicroWorld
 from cdfsl.data.views import DEFAULT_VIEWS, ViewAugmenter
@@ -323,7 +327,12 @@ LOOP_PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
 
 
 def compare_loops(
-    shot: int, steps: int, episodes: int, repeats: int = 1, precision: str = "fp32"
+    shot: int,
+    steps: int,
+    episodes: int,
+    repeats: int = 1,
+    precision: str = "fp32",
+    compilers: tuple[str, ...] = (EAGER,),
 ) -> dict[str, float]:
     dataset = MicroWorld("chestx-like", images_per_class=40, seed=0)
     protocol = EpisodeProtocol(5, shot, 15, episodes, seed=0)
@@ -344,21 +353,29 @@ def compare_loops(
 
         return run
 
-    def run_engine(t: int) -> None:
-        fit = FitConfig(
-            steps=t,
-            precision=LOOP_PRECISIONS[precision],
-            accelerator="cpu",
-            episodes_per_step=episodes,
-        )
-        evaluator = EpisodicEvaluator(
-            model, dataset, protocol, "/tmp/cdfsl-bench", fit, progress=False
-        )
-        evaluator.run_episodes(list(range(episodes)))
+    def engine(compiler: str) -> Callable[[int], None]:
+        def run(t: int) -> None:
+            fit = FitConfig(
+                steps=t,
+                precision=LOOP_PRECISIONS[precision],
+                accelerator="cpu",
+                episodes_per_step=episodes,
+                compile=compiler,
+            )
+            evaluator = EpisodicEvaluator(
+                model, dataset, protocol, "/tmp/cdfsl-bench", fit, progress=False
+            )
+            evaluator.run_episodes(list(range(episodes)))
 
-    run_engine(2)  # warm-up: first-call allocations
-    runs = dict(zip(LOOPS, (loop(reference), loop(layers), run_engine), strict=True))
+        return run
+
     out = {}
+    runs = {"reference": loop(reference), "cdfsl_layers": loop(layers)}
+    for compiler in compilers:
+        name = "engine" if compiler == EAGER else f"engine_{compiler}"
+        runs[name] = engine(compiler)
+        # Warm-up: first-call allocations, and the compile (both graphs: with and without S).
+        out[f"{name}_warmup"] = seconds(lambda run=runs[name]: run(6), 1, warmup=0)
     for name, run in runs.items():
         # Both counts >= 5, so the reference's four interim evaluations fall in the fixed cost.
         fixed, per_step = loop_costs(run, 5, steps, repeats)
@@ -396,6 +413,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--shots", type=int, nargs="+", default=[1, 5], help="K of the Mind loops compared"
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        default=[EAGER],
+        choices=list(STEP_COMPILERS),
+        help="the engine's training forward, one engine loop each (inductor: torch.compile; "
+        "its compile is timed in the first fit)",
     )
     parser.add_argument(
         "--loop-precisions",
@@ -464,15 +489,23 @@ def main() -> None:
         engine_images = 5 * 5 * shot + 5 * shot * with_s / t
         engine_flops = engine_images * gflop_per_image.get("micro-clip", float("nan"))
         for episodes in args.episodes:
-            c = compare_loops(shot, args.reference_steps, episodes, args.loop_repeats, precision)
+            c = compare_loops(
+                shot, args.reference_steps, episodes, args.loop_repeats, precision,
+                tuple(dict.fromkeys([EAGER, *args.compile])),
+            )  # fmt: skip
+            loops = [name for name in (*LOOPS, *(f"engine_{n}" for n in args.compile)) if
+                     f"{name}_step" in c]  # fmt: skip
             floor = 1e3 * flops / peak
             parts = [
                 f"{name} {c[f'{name}_fixed']:.2f} s/episode fixed + "
                 f"{1e3 * c[f'{name}_step']:.1f} ms/step "
                 f"({100 * flops / c[f'{name}_step'] / peak:.0f}% of {precision} peak), "
                 f"{c[f'{name}_eph']:.0f} episodes/hour at T={250 * shot}"
-                for name in LOOPS
+                for name in loops
             ]
+            warmups = ", ".join(
+                f"{name} {c[f'{name}_warmup']:.1f} s" for name in loops if f"{name}_warmup" in c
+            )
             own = 100 * engine_flops / c["engine_step"] / peak
             print(
                 f"Mind micro-clip 5-way {shot}-shot, 5 views, {precision}, E={episodes} (floor "
@@ -480,7 +513,11 @@ def main() -> None:
                 f"{c['engine_eph'] / c['reference_eph']:.2f}x, vs the loop on cdfsl layers "
                 f"{c['engine_eph'] / c['cdfsl_layers_eph']:.2f}x; the engine's own "
                 f"{engine_images:.1f} images a step (S skipped after the RA phase) at {own:.0f}% "
-                f"of {precision} peak",
+                f"of {precision} peak; first fit of 6 steps (the compile included): {warmups}"
+                + "".join(
+                    f"; {name} vs reference {c[f'{name}_eph'] / c['reference_eph']:.2f}x"
+                    for name in loops[len(LOOPS) :]
+                ),
                 flush=True,
             )
 
