@@ -370,6 +370,9 @@ def compare_loops(
         return run
 
     out = {}
+    # Each (K, E) compiles afresh (graphs from disk where cached): dynamo's recompile limit
+    # would otherwise run later settings eagerly.
+    torch._dynamo.reset()
     runs = {"reference": loop(reference), "cdfsl_layers": loop(layers)}
     for compiler in compilers:
         name = "engine" if compiler == EAGER else f"engine_{compiler}"

@@ -45,6 +45,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/test_lora.py", "tests/test_lora_layouts.py", "tests/test_attention.py"],
     ),
     "attention": (["cdfsl/attention.py"], ["tests/test_attention.py"]),
+    "compiling": (["cdfsl/compiling.py"], ["tests/test_compiling.py"]),
     "views": (["cdfsl/data/views.py"], ["tests/test_views.py"]),
     "episodes": (["cdfsl/data/episodes.py"], ["tests/test_episodes.py", "tests/test_manifests.py"]),
     "methods": (
