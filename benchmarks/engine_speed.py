@@ -303,18 +303,22 @@ def reference_episode(
 
 
 def loop_costs(
-    run: Callable[[int], None], short: int, long: int, repeats: int = 1
-) -> tuple[float, float]:
-    """(fixed seconds, seconds per step) of ``run(steps)`` from two step counts, each timed
-    ``repeats`` times, alternately, keeping the fastest (a busy moment slows a run, never
-    speeds it)."""
-    times: dict[int, list[float]] = {short: [], long: []}
+    runs: dict[str, Callable[[int], None]], short: int, long: int, repeats: int = 1
+) -> dict[str, tuple[float, float]]:
+    """(fixed seconds, seconds per step) of each ``run(steps)`` from two step counts, timed
+    ``repeats`` times, the loops in turn within each repeat, keeping each one's fastest (a busy
+    moment slows a run, never speeds it; taking turns spreads a slow phase of a shared machine
+    over every loop instead of one)."""
+    times = {(name, steps): [] for name in runs for steps in (short, long)}
     for _ in range(repeats):
-        for steps, timed in times.items():
-            timed.append(seconds(lambda steps=steps: run(steps), 1, warmup=0))
-    t_short, t_long = min(times[short]), min(times[long])
-    per_step = (t_long - t_short) / (long - short)
-    return max(0.0, t_short - per_step * short), per_step
+        for (name, steps), timed in times.items():
+            timed.append(seconds(lambda run=runs[name], steps=steps: run(steps), 1, warmup=0))
+    out = {}
+    for name in runs:
+        t_short, t_long = min(times[name, short]), min(times[name, long])
+        per_step = (t_long - t_short) / (long - short)
+        out[name] = (max(0.0, t_short - per_step * short), per_step)
+    return out
 
 
 #: The loops compared: the reference as its entry point runs it, the same loop on cdfsl's LoRA
@@ -379,9 +383,8 @@ def compare_loops(
         runs[name] = engine(compiler)
         # Warm-up: first-call allocations, and the compile (both graphs: with and without S).
         out[f"{name}_warmup"] = seconds(lambda run=runs[name]: run(6), 1, warmup=0)
-    for name, run in runs.items():
-        # Both counts >= 5, so the reference's four interim evaluations fall in the fixed cost.
-        fixed, per_step = loop_costs(run, 5, steps, repeats)
+    # Both counts >= 5, so the reference's four interim evaluations fall in the fixed cost.
+    for name, (fixed, per_step) in loop_costs(runs, 5, steps, repeats).items():
         out[f"{name}_fixed"] = fixed / episodes
         out[f"{name}_step"] = per_step / episodes
         out[f"{name}_eph"] = 3600 / ((fixed + per_step * 250 * shot) / episodes)
