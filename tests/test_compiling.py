@@ -3,6 +3,8 @@ fallback where inductor cannot run."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -65,6 +67,9 @@ def test_compiled_dropout_draws_the_eager_masks_element_for_element():
 @pytest.mark.usefixtures("no_cxx")
 def test_a_missing_compiler_falls_back_to_eager_with_one_clear_warning():
     assert "C++ compiler" in inductor_missing("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_step_compiler("inductor", "cpu") == EAGER  # silent unless asked
     with pytest.warns(UserWarning) as caught:
         assert resolve_step_compiler("inductor", "cpu", warn=True) == EAGER
         assert resolve_step_compiler("inductor", "cpu", warn=True) == EAGER
@@ -104,3 +109,38 @@ def test_an_unknown_compiler_is_refused_naming_the_choices():
     assert str(err.value) == (
         "compile='tvm': expected one of ['eager', 'inductor']; set compile to eager or inductor"
     )
+
+
+def test_cuda_needs_triton(monkeypatch):
+    import torch.utils._triton as triton_utils
+
+    monkeypatch.setattr(triton_utils, "has_triton", lambda: False)
+    assert inductor_missing("cuda") == "Triton (pip install triton)"
+    assert resolve_step_compiler("inductor", "cuda") == EAGER
+    monkeypatch.setattr(triton_utils, "has_triton", lambda: True)
+    assert inductor_missing("cuda") is None
+    assert resolve_step_compiler("inductor", "cuda") == "inductor"
+
+
+@needs_cxx
+def test_the_inductor_row_runs_image_features_through_inductor(monkeypatch):
+    """step_features is image_features compiled by inductor: the same values, one graph
+    handed to inductor's compile_fx."""
+    import torch._inductor.compile_fx as compile_fx
+
+    handed = []
+    original = compile_fx.compile_fx
+
+    def spy(*args, **kwargs):
+        handed.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "compile_fx", spy)
+    torch._dynamo.reset()
+    method = torch.nn.Module()
+    method.image_features = lambda images: torch.nn.functional.normalize(images.square(), dim=-1)
+    images = torch.randn(4, 8)
+    with compiled_features_in(method, "inductor", "cpu"):
+        got = method.step_features(images)
+    assert len(handed) == 1
+    torch.testing.assert_close(got, method.image_features(images))
