@@ -1114,6 +1114,20 @@ def test_int16_draws_are_each_words_fields_low_bits_first(monkeypatch) -> None:
     assert fields.dtype == torch.int16 and fields.tolist() == want
 
 
+def test_dropout_masks_of_the_compiled_branch_are_the_eager_ones(monkeypatch) -> None:
+    """What a compiled graph computes (its Weyl products from the streams' gamma tensor, its
+    int16 fields shifted out), run eagerly: the masks of the eager branch, call after call."""
+    dropout = LoRADropout(0.25).train()
+    ones = torch.ones(3, 7, 9)
+    eager_streams, graph_streams = DropoutStreams([4, 5, 6]), DropoutStreams([4, 5, 6])
+    eager = [dropout(ones, eager_streams) for _ in range(3)]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    graph = [dropout(ones, graph_streams) for _ in range(3)]
+    for want, got in zip(eager, graph, strict=True):
+        assert torch.equal(want, got)
+    assert graph_streams.calls == 3
+
+
 def test_merging_adds_no_state_dict_key_and_save_writes_pt_metadata(tmp_path) -> None:
     from safetensors import safe_open
 
