@@ -63,6 +63,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_failed_episodes.py",
             "tests/test_evaluation.py",
             "tests/test_attention.py",
+            "tests/test_compiling.py",
         ],
     ),
     "xtail": (
