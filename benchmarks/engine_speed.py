@@ -57,7 +57,7 @@ from cdfsl.attention import (
     attention_kernel_in,
     resolve_attention_kernel,
 )
-from cdfsl.compiling import EAGER, STEP_COMPILERS
+from cdfsl.compiling import EAGER, STEP_COMPILERS, compiled_features_in
 from cdfsl.data.episodes import EpisodeSampler, load_episode
 from cdfsl.data.micro_world import MicroWorld
 from cdfsl.data.views import DEFAULT_VIEWS, ViewAugmenter
@@ -132,12 +132,14 @@ def attention_ms(path: str, shape: tuple[int, int, int, int], dtype: torch.dtype
 
 
 def step_figures(
-    backbone: str, images: int, precision: str, kernel: str, repeats: int
+    backbone: str, images: int, precision: str, kernel: str, repeats: int, compiler: str = EAGER
 ) -> dict[str, float]:
     """FLOPs per image-step and seconds per LoRA training step, as the engine's fit runs it:
     under autocast the frozen weights held in the compute dtype, the LoRA attention on
     ``kernel``. The FLOPs are counted through SDPA whatever ``kernel``, so that every kernel is
-    measured against the same work (the counter tallies an explicit attention's ops otherwise)."""
+    measured against the same work (the counter tallies an explicit attention's ops otherwise).
+    ``compiler`` other than eager: the forward compiled as a fit compiles it, its first step (the
+    compile) timed apart as ``compile_s``."""
     torch.manual_seed(0)
     method = LoRAFineTune(
         backbone=backbone, pretrained=None, class_names=[f"c{i}" for i in range(5)], views=None
@@ -151,9 +153,11 @@ def step_figures(
     cast = torch.autocast("cpu", dtype=dtype) if low else nullcontext()
     root = method.backbone.lora_root()
 
+    encode = method.image_features
+
     def step() -> None:
         with cast:
-            feats = method.image_features(x)
+            feats = encode(x)
         vlm_cross_entropy(feats, method.text_feats, y, method.scale).backward()
 
     with frozen_weights_in(root, dtype if low else None):
@@ -161,12 +165,15 @@ def step_figures(
         with counter, attention_kernel_in(root, "sdpa"):
             step()
         flops = counter.get_total_flops()
-        with attention_kernel_in(root, kernel):
+        with attention_kernel_in(root, kernel), compiled_features_in(method, compiler, "cpu"):
+            encode = method.step_features or method.image_features
+            compile_s = seconds(step, 1, warmup=0) if compiler != EAGER else 0.0
             s_per_step = seconds(step, repeats)
         return {
             "gflop_per_image": flops / images / 1e9,
             "s_per_step": s_per_step,
             "flops": flops,
+            "compile_s": compile_s,
         }
 
 
@@ -425,8 +432,8 @@ def main() -> None:
         nargs="+",
         default=[EAGER],
         choices=list(STEP_COMPILERS),
-        help="the engine's training forward, one engine loop each (inductor: torch.compile; "
-        "its compile is timed in the first fit)",
+        help="the training forward: each step and the engine timed eagerly and with each "
+        "compiler given (inductor: torch.compile; the compile timed apart)",
     )
     parser.add_argument(
         "--loop-precisions",
@@ -462,20 +469,29 @@ def main() -> None:
         [] if args.skip_vit else [("clip-vit-b16", args.vit_images, args.vit_repeats)]
     )
     gflop_per_image = {}
+    compilers = tuple(dict.fromkeys([EAGER, *args.compile]))
     for backbone, images, repeats in models:
         step_s = {}
         for precision in args.precisions:
-            for kernel in args.kernels:
-                fig = step_figures(backbone, images, precision, kernel, repeats)
+            for kernel, compiler in itertools.product(args.kernels, compilers):
+                fig = step_figures(backbone, images, precision, kernel, repeats, compiler)
                 gflop_per_image[backbone] = fig["gflop_per_image"]
-                step_s[precision, kernel] = fig["s_per_step"]
+                if compiler == EAGER:
+                    step_s[precision, kernel] = fig["s_per_step"]
                 rate = fig["flops"] / fig["s_per_step"] / 1e9
                 ran = resolve_attention_kernel(kernel, "cpu", DTYPES[precision])
+                compiled = (
+                    ""
+                    if compiler == EAGER
+                    else f", {compiler} (first step {fig['compile_s']:.1f} s)"
+                )
                 print(
-                    f"{backbone:<13} {images:>3} images {precision} attention {kernel} ({ran}): "
-                    f"{fig['gflop_per_image']:.3f} GFLOP/image-step, {fig['s_per_step']:.3f} "
-                    f"s/step, {rate:.1f} GFLOP/s = {100 * rate / peaks['bf16']:.1f}% of bf16 "
-                    f"peak, {100 * rate / peaks['fp32']:.1f}% of fp32 peak"
+                    f"{backbone:<13} {images:>3} images {precision} attention {kernel} ({ran})"
+                    f"{compiled}: {fig['gflop_per_image']:.3f} GFLOP/image-step, "
+                    f"{fig['s_per_step']:.3f} s/step, {rate:.1f} GFLOP/s = "
+                    f"{100 * rate / peaks['bf16']:.1f}% of bf16 peak, "
+                    f"{100 * rate / peaks['fp32']:.1f}% of fp32 peak",
+                    flush=True,
                 )
         if {("fp32", AUTO), ("bf16", AUTO)} <= step_s.keys():
             print(
@@ -496,9 +512,8 @@ def main() -> None:
         engine_flops = engine_images * gflop_per_image.get("micro-clip", float("nan"))
         for episodes in args.episodes:
             c = compare_loops(
-                shot, args.reference_steps, episodes, args.loop_repeats, precision,
-                tuple(dict.fromkeys([EAGER, *args.compile])),
-            )  # fmt: skip
+                shot, args.reference_steps, episodes, args.loop_repeats, precision, compilers
+            )
             loops = [name for name in (*LOOPS, *(f"engine_{n}" for n in args.compile)) if
                      f"{name}_step" in c]  # fmt: skip
             floor = 1e3 * flops / peak
