@@ -238,7 +238,9 @@ class DropoutStreams:
         ``device``, where the count then moves."""
         self._to(device)
         offset = torch.bitwise_left_shift(self._calls, 40).mul_(_int64(_GAMMA))
-        self._calls.add_(1)
+        # A new count, not add_: a compiled graph may save the count it read for its backward
+        # (to recompute the mask), and a later graph's in-place step would invalidate it.
+        self._calls = self._calls + 1
         return offset
 
 

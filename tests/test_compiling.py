@@ -144,3 +144,28 @@ def test_the_inductor_row_runs_image_features_through_inductor(monkeypatch):
         got = method.step_features(images)
     assert len(handed) == 1
     torch.testing.assert_close(got, method.image_features(images))
+
+
+@needs_cxx
+def test_a_graph_break_between_dropout_calls_backpropagates_the_eager_gradients():
+    """Two graphs, each drawing dropout: the first one's backward reads the count it was given
+    (the count must not change under it), and the adapters' gradients are eager's."""
+    config = LoRAConfig(rank=4, alpha=4.0, dropout=0.25, num_adapters=2)
+    torch.manual_seed(0)
+    adapter = LoRAAdapter(16, 0, 16, config).train()
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    x = torch.randn(6, 5, 16, requires_grad=True)  # as a block's input: its mask is saved
+
+    def two_graphs(x):
+        first = adapter(x, batch_dim=0)
+        torch._dynamo.graph_break()
+        return (first * adapter(x, batch_dim=0)).sum()
+
+    grads = []
+    for fn in (two_graphs, torch.compile(two_graphs, backend="inductor")):
+        adapter.streams = DropoutStreams([5, 9])
+        adapter.zero_grad()
+        fn(x).backward()
+        grads.append(adapter.lora_A.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
